@@ -1,0 +1,201 @@
+"""The one small interface every provider (local, aws, gcp, azure) implements.
+
+A provider knows how to start an instance that boots the spotrun Agent, how to see what
+became of it, how to stop it, and how to find every instance it started for a job (so the
+controller can always clean up leaks). Everything else -- planning, retries, failover,
+checkpoints -- lives outside, so the controller never needs to know which cloud it talks to.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spotrun.catalog.model import Offer
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ProviderError(Exception):
+    """Base of the shared errors. `code` keeps the cloud's own error code for the event log."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NoCapacity(ProviderError):
+    """The zone/region has no capacity for this type now: try the next candidate."""
+
+
+class QuotaExceeded(ProviderError):
+    """An account limit. `scope` says how far it blocks: "zone", "region" or "provider"."""
+
+    def __init__(self, message: str, *, code: str = "", scope: str = "region") -> None:
+        super().__init__(message, code=code)
+        self.scope = scope
+
+
+class PriceTooLow(ProviderError):
+    """The spot price is above the max price the spec allows: try the next candidate."""
+
+
+class AuthError(ProviderError):
+    """Credentials missing, wrong or expired: stop, nothing else will work."""
+
+
+class BadRequest(ProviderError):
+    """The cloud rejected the request itself (bad image, bad type): skip this offer."""
+
+
+class Throttled(ProviderError):
+    """Rate limited: retry the same call with backoff."""
+
+    retryable = True
+
+
+# --------------------------------------------------------------------------- instances
+
+
+class InstanceStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # taken back by the cloud (spot interruption)
+    EXITED = "exited"  # the Agent finished: exit_code says how the workload ended
+    TERMINATED = "terminated"  # stopped by us (or by someone) without a recorded exit
+    FAILED = "failed"  # never came up / broke: reason says why
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    status: InstanceStatus
+    exit_code: int | None = None
+    reason: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.status in (InstanceStatus.PENDING, InstanceStatus.RUNNING)
+
+
+@dataclass
+class Instance:
+    provider: str
+    instance_id: str
+    region: str
+    zone: str
+    instance_type: str
+    spot: bool
+    job_id: str
+    attempt: int
+    launched_at: float
+    details: dict[str, Any] = field(default_factory=dict)  # provider-specific, JSON-serializable
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Instance:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# --------------------------------------------------------------------------- boot
+
+
+@dataclass
+class Boot:
+    """What an instance needs to start the Agent. Small: user-data is limited (16 KB on AWS).
+
+    The job itself (commands, env, data, checkpoint settings) is in the Store at
+    `<job_prefix>/job.json`; the Agent reads it from there. No cloud secret is ever put here:
+    instances get their rights from an instance profile / service account / managed identity.
+    """
+
+    job_id: str
+    attempt: int
+    store_url: str  # file:///abs/path, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix
+    job_prefix: str  # "jobs/<job_id>" inside the store
+    notice: dict[str, Any] = field(default_factory=dict)  # {"kind": "local"|"aws"|"gcp"|"azure", ...}
+    env: dict[str, str] = field(default_factory=dict)  # extra non-secret env for the Agent
+    spotrun_spec: str = ""  # pip requirement to install spotrun on a fresh VM, e.g. "spotrun==0.1.0"
+
+    def to_b64(self) -> str:
+        return base64.b64encode(json.dumps(asdict(self), sort_keys=True).encode()).decode()
+
+    @classmethod
+    def from_b64(cls, text: str) -> Boot:
+        return cls(**json.loads(base64.b64decode(text)))
+
+
+BOOT_MARKER = "SPOTRUN_BOOT_B64="
+
+
+def render_bootstrap_script(boot: Boot) -> str:
+    """The cloud-init / startup script: install spotrun, start the Agent with the boot record.
+
+    Shared by every cloud provider; the instance emulators in tests read the boot record back
+    with `extract_boot`, and run the same Agent.
+    """
+    requirement = boot.spotrun_spec or "spotrun"
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            "# spotrun bootstrap: installs the Agent and starts it. Contains no credentials.",
+            "set -euo pipefail",
+            f"export {BOOT_MARKER}{boot.to_b64()}",
+            "python3 -m venv /opt/spotrun || true",
+            f"/opt/spotrun/bin/pip install -q {shlex.quote(requirement)}",
+            "exec /opt/spotrun/bin/python -m spotrun.agent",
+            "",
+        ]
+    )
+
+
+def extract_boot(script: str) -> Boot:
+    for line in script.splitlines():
+        line = line.strip()
+        if line.startswith("export " + BOOT_MARKER):
+            return Boot.from_b64(line[len("export " + BOOT_MARKER) :])
+    raise ValueError("no spotrun boot record in this script")
+
+
+# --------------------------------------------------------------------------- provider
+
+
+class Provider(ABC):
+    """One cloud (or the local simulated market)."""
+
+    name: str
+
+    @abstractmethod
+    def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
+        """Start one instance for `offer` that boots the Agent with `boot`.
+
+        Idempotent on `client_token`: calling it again with the same token never starts a
+        second instance. Raises one of the shared errors above on failure, and leaves nothing
+        running when it raises.
+        """
+
+    @abstractmethod
+    def poll(self, instance: Instance) -> InstanceState:
+        """What the instance is doing now (cheap; called about once a second)."""
+
+    @abstractmethod
+    def terminate(self, instance: Instance) -> None:
+        """Stop the instance and release what it holds. Idempotent."""
+
+    @abstractmethod
+    def list_owned(self, job_id: str) -> list[Instance]:
+        """Every live (not terminated) instance this provider started for `job_id`."""
+
+    def check(self) -> dict[str, Any]:
+        """Is this provider usable (credentials, region)? Never launches anything."""
+        return {"provider": self.name, "usable": True, "detail": ""}
