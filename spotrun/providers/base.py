@@ -13,7 +13,7 @@ import json
 import shlex
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class Throttled(ProviderError):
 # --------------------------------------------------------------------------- instances
 
 
-class InstanceStatus(str, Enum):
+class InstanceStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     PREEMPTED = "preempted"  # taken back by the cloud (spot interruption)

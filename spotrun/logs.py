@@ -1,0 +1,52 @@
+"""Reading a job's logs back from the Store, across attempts, incrementally (for `logs -f`)."""
+
+from __future__ import annotations
+
+from spotrun.state import State
+from spotrun.store import NotFound, Store, job_prefix, open_store
+
+
+class LogReader:
+    """Yields (header, text) pairs: a header when a new attempt starts, then its new log chunks."""
+
+    def __init__(self, state: State, job_id: str, *, only_attempt: int | None = None, store: Store | None = None):
+        self.state = state
+        self.job_id = job_id
+        self.only_attempt = only_attempt
+        self.store = store or open_store(state.job(job_id).store_url)
+        self._seen: dict[int, set[str]] = {}
+        self._pending = False
+
+    def poll(self) -> list[tuple[str | None, str]]:
+        out: list[tuple[str | None, str]] = []
+        self._pending = False
+        prefix = job_prefix(self.job_id)
+        for a in self.state.attempts(self.job_id):
+            if self.only_attempt is not None and a.n != self.only_attempt:
+                continue
+            if a.started_at is None:
+                continue
+            keys = self.store.list(f"{prefix}/attempts/{a.n}/log/")
+            seen = self._seen.get(a.n)
+            if seen is None:
+                seen = self._seen[a.n] = set()
+                market = "spot" if a.spot else "on-demand"
+                header = f"attempt {a.n} · {a.provider}/{a.location} · {a.instance_type} · {market}"
+                out.append((header, ""))
+            for key in keys:
+                if key in seen:
+                    continue
+                try:
+                    text = self.store.get_bytes(key).decode("utf-8", errors="replace")
+                except NotFound:
+                    self._pending = True
+                    continue
+                seen.add(key)
+                out.append((None, text))
+            if a.ended_at is None:
+                self._pending = True
+        return out
+
+    def drained(self) -> bool:
+        """True when the last poll found every attempt ended and nothing left to read."""
+        return not self._pending

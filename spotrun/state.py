@@ -1,0 +1,529 @@
+"""The controller's memory: jobs, attempts and events in SQLite (WAL).
+
+Every transition is written here *before* the controller acts on it (write-ahead), so a
+controller that is killed and restarted can pick up exactly where it was: an attempt row in
+LAUNCHING with its client token means "a launch may have happened", and the provider's
+idempotent launch / `list_owned` settle it without ever starting a second instance.
+
+Several spotrun processes may open the database at once (a detached controller, `status`,
+`cancel`): WAL lets readers run beside the writer, writes take `BEGIN IMMEDIATE` and wait on
+a busy timeout instead of failing.
+
+Nothing secret is stored: the spec is kept with secret env values replaced by "<redacted>".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        spec_json TEXT NOT NULL,
+        spec_path TEXT,
+        store_url TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        ended_at REAL,
+        exit_code INTEGER,
+        job_exit_code INTEGER,
+        reason TEXT NOT NULL DEFAULT '',
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        controller_pid INTEGER,
+        controller_seen REAL
+    );
+    CREATE TABLE attempts (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        n INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        region TEXT NOT NULL,
+        zone TEXT NOT NULL,
+        instance_type TEXT NOT NULL,
+        spot INTEGER NOT NULL,
+        offer_key TEXT NOT NULL,
+        hourly_price REAL NOT NULL,
+        ondemand_price REAL,
+        time_scale REAL NOT NULL DEFAULT 1.0,
+        client_token TEXT NOT NULL,
+        instance_id TEXT,
+        instance_json TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL,
+        end_reason TEXT,
+        exit_code INTEGER,
+        detail TEXT NOT NULL DEFAULT '',
+        cost REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, n)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data_json TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_job ON events(job_id, id);
+    """,
+}
+
+
+class JobStatus(StrEnum):
+    PENDING = "PENDING"  # submitted, nothing launched yet
+    LAUNCHING = "LAUNCHING"
+    RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"  # preempted or failed, about to relaunch
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    NO_CAPACITY = "NO_CAPACITY"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = {
+    JobStatus.SUCCEEDED,
+    JobStatus.FAILED,
+    JobStatus.CANCELLED,
+    JobStatus.NO_CAPACITY,
+    JobStatus.BUDGET_EXHAUSTED,
+    JobStatus.DEADLINE_EXCEEDED,
+}
+
+
+class AttemptStatus(StrEnum):
+    LAUNCHING = "LAUNCHING"  # written before provider.launch is called
+    RUNNING = "RUNNING"  # the provider returned an instance
+    ENDED = "ENDED"
+
+
+@dataclass
+class Job:
+    id: str
+    name: str
+    status: JobStatus
+    spec: dict[str, Any]
+    spec_path: str | None
+    store_url: str
+    created_at: float
+    updated_at: float
+    ended_at: float | None
+    exit_code: int | None
+    job_exit_code: int | None
+    reason: str
+    cancel_requested: bool
+    controller_pid: int | None
+    controller_seen: float | None
+
+
+@dataclass
+class Attempt:
+    job_id: str
+    n: int
+    status: AttemptStatus
+    provider: str
+    region: str
+    zone: str
+    instance_type: str
+    spot: bool
+    offer_key: str
+    hourly_price: float
+    ondemand_price: float | None
+    time_scale: float
+    client_token: str
+    instance_id: str | None
+    instance: dict[str, Any] | None
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    end_reason: str | None
+    exit_code: int | None
+    detail: str
+    cost: float
+
+    @property
+    def location(self) -> str:
+        return self.zone or self.region
+
+    def billed_hours(self, now: float) -> float:
+        """Hours this attempt has been (or was) billed, in simulated time for the local market."""
+        if self.started_at is None:
+            return 0.0
+        end = self.ended_at if self.ended_at is not None else now
+        return max(0.0, end - self.started_at) * self.time_scale / 3600.0
+
+    def cost_at(self, now: float) -> float:
+        return self.cost if self.status == AttemptStatus.ENDED else self.billed_hours(now) * self.hourly_price
+
+    def ondemand_cost_at(self, now: float) -> float | None:
+        if self.ondemand_price is None:
+            return None
+        return self.billed_hours(now) * self.ondemand_price
+
+
+@dataclass
+class Event:
+    id: int
+    job_id: str
+    at: float
+    kind: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class StateError(Exception):
+    pass
+
+
+class State:
+    """One SQLite database; safe to share between threads of one process and between processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    @classmethod
+    def open_default(cls) -> State:
+        from spotrun.paths import state_db
+
+        return cls(state_db())
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(f"{self.path} was written by a newer spotrun (schema {version} > {SCHEMA_VERSION})")
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={v}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # ------------------------------------------------------------------ jobs
+
+    def create_job(
+        self, job_id: str, name: str, spec: dict[str, Any], store_url: str, now: float, spec_path: str | None
+    ) -> Job:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, name, status, spec_json, spec_path, store_url, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, JobStatus.PENDING.value, json.dumps(spec), spec_path, store_url, now, now),
+            )
+            self._event(db, job_id, now, "submitted", f"job {job_id} submitted")
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return _job(row)
+
+    def find_job(self, ref: str) -> Job:
+        """A job by id, unique id prefix, or name (the newest job with that name)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone()
+            if row is None:
+                row = self._db.execute(
+                    "SELECT * FROM jobs WHERE name = ? ORDER BY created_at DESC LIMIT 1", (ref,)
+                ).fetchone()
+            if row is None:
+                rows = self._db.execute(
+                    "SELECT * FROM jobs WHERE id LIKE ? ORDER BY created_at DESC", (ref.replace("%", "") + "%",)
+                ).fetchall()
+                if len(rows) > 1:
+                    raise KeyError(f"{ref!r} matches {len(rows)} jobs; give more of the id")
+                row = rows[0] if rows else None
+        if row is None:
+            raise KeyError(f"no job {ref!r}")
+        return _job(row)
+
+    def jobs(self, limit: int = 50) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def set_job_status(
+        self,
+        job_id: str,
+        status: JobStatus,
+        now: float,
+        *,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        job_exit_code: int | None = None,
+    ) -> None:
+        with self._tx() as db:
+            sets = ["status = ?", "updated_at = ?"]
+            args: list[Any] = [status.value, now]
+            if reason is not None:
+                sets.append("reason = ?")
+                args.append(reason)
+            if status in TERMINAL:
+                sets += ["ended_at = ?", "exit_code = ?"]
+                args += [now, exit_code]
+            if job_exit_code is not None:
+                sets.append("job_exit_code = ?")
+                args.append(job_exit_code)
+            db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+            self._event(db, job_id, now, "status", f"{status.value}" + (f": {reason}" if reason else ""))
+
+    def request_cancel(self, job_id: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id))
+            self._event(db, job_id, now, "cancel", "cancel requested")
+
+    def claim_controller(self, job_id: str, pid: int, now: float, stale_after: float) -> bool:
+        """Become the job's controller, unless another live one holds it. Returns True on success."""
+        with self._tx() as db:
+            row = db.execute("SELECT controller_pid, controller_seen FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            holder, seen = row["controller_pid"], row["controller_seen"]
+            if holder and holder != pid and seen is not None and now - seen < stale_after and _pid_alive(holder):
+                return False
+            db.execute("UPDATE jobs SET controller_pid = ?, controller_seen = ? WHERE id = ?", (pid, now, job_id))
+            return True
+
+    def touch_controller(self, job_id: str, pid: int, now: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET controller_seen = ? WHERE id = ? AND controller_pid = ?", (now, job_id, pid))
+
+    def release_controller(self, job_id: str, pid: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET controller_pid = NULL, controller_seen = NULL WHERE id = ? AND controller_pid = ?",
+                (job_id, pid),
+            )
+
+    # ------------------------------------------------------------------ attempts
+
+    def begin_attempt(
+        self,
+        job_id: str,
+        *,
+        provider: str,
+        region: str,
+        zone: str,
+        instance_type: str,
+        spot: bool,
+        offer_key: str,
+        hourly_price: float,
+        ondemand_price: float | None,
+        time_scale: float,
+        now: float,
+    ) -> Attempt:
+        """Write-ahead record of a launch about to be made; its client token makes it idempotent."""
+        with self._tx() as db:
+            n = db.execute("SELECT COALESCE(MAX(n), 0) + 1 FROM attempts WHERE job_id = ?", (job_id,)).fetchone()[0]
+            token = f"{job_id}-a{n}"
+            db.execute(
+                "INSERT INTO attempts (job_id, n, status, provider, region, zone, instance_type, spot,"
+                " offer_key, hourly_price, ondemand_price, time_scale, client_token, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id, n, AttemptStatus.LAUNCHING.value, provider, region, zone, instance_type,
+                    int(spot), offer_key, hourly_price, ondemand_price, time_scale, token, now,
+                ),
+            )  # fmt: skip
+            db.execute(
+                "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?",
+                (JobStatus.LAUNCHING.value, now, job_id),
+            )
+            kind = "spot" if spot else "on-demand"
+            self._event(
+                db, job_id, now, "launch",
+                f"attempt {n}: launching {kind} {instance_type} in {provider}/{zone or region}"
+                f" at ${hourly_price:.4f}/h",
+                {"attempt": n, "offer": offer_key, "spot": spot},
+            )  # fmt: skip
+        return self.attempt(job_id, n)
+
+    def attempt_started(self, job_id: str, n: int, instance_id: str, instance: dict[str, Any], now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attempts SET status = ?, instance_id = ?, instance_json = ?, started_at = ?"
+                " WHERE job_id = ? AND n = ?",
+                (AttemptStatus.RUNNING.value, instance_id, json.dumps(instance), now, job_id, n),
+            )
+            db.execute(
+                "UPDATE jobs SET status = ?, updated_at = ? WHERE id = ?", (JobStatus.RUNNING.value, now, job_id)
+            )
+            self._event(db, job_id, now, "started", f"attempt {n}: instance {instance_id} started", {"attempt": n})
+
+    def end_attempt(
+        self, job_id: str, n: int, reason: str, now: float, *, exit_code: int | None = None, detail: str = ""
+    ) -> Attempt:
+        """Close an attempt and fix its cost (billed time × hourly price). Idempotent."""
+        attempt = self.attempt(job_id, n)
+        if attempt.status == AttemptStatus.ENDED:
+            return attempt
+        ended = now if attempt.started_at is not None else None
+        cost = 0.0
+        if attempt.started_at is not None:
+            cost = max(0.0, now - attempt.started_at) * attempt.time_scale / 3600.0 * attempt.hourly_price
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attempts SET status = ?, ended_at = ?, end_reason = ?, exit_code = ?, detail = ?, cost = ?"
+                " WHERE job_id = ? AND n = ?",
+                (AttemptStatus.ENDED.value, ended, reason, exit_code, detail, cost, job_id, n),
+            )
+            msg = f"attempt {n}: {reason}" + (f" ({detail})" if detail else "")
+            self._event(db, job_id, now, "attempt_end", msg, {"attempt": n, "reason": reason, "exit_code": exit_code})
+        return self.attempt(job_id, n)
+
+    def attempt(self, job_id: str, n: int) -> Attempt:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM attempts WHERE job_id = ? AND n = ?", (job_id, n)).fetchone()
+        if row is None:
+            raise KeyError((job_id, n))
+        return _attempt(row)
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,)).fetchall()
+        return [_attempt(r) for r in rows]
+
+    def open_attempt(self, job_id: str) -> Attempt | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM attempts WHERE job_id = ? AND status != ? ORDER BY n DESC LIMIT 1",
+                (job_id, AttemptStatus.ENDED.value),
+            ).fetchone()
+        return _attempt(row) if row else None
+
+    # ------------------------------------------------------------------ events
+
+    def add_event(self, job_id: str, now: float, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            self._event(db, job_id, now, kind, message, data)
+
+    def events(self, job_id: str, after_id: int = 0) -> list[Event]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE job_id = ? AND id > ? ORDER BY id", (job_id, after_id)
+            ).fetchall()
+        return [Event(r["id"], r["job_id"], r["at"], r["kind"], r["message"], json.loads(r["data_json"])) for r in rows]
+
+    @staticmethod
+    def _event(
+        db: sqlite3.Connection, job_id: str, now: float, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        db.execute(
+            "INSERT INTO events (job_id, at, kind, message, data_json) VALUES (?, ?, ?, ?, ?)",
+            (job_id, now, kind, message, json.dumps(data or {})),
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        name=row["name"],
+        status=JobStatus(row["status"]),
+        spec=json.loads(row["spec_json"]),
+        spec_path=row["spec_path"],
+        store_url=row["store_url"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        ended_at=row["ended_at"],
+        exit_code=row["exit_code"],
+        job_exit_code=row["job_exit_code"],
+        reason=row["reason"],
+        cancel_requested=bool(row["cancel_requested"]),
+        controller_pid=row["controller_pid"],
+        controller_seen=row["controller_seen"],
+    )
+
+
+def _attempt(row: sqlite3.Row) -> Attempt:
+    return Attempt(
+        job_id=row["job_id"],
+        n=row["n"],
+        status=AttemptStatus(row["status"]),
+        provider=row["provider"],
+        region=row["region"],
+        zone=row["zone"],
+        instance_type=row["instance_type"],
+        spot=bool(row["spot"]),
+        offer_key=row["offer_key"],
+        hourly_price=row["hourly_price"],
+        ondemand_price=row["ondemand_price"],
+        time_scale=row["time_scale"],
+        client_token=row["client_token"],
+        instance_id=row["instance_id"],
+        instance=json.loads(row["instance_json"]) if row["instance_json"] else None,
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        end_reason=row["end_reason"],
+        exit_code=row["exit_code"],
+        detail=row["detail"],
+        cost=row["cost"],
+    )

@@ -1,0 +1,121 @@
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from spotrun.state import SCHEMA_VERSION, AttemptStatus, JobStatus, State, StateError
+
+
+def make_job(state: State, job_id: str = "j1", now: float = 1000.0) -> None:
+    state.create_job(job_id, "demo", {"name": "demo", "env": {}}, "file:///tmp/x", now, None)
+
+
+def begin(state: State, job_id: str = "j1", now: float = 1000.0, price: float = 2.0, scale: float = 1.0):
+    return state.begin_attempt(
+        job_id,
+        provider="local",
+        region="local-1",
+        zone="local-1a",
+        instance_type="gpu1",
+        spot=True,
+        offer_key="local/local-1a/gpu1",
+        hourly_price=price,
+        ondemand_price=6.0,
+        time_scale=scale,
+        now=now,
+    )
+
+
+def test_fresh_database_has_current_schema(tmp_path):
+    state = State(tmp_path / "s.db")
+    assert state.schema_version == SCHEMA_VERSION
+    mode = sqlite3.connect(tmp_path / "s.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_newer_schema_is_refused(tmp_path):
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StateError, match="newer spotrun"):
+        State(tmp_path / "s.db")
+
+
+def test_attempt_lifecycle_and_cost(tmp_path):
+    state = State(tmp_path / "s.db")
+    make_job(state)
+    a = begin(state, now=1000.0, price=3.0, scale=60.0)
+    assert a.n == 1 and a.status == AttemptStatus.LAUNCHING and a.client_token == "j1-a1"
+    assert state.open_attempt("j1").n == 1
+    state.attempt_started("j1", 1, "i-1", {"instance_id": "i-1"}, 1010.0)
+    assert state.job("j1").status == JobStatus.RUNNING
+    # 60 real seconds at time_scale 60 = 1 simulated hour at $3/h
+    assert state.attempt("j1", 1).cost_at(1070.0) == pytest.approx(3.0)
+    ended = state.end_attempt("j1", 1, "preempted", 1070.0)
+    assert ended.cost == pytest.approx(3.0) and ended.end_reason == "preempted"
+    assert state.end_attempt("j1", 1, "completed", 2000.0).end_reason == "preempted"  # idempotent
+    assert state.open_attempt("j1") is None
+    assert begin(state).n == 2
+
+
+def test_attempt_that_never_started_costs_nothing(tmp_path):
+    state = State(tmp_path / "s.db")
+    make_job(state)
+    begin(state)
+    assert state.end_attempt("j1", 1, "launch_failed", 5000.0).cost == 0.0
+
+
+def test_terminal_status_records_exit_code_and_event(tmp_path):
+    state = State(tmp_path / "s.db")
+    make_job(state)
+    state.set_job_status("j1", JobStatus.FAILED, 1200.0, reason="boom", exit_code=1, job_exit_code=7)
+    job = state.job("j1")
+    assert (job.status, job.exit_code, job.job_exit_code, job.ended_at) == (JobStatus.FAILED, 1, 7, 1200.0)
+    assert job.status.terminal
+    assert [e.kind for e in state.events("j1")] == ["submitted", "status"]
+
+
+def test_find_job_by_prefix_and_name(tmp_path):
+    state = State(tmp_path / "s.db")
+    make_job(state, "demo-1126-aaaaaa", 1.0)
+    make_job(state, "demo-1126-bbbbbb", 2.0)
+    assert state.find_job("demo-1126-a").id == "demo-1126-aaaaaa"
+    assert state.find_job("demo").id == "demo-1126-bbbbbb"  # the newest with that name
+    with pytest.raises(KeyError, match="matches 2 jobs"):
+        state.find_job("demo-1126")
+    with pytest.raises(KeyError):
+        state.find_job("nope")
+
+
+def test_controller_claim_excludes_a_second_live_controller(tmp_path):
+    import os
+
+    state = State(tmp_path / "s.db")
+    make_job(state)
+    assert state.claim_controller("j1", os.getpid(), 100.0, stale_after=10)
+    assert not state.claim_controller("j1", 1, 105.0, stale_after=10)  # pid 1 is not us; we are alive
+    assert state.claim_controller("j1", 1, 200.0, stale_after=10)  # stale lease: taken over
+    state.release_controller("j1", 1)
+    assert state.job("j1").controller_pid is None
+
+
+def _writer(path: str, job: str, count: int) -> None:
+    state = State(path)
+    for i in range(count):
+        state.add_event(job, float(i), "tick", f"{job} {i}")
+
+
+def test_two_processes_write_at_once(tmp_path):
+    path = tmp_path / "s.db"
+    state = State(path)
+    make_job(state, "a")
+    make_job(state, "b")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(path), j, 200)) for j in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len([e for e in state.events("a") if e.kind == "tick"]) == 200
+    assert len([e for e in state.events("b") if e.kind == "tick"]) == 200
