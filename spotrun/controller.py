@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +61,6 @@ EXIT_CODES = {
 }
 
 CLOUDS = ("aws", "gcp", "azure")
-REDACTED = "<redacted>"
 
 
 @dataclass
@@ -499,6 +498,8 @@ class Controller:
             for inst in owned:
                 if inst.instance_id in protected:
                     continue
+                if open_attempt is not None and open_attempt.instance_id is None and inst.attempt == open_attempt.n:
+                    continue  # launched by a controller that died before recording it: adopted next
                 provider.terminate(inst)
                 self.state.add_event(
                     job_id, self.clock.now(), "sweep", f"terminated stray instance {inst.instance_id} ({name})"
@@ -507,8 +508,6 @@ class Controller:
     # ------------------------------------------------------------------ planning
 
     def _candidates(self, job: Job, spec: JobSpec) -> list[Candidate]:
-        from spotrun.planner import plan
-
         offers = self.offers_for(spec)
         attempts = self.state.attempts(job.id)
         now = self.clock.now()
@@ -516,12 +515,31 @@ class Controller:
         spent, _ = spend(attempts, now)
         progress = self._progress(job, attempts)
         elapsed_h = self._elapsed_job_seconds(job, attempts, now) / 3600.0
-        fresh = plan(spec, offers, exclude=cooling, elapsed_hours=elapsed_h, progress=progress, spent=spent).candidates
-        if len(fresh) == len(offers) or not cooling:
+        relaunch = bool(attempts)
+        fresh = self._ranked(spec, offers, cooling, elapsed_h, progress, spent, relaunch)
+        if not cooling:
             return fresh
         # Zones in cooldown are a last resort, not forbidden: better a volatile zone than none.
-        everything = plan(spec, offers, elapsed_hours=elapsed_h, progress=progress, spent=spent).candidates
+        everything = self._ranked(spec, offers, (), elapsed_h, progress, spent, relaunch)
         return fresh + [c for c in everything if c.offer.key in cooling]
+
+    @staticmethod
+    def _ranked(
+        spec: JobSpec,
+        offers: Sequence[Offer],
+        exclude: Collection[str],
+        elapsed_h: float,
+        progress: float,
+        spent: float,
+        relaunch: bool,
+    ) -> list[Candidate]:
+        """The planner's ranking. On a relaunch, offers that now miss the deadline or budget are
+        still tried after the ones that meet them: the limits themselves are enforced as the job
+        runs, and stopping a half-done job because a plan looks tight would waste what was spent."""
+        from spotrun.planner import plan
+
+        result = plan(spec, offers, exclude=exclude, elapsed_hours=elapsed_h, progress=progress, spent=spent)
+        return list(result.candidates) + (list(result.near_misses) if relaunch else [])
 
     def _cooling_keys(self, spec: JobSpec, attempts: list[Attempt], now: float) -> set[str]:
         keys = set()
@@ -620,28 +638,16 @@ def provider_options(name: str, spec: JobSpec) -> dict[str, Any]:
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:
-    """The spec as kept in State: JSON, with secret env values redacted (never persisted)."""
-    data = spec.model_dump(mode="json", exclude={"source_path", "base_dir"})
-    secret = getattr(spec, "secret_env_keys", set()) or set()
-    data["env"] = {k: (REDACTED if k in secret or _looks_secret(k) else v) for k, v in data.get("env", {}).items()}
-    return data
+    """The spec as kept in State: JSON holding no secret value (`${VAR}` env stays a template)."""
+    return spec.persistable()
 
 
 def planning_spec(data: dict[str, Any]) -> JobSpec:
-    """Rebuild the spec from State for planning and limits. The code, data and env were already
-    shipped to the Store at submit time, so they are dropped here (their local paths may be gone)."""
+    """Rebuild the spec from State for planning and limits. The code and data were shipped to the
+    Store at submit time; local paths are not re-checked (they may be gone by now)."""
     from spotrun.spec import JobSpec
 
-    d = dict(data)
-    d["workdir"] = None
-    d["data"] = {}
-    d["env"] = {}
-    return JobSpec.model_validate(d)
-
-
-def _looks_secret(key: str) -> bool:
-    k = key.upper()
-    return any(w in k for w in ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "CREDENTIAL", "PRIVATE"))
+    return JobSpec.from_persisted(data)
 
 
 def _resolve(spec: JobSpec, source: str) -> Any:
