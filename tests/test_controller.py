@@ -59,6 +59,7 @@ class ScriptedProvider(Provider):
 
     store: LocalStore
     script: dict[str, list]
+    clock: FakeClock
     name: str = "scripted"
     launched: list[FakeInstance] = field(default_factory=list)
     tokens: dict[str, FakeInstance] = field(default_factory=dict)
@@ -101,6 +102,9 @@ class ScriptedProvider(Provider):
                 json.dumps({"code": code, "reason": reason}).encode(),
             )
             return InstanceState(InstanceStatus.EXITED, exit_code=code)
+        if outcome == "run":  # a live Agent heartbeats; "hang" does not
+            beat = json.dumps({"at": self.clock.now(), "phase": "running"}).encode()
+            self.store.put_bytes(f"jobs/{boot.job_id}/attempts/{boot.attempt}/heartbeat", beat)
         return InstanceState(InstanceStatus.RUNNING)
 
     def terminate(self, instance: Instance) -> None:
@@ -135,7 +139,7 @@ def make(env, script, offers, restarts: int = 1, extra: str = "", tmp: Path | No
     spec_file = Path(store.root).parent / "job.yaml"
     spec_file.write_text(SPEC.format(restarts=restarts, extra=extra))
     spec = load_spec(spec_file)
-    provider = ScriptedProvider(store, script)
+    provider = ScriptedProvider(store, script, clock)
     controller = Controller(
         state,
         providers={"scripted": provider},
@@ -208,11 +212,19 @@ def test_a_launch_interrupted_by_a_crash_is_reissued_with_the_same_token(env):
 
 
 def test_budget_exhausted_stops_with_exit_4(env):
-    controller, provider, job = make(env, {"a": ["run"]}, [offer("a", 10.0)], extra="budget: 1\nworkload: {hours: 0.05}")
+    controller, provider, job = make(env, {"a": ["run"]}, [offer("a", 100.0)], extra="budget: 1\nworkload: {hours: 0.005}")
     result = controller.run(job)
     assert (result.status, result.exit_code) == (JobStatus.BUDGET_EXHAUSTED, 4)
     assert result.spent >= 1.0
     assert provider.list_owned(job) == []
+
+
+def test_an_instance_without_heartbeats_is_replaced(env):
+    controller, provider, job = make(env, {"a": ["hang"], "b": [("exit", 0)]}, [offer("a", 1.0), offer("b", 1.5)])
+    assert controller.run(job).exit_code == 0
+    assert reasons(env[0], job) == [("a", "lost"), ("b", "completed")]
+    assert env[0].attempts(job)[0].detail == "no heartbeat"
+    assert not any(f.alive for f in provider.launched)
 
 
 def test_cancel_terminates_everything_with_exit_130(env):
