@@ -200,7 +200,9 @@ class Controller:
             image=spec.image,
             container_cli=self.options.container_cli,
             container_args=list(self.options.container_args),
-            env=dict(spec.env),
+            # Secret values never go to the store: the Agent takes them from its own environment.
+            env={k: v for k, v in spec.env.items() if k not in spec.secret_env_keys},
+            secret_env=sorted(spec.secret_env_keys),
             data=data,
             checkpoint_dir=spec.checkpoint.dir,
             keep=spec.checkpoint.keep,
@@ -381,7 +383,9 @@ class Controller:
         exit_rec = _read_json(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit")
         now = self.clock.now()
 
-        if (exit_rec and exit_rec.get("reason") == "preempted") or st.status == InstanceStatus.PREEMPTED:
+        # "terminated": the Agent itself was told to stop (the VM shutting down): like a preemption.
+        preempted = exit_rec is not None and exit_rec.get("reason") in ("preempted", "terminated")
+        if preempted or st.status == InstanceStatus.PREEMPTED:
             self._end(provider, instance, job, attempt, "preempted", exit_rec, st)
             return
         if exit_rec is not None or st.status == InstanceStatus.EXITED:

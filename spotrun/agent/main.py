@@ -1,0 +1,407 @@
+"""The Agent: what runs on every instance (and as each local-provider "instance").
+
+    fetch job.json, code bundle, data, newest valid checkpoint      phase "fetching"
+    run setup, then run (process group, or container)                phase "setup", "running"
+    meanwhile: logs, heartbeats, new checkpoints -> Store; watch the preemption notice
+    notice: notice file, SIGTERM, wait (notice - upload budget),     phase "checkpointing"
+            SIGKILL if needed, upload newest checkpoint              phase "uploading"
+    end:    final checkpoint, outputs (on success), logs, `exit` record
+
+The exit record `attempts/<n>/exit` is written once: {"code", "reason", "at", "checkpoint_step"}
+(+ "phase" and "error" when they say something), reason one of "completed", "failed",
+"preempted", "terminated" (the Agent itself got SIGTERM/SIGINT) or "agent-error".
+Timing decisions use the injected clock; the background threads tick in real time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from spotrun.agent import jobfile
+from spotrun.agent.fetch import fetch_bundle, place_data
+from spotrun.agent.jobfile import AgentJob
+from spotrun.agent.notice import NoticeWatcher, make_watcher
+from spotrun.agent.sync import (
+    CheckpointUploader,
+    LogShipper,
+    Periodic,
+    heartbeat,
+    restore_latest,
+    upload_outputs,
+)
+from spotrun.agent.workload import (
+    CTR_DATA,
+    CTR_META,
+    CTR_OUTPUT,
+    AgentPaths,
+    ContainerWorkload,
+    ProcessWorkload,
+    Workload,
+    container_cli,
+    container_name,
+    ensure_image,
+)
+from spotrun.clock import SYSTEM_CLOCK, Clock
+from spotrun.providers.base import BOOT_MARKER, Boot, extract_boot
+from spotrun.store import Store, open_store
+
+DEFAULT_ROOT = "/var/lib/spotrun"
+EXIT_PREEMPTED = 75  # the Agent's own exit code after a notice (the record has the details)
+EXIT_AGENT_ERROR = 70  # the Agent could not run the job (store, bundle, image...)
+_AGENT_ONLY_ENV = ("SPOTRUN_BOOT_B64", "SPOTRUN_AGENT_ROOT")
+
+
+class NoticeReceived(Exception):
+    """A preemption notice arrived before the workload started."""
+
+    def __init__(self, seconds_left: float, reason: str) -> None:
+        super().__init__(f"{reason}: {seconds_left:.0f}s left")
+        self.seconds_left, self.reason = seconds_left, reason
+
+
+@dataclass
+class Outcome:
+    code: int | None
+    reason: str
+    error: str = ""
+    phase: str = ""  # for a failure: "setup" or "running"
+
+
+def _shell_code(code: int | None) -> int | None:
+    """Popen's -N (killed by signal N) as a shell would report it: 128+N."""
+    return 128 - code if code is not None and code < 0 else code
+
+
+class Agent:
+    def __init__(
+        self,
+        boot: Boot,
+        root: str | Path,
+        *,
+        store: Store | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        watcher: NoticeWatcher | None = None,
+        tick: float = 0.05,
+        terminate_grace: float = 10.0,
+        echo: IO[bytes] | None = None,
+    ) -> None:
+        self.boot = boot
+        self.paths = AgentPaths(Path(root).resolve())
+        self.store = store or open_store(boot.store_url)
+        self.clock = clock
+        self.watcher = watcher if watcher is not None else make_watcher(boot.notice)
+        self.tick = tick
+        self.terminate_grace = terminate_grace  # the window given when the Agent itself is SIGTERMed
+        self.prefix = boot.job_prefix
+        self.phase = "fetching"
+        self.job: AgentJob | None = None
+        self.restored_step: int | None = None
+        self._terminated = threading.Event()
+        self._next_notice_check = 0.0
+        self._periodic: list[Periodic] = []
+        self.log = LogShipper(self.store, self.prefix, boot.attempt, echo=echo)
+        self.uploader = CheckpointUploader(self.store, self.prefix, self.paths.checkpoints, note=self.log.note)
+
+    # ----------------------------------------------------------------- entry points
+
+    def request_stop(self) -> None:
+        """Called from the SIGTERM/SIGINT handler: act as on a short preemption notice."""
+        self._terminated.set()
+
+    def run(self) -> int:
+        """Run the whole attempt; returns the process exit code."""
+        self.log.note(f"agent started: job {self.boot.job_id}, attempt {self.boot.attempt}")
+        self._start_heartbeats(interval=5.0)
+        try:
+            self.paths.prepare()
+            self.job = AgentJob.from_json(self.store.get_bytes(jobfile.job_key(self.prefix)))
+            self._restart_heartbeats()
+            self.uploader.keep = max(1, self.job.keep)
+            self.uploader.interval = min(1.0, self.job.heartbeat_interval)
+            self._fetch()
+            workload = self._start()
+        except NoticeReceived as notice:
+            self.log.note(f"{notice}: nothing started, nothing to save")
+            return self._finish(Outcome(None, notice.reason), EXIT_PREEMPTED)
+        except Exception as e:
+            return self._agent_error(e)
+        try:
+            return self._watch(workload)
+        except Exception as e:  # never leave the workload running behind a broken Agent
+            workload.cleanup()
+            return self._agent_error(e, _shell_code(workload.exit_code()))
+
+    # ----------------------------------------------------------------- phases
+
+    def _fetch(self) -> None:
+        job = self.job
+        assert job is not None
+        if job.bundle:
+            fetch_bundle(self.store, job.bundle, self.paths.work, self.paths.tmp)
+            self.log.note(f"code bundle {job.bundle.rsplit('/', 1)[-1]} unpacked")
+        self._check_notice()
+        for item in job.data:
+            place_data(self.store, item, self._data_host_path(job, item.target), self.paths.tmp)
+            self.log.note(f"data {item.source} -> {item.target}")
+            self._check_notice()
+        self.restored_step = restore_latest(self.store, self.prefix, self.paths.checkpoints, self.log.note)
+        self.uploader.uploaded_step = self.restored_step
+        if self.restored_step is None:
+            self.log.note("no checkpoint in the store: starting from scratch")
+        else:
+            self.log.note(f"restored checkpoint {self.restored_step}")
+        self._check_notice()
+
+    def _data_host_path(self, job: AgentJob, target: str) -> Path:
+        """Where a data entry goes on this machine. A relative target lives under the data
+        folder; an absolute one is that path itself, or (in a container) a folder mounted there."""
+        if not target.startswith("/"):
+            return self.paths.data / target
+        if job.image:
+            return self.paths.mounts / target.strip("/").replace("/", "__")
+        return Path(target)
+
+    def _env(self, in_container: bool) -> dict[str, str]:
+        job = self.job
+        assert job is not None
+        p = self.paths
+        if in_container:
+            env = {k: os.environ[k] for k in job.secret_env if k in os.environ}
+            dirs = (job.checkpoint_dir, CTR_DATA, CTR_OUTPUT, f"{CTR_META}/notice.json", f"{CTR_META}/progress.json")
+        else:
+            env = {k: v for k, v in os.environ.items() if k not in _AGENT_ONLY_ENV}
+            env.update(self.boot.env)
+            dirs = (str(p.checkpoints), str(p.data), str(p.output), str(p.notice_file), str(p.progress_file))
+        env.setdefault("PYTHONUNBUFFERED", "1")  # logs arrive as they are printed
+        env.update(job.env)
+        names = ("CHECKPOINT_DIR", "DATA_DIR", "OUTPUT_DIR", "NOTICE_FILE", "PROGRESS_FILE")
+        env.update({f"SPOTRUN_{n}": v for n, v in zip(names, dirs, strict=True)})
+        env["SPOTRUN_JOB_ID"] = self.boot.job_id
+        env["SPOTRUN_ATTEMPT"] = str(self.boot.attempt)
+        return env
+
+    def _start(self) -> Workload:
+        job = self.job
+        assert job is not None
+        if not job.image:
+            self.phase = "setup" if job.setup else "running"
+            return ProcessWorkload(self.paths, job.setup, job.run, self._env(False))
+        cli = container_cli(job.container_cli, {**os.environ, **self.boot.env})
+        ensure_image(cli, job.image)
+        self._check_notice()
+        extra = list(job.container_args)
+        for item in job.data:
+            if item.target.startswith("/"):
+                extra += ["-v", f"{self._data_host_path(job, item.target)}:{item.target}"]
+        self.phase = "setup" if job.setup else "running"
+        self.log.note(f"starting container {job.image} with {' '.join(cli)}")
+        return ContainerWorkload(
+            self.paths, job.setup, job.run, self._env(True),
+            image=job.image, cli=cli, name=container_name(self.boot.job_id, self.boot.attempt),
+            checkpoint_dir=job.checkpoint_dir, extra_args=extra,
+        )  # fmt: skip
+
+    def _watch(self, workload: Workload) -> int:
+        self.log.start_reader(workload.output)
+        self.uploader.start()
+        self._next_notice_check = 0.0  # a notice that came while starting is seen at once
+        while True:
+            left = self._poll_notice()
+            if left is not None:
+                return self._preempted(workload, *left)
+            code = workload.exit_code()
+            if code is not None:
+                return self._completed(workload, _shell_code(code))
+            self._follow_phase()
+            self.clock.sleep(self.tick)
+
+    def _preempted(self, workload: Workload, seconds_left: float, reason: str) -> int:
+        assert self.job is not None
+        start = self.clock.now()
+        deadline = start + max(0.0, seconds_left - self.job.upload_budget)
+        notice = {"deadline": deadline, "seconds_left": deadline - start, "instance_deadline": start + seconds_left}
+        tmp = self.paths.notice_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(notice))
+        os.replace(tmp, self.paths.notice_file)
+        self.phase = "checkpointing"
+        self.log.note(
+            f"{reason} notice: {seconds_left:.1f}s left; SIGTERM to the workload, "
+            f"{deadline - start:.1f}s to save (upload budget {self.job.upload_budget:g}s)"
+        )
+        workload.terminate()
+        while workload.alive() and self.clock.now() < deadline:
+            self.clock.sleep(self.tick)
+        if workload.alive():
+            self.log.note("the workload is still running at its deadline: SIGKILL")
+            workload.kill()
+        code = _shell_code(workload.exit_code())
+        workload.cleanup()
+        self.log.join_reader(timeout=2.0)
+        self.phase = "uploading"
+        self.uploader.stop(abort_current=True)
+        self._final_checkpoint()
+        self._finish(Outcome(code, reason), EXIT_PREEMPTED)
+        if self.watcher is not None:
+            self.watcher.acknowledge()
+        return EXIT_PREEMPTED
+
+    def _completed(self, workload: Workload, code: int | None) -> int:
+        assert self.job is not None
+        ended_in = self._read_phase()
+        self.phase = "uploading"
+        workload.cleanup()  # stray background processes, the container
+        if not self.log.join_reader(timeout=5.0):
+            self.log.note("something outside the workload still holds its output open")
+        self.uploader.stop()
+        self._final_checkpoint()
+        outcome = Outcome(code, "completed" if code == 0 else "failed", phase=ended_in)
+        if code == 0:
+            try:
+                count = upload_outputs(self.store, self.prefix, self.paths.output)
+                self.log.note(f"{count} output file(s) uploaded")
+            except Exception as e:
+                self.log.note(f"output upload failed: {type(e).__name__}: {e}")
+                outcome = Outcome(code, "agent-error", f"output upload failed: {e}")
+        else:
+            self.log.note(f"the workload failed with exit code {code} during {ended_in}")
+        return self._finish(outcome, code if code is not None else EXIT_AGENT_ERROR)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _agent_error(self, error: Exception, code: int | None = None) -> int:
+        text = f"{type(error).__name__}: {error}"
+        self.log.note(f"agent error: {text}")
+        return self._finish(Outcome(code, "agent-error", text), EXIT_AGENT_ERROR)
+
+    def _final_checkpoint(self) -> None:
+        try:
+            self.uploader.sync_once()
+        except Exception as e:
+            self.log.note(f"final checkpoint upload failed: {type(e).__name__}: {e}")
+
+    def _poll_notice(self) -> tuple[float, str] | None:
+        if self._terminated.is_set():
+            return self.terminate_grace, "terminated"
+        if self.watcher is None:
+            return None
+        now = self.clock.now()
+        if now < self._next_notice_check:
+            return None
+        self._next_notice_check = now + self.watcher.poll_interval
+        try:
+            left = self.watcher.check()
+        except Exception as e:  # a flaky metadata endpoint is not a notice
+            self.log.note(f"notice check failed: {type(e).__name__}: {e}")
+            return None
+        return None if left is None else (left, "preempted")
+
+    def _check_notice(self) -> None:
+        self._next_notice_check = 0.0
+        left = self._poll_notice()
+        if left is not None:
+            raise NoticeReceived(*left)
+
+    def _read_phase(self) -> str:
+        try:
+            return self.paths.phase_file.read_text().strip() or self.phase
+        except OSError:
+            return self.phase
+
+    def _follow_phase(self) -> None:
+        if self.phase in ("setup", "running"):
+            self.phase = self._read_phase()
+
+    def _beat(self) -> None:
+        body = heartbeat(self.phase, self.paths.progress_file, self.uploader.uploaded_step, self.clock)
+        self.store.put_bytes(jobfile.heartbeat_key(self.prefix, self.boot.attempt), body)
+
+    def _start_heartbeats(self, interval: float, log_interval: float = 2.0) -> None:
+        self._beat()
+        self._periodic = [
+            Periodic("spotrun-heartbeat", interval, self._beat, self._quiet).start(),
+            Periodic("spotrun-log-flush", log_interval, self.log.flush, self._quiet).start(),
+        ]
+
+    def _restart_heartbeats(self) -> None:
+        assert self.job is not None
+        for p in self._periodic:
+            p.stop()
+        self._start_heartbeats(self.job.heartbeat_interval, self.job.log_flush_interval)
+
+    def _quiet(self, message: str) -> None:
+        print(f"[spotrun-agent] {message}", file=sys.stderr, flush=True)
+
+    def _finish(self, outcome: Outcome, exit_code: int) -> int:
+        for p in self._periodic:
+            p.stop()
+        step = self.uploader.uploaded_step
+        record: dict[str, object] = {
+            "code": outcome.code,
+            "reason": outcome.reason,
+            "at": self.clock.now(),
+            "checkpoint_step": step,
+        }
+        if outcome.error:
+            record["error"] = outcome.error
+        if outcome.reason == "failed":
+            record["phase"] = outcome.phase
+        self.log.note(f"exit: {outcome.reason} (code {outcome.code}), checkpoint {step}")
+        try:
+            self._beat()
+        except Exception as e:
+            self._quiet(f"last heartbeat failed: {e}")
+        try:
+            self.log.flush(final=True)
+        except Exception as e:
+            self._quiet(f"last log flush failed: {e}")
+        key = jobfile.exit_key(self.prefix, self.boot.attempt)
+        for attempt in range(3):  # the one record the controller must get: retry a flaky store
+            try:
+                if not self.store.put_bytes(key, json.dumps(record).encode(), if_absent=True):
+                    self._quiet(f"{key} already exists: not overwritten")
+                break
+            except Exception as e:
+                self._quiet(f"writing {key} failed: {type(e).__name__}: {e}")
+                if attempt < 2:
+                    self.clock.sleep(1.0 + attempt)
+        return exit_code
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def load_boot(text: str) -> Boot:
+    """A boot record given as JSON, as base64 (SPOTRUN_BOOT_B64) or inside a bootstrap script."""
+    text = text.strip()
+    if text.startswith("{"):
+        return Boot(**json.loads(text))
+    if BOOT_MARKER in text:
+        return extract_boot(text)
+    return Boot.from_b64(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spotrun.agent", description="The spotrun instance agent.")
+    parser.add_argument("--boot-file", help="boot record (JSON, base64 or bootstrap script); default $SPOTRUN_BOOT_B64")
+    parser.add_argument("--root", help=f"working folder; default $SPOTRUN_AGENT_ROOT or {DEFAULT_ROOT}")
+    args = parser.parse_args(argv)
+    if args.boot_file:
+        text = Path(args.boot_file).read_text()
+    elif os.environ.get("SPOTRUN_BOOT_B64"):
+        text = os.environ["SPOTRUN_BOOT_B64"]
+    else:
+        parser.error("no boot record: set SPOTRUN_BOOT_B64 or pass --boot-file")
+    root = args.root or os.environ.get("SPOTRUN_AGENT_ROOT") or DEFAULT_ROOT
+    grace = float(os.environ.get("SPOTRUN_TERMINATE_GRACE", "10"))
+    agent = Agent(load_boot(text), root, echo=sys.stdout.buffer, terminate_grace=grace)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.request_stop())
+    return agent.run()

@@ -1,0 +1,346 @@
+"""Running the job's `setup` then `run`: as local processes, or inside a docker/podman container.
+
+Both runners start one entry script that runs `setup` (if any), records the phase, then runs
+`run`; stdout and stderr come back merged through one pipe. They differ in how they signal:
+
+* process: the entry script leads its own process group; SIGTERM/SIGKILL go to the group, and
+  the workload is alive while any process of the group is (a shell killed by SIGTERM may leave
+  its Python child writing a checkpoint).
+* container: the entry script is the container's PID 1; `<cli> kill --signal TERM` reaches it
+  and it forwards the signal to every process in the container, then stays until they are all
+  gone (PID 1 exiting would SIGKILL them). The container is named, so it can be killed and
+  removed even if its client is gone; its name is recorded in `meta/container.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from spotrun.agent.procs import group_members, signal_group
+
+# mount points inside a container (the checkpoint mount point comes from the job)
+CTR_WORK, CTR_DATA, CTR_OUTPUT, CTR_META = "/work", "/data", "/output", "/spotrun"
+
+
+class WorkloadError(Exception):
+    """The workload could not be started (no container runtime, image pull failed...)."""
+
+
+@dataclass(frozen=True)
+class AgentPaths:
+    """The Agent's folders under its root."""
+
+    root: Path
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def meta(self) -> Path:
+        """Notice, progress and phase files and the entry scripts (mounted in a container)."""
+        return self.root / "meta"
+
+    @property
+    def mounts(self) -> Path:
+        """Data entries with an absolute target, each mounted at that path in a container."""
+        return self.root / "mounts"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def notice_file(self) -> Path:
+        return self.meta / "notice.json"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.meta / "progress.json"
+
+    @property
+    def phase_file(self) -> Path:
+        return self.meta / "phase"
+
+    def prepare(self) -> None:
+        """Start from empty folders: an instance never reuses what an earlier run left."""
+        for folder in (self.work, self.data, self.checkpoints, self.output, self.meta, self.mounts, self.tmp):
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+
+
+class Workload(ABC):
+    """A started setup+run. `output` yields the merged stdout/stderr bytes until EOF."""
+
+    output: IO[bytes]
+
+    @abstractmethod
+    def exit_code(self) -> int | None:
+        """The entry script's exit code once it ended (negative: killed by that signal)."""
+
+    @abstractmethod
+    def alive(self) -> bool:
+        """Whether any process of the workload is still running."""
+
+    @abstractmethod
+    def terminate(self) -> None:
+        """Ask the workload to stop (SIGTERM to all of it)."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """Stop it now (SIGKILL to all of it). Idempotent."""
+
+    def cleanup(self) -> None:
+        """Once it ended: remove whatever is left behind (stray processes, the container)."""
+        self.kill()
+
+
+def _write_scripts(paths: AgentPaths, setup: str | None, run: str) -> None:
+    """The user's commands, as meta/setup.sh and meta/run.sh."""
+    (paths.meta / "run.sh").write_text(run + "\n")
+    if setup:
+        (paths.meta / "setup.sh").write_text(setup + "\n")
+
+
+def _steps(setup: str | None, shell: str, meta: str) -> str:
+    """The setup-then-run part of the entry script; `meta` is the meta folder as the workload sees it."""
+    q = shlex.quote
+    lines = []
+    if setup:
+        lines.append(f"printf setup > {q(meta + '/phase')}")
+        lines.append(f"{shell} {q(meta + '/setup.sh')} || exit $?")
+    lines.append(f"printf running > {q(meta + '/phase')}")
+    lines.append(f"exec {shell} {q(meta + '/run.sh')}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class ProcessWorkload(Workload):
+    def __init__(self, paths: AgentPaths, setup: str | None, run: str, env: dict[str, str]) -> None:
+        shell = shutil.which("bash") or "/bin/sh"
+        meta = str(paths.meta)
+        _write_scripts(paths, setup, run)
+        entry = paths.meta / "entry.sh"
+        entry.write_text("# spotrun entry: setup, then run\n" + _steps(setup, shlex.quote(shell), meta) + "\n")
+        self._proc = subprocess.Popen(
+            ["/bin/sh", str(entry)],
+            cwd=paths.work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            process_group=0,  # its own group, same session as the Agent (see launcher.kill_agent)
+        )
+        assert self._proc.stdout is not None
+        self.output = self._proc.stdout
+        self.pid = self._proc.pid
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll()
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None or bool(group_members(self.pid))
+
+    def terminate(self) -> None:
+        signal_group(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        signal_group(self.pid, signal.SIGKILL)
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# --------------------------------------------------------------------------- containers
+
+# PID 1 in the container: forwards SIGTERM to every other process (kill -1), and after a
+# SIGTERM waits until no live process is left, so the workload gets its full grace period.
+_CONTAINER_ENTRY = """# spotrun container entry (PID 1)
+term=0
+trap 'term=1; kill -TERM -1 2>/dev/null' TERM INT
+(
+{steps}
+) &
+child=$!
+while :; do
+  wait "$child"; rc=$?
+  kill -0 "$child" 2>/dev/null || break
+done
+while [ "$term" = 1 ]; do
+  left=0
+  for d in /proc/[0-9]*; do
+    p=${{d#/proc/}}
+    [ "$p" = 1 ] && continue
+    read -r line < "$d/stat" 2>/dev/null || continue
+    st=${{line##*) }}; st=${{st%% *}}
+    [ "$st" = Z ] || left=1
+  done
+  [ "$left" = 0 ] && break
+  sleep 0.1 2>/dev/null || sleep 1
+done
+exit "$rc"
+"""
+
+
+def _flavor(cli: list[str]) -> str:
+    return Path(cli[0]).name
+
+
+def detect_container_cli() -> list[str]:
+    """The first of docker, podman whose engine answers (a docker client without a daemon
+    does not count)."""
+    for name in ("docker", "podman"):
+        if shutil.which(name) is None:
+            continue
+        try:
+            ok = subprocess.run([name, "info"], capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        if ok:
+            return [name]
+    raise WorkloadError("the job has an image but neither docker nor podman works on this machine")
+
+
+def container_cli(configured: str | None, env: dict[str, str] | None = None) -> list[str]:
+    """The container command: the job's `container_cli`, else $SPOTRUN_CONTAINER_CLI, else
+    detected. It may carry global flags, e.g. "podman --runtime runc --cgroup-manager=cgroupfs"."""
+    text = configured or (env or os.environ).get("SPOTRUN_CONTAINER_CLI")
+    cli = shlex.split(text) if text else detect_container_cli()
+    if _flavor(cli) not in ("docker", "podman"):
+        raise WorkloadError(f"container_cli must be docker or podman, not {cli[0]!r}")
+    if shutil.which(cli[0]) is None:
+        raise WorkloadError(f"container CLI {cli[0]!r} is not installed")
+    return cli
+
+
+def container_name(job_id: str, attempt: int) -> str:
+    safe = re.sub(r"[^a-zA-Z0-9_.-]", "-", job_id)[:40]
+    return f"spotrun-{safe}-a{attempt}-{secrets.token_hex(3)}"
+
+
+class ContainerWorkload(Workload):
+    def __init__(
+        self,
+        paths: AgentPaths,
+        setup: str | None,
+        run: str,
+        env: dict[str, str],
+        *,
+        image: str,
+        cli: list[str],
+        name: str,
+        checkpoint_dir: str,
+        extra_args: list[str],
+    ) -> None:
+        self.cli, self.name = cli, name
+        _write_scripts(paths, setup, run)
+        steps = _steps(setup, "sh", CTR_META)
+        (paths.meta / "entry.sh").write_text(_CONTAINER_ENTRY.format(steps=steps))
+        (paths.meta / "container.json").write_text(json.dumps({"cli": cli, "name": name}))
+        args = [*cli, "run", "--rm", "--name", name, "-w", CTR_WORK]
+        for host, ctr in (
+            (paths.work, CTR_WORK),
+            (paths.checkpoints, checkpoint_dir),
+            (paths.data, CTR_DATA),
+            (paths.output, CTR_OUTPUT),
+            (paths.meta, CTR_META),
+        ):
+            args += ["-v", f"{host}:{ctr}"]
+        for key in sorted(env):
+            args += ["-e", key]  # names only: values travel in the client's environment, not argv
+        if _flavor(cli) == "docker" and Path("/dev/nvidia0").exists() and "--gpus" not in extra_args:
+            args += ["--gpus", "all"]
+        args += [*extra_args, image, "sh", f"{CTR_META}/entry.sh"]
+        self._proc = subprocess.Popen(
+            args,
+            cwd=paths.work,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+        assert self._proc.stdout is not None
+        self.output = self._proc.stdout
+        self.pid = self._proc.pid
+        self._removed = False
+
+    def _cli(self, *args: str, timeout: float = 30) -> bool:
+        try:
+            done = subprocess.run([*self.cli, *args], capture_output=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return done.returncode == 0
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll()
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def terminate(self) -> None:
+        if not self._cli("kill", "--signal", "TERM", self.name):
+            signal_group(self.pid, signal.SIGTERM)  # not created yet: the client proxies signals
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._cli("kill", "--signal", "KILL", self.name)
+        signal_group(self.pid, signal.SIGKILL)
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def cleanup(self) -> None:
+        self.kill()
+        if not self._removed:
+            self._cli("rm", "-f", self.name)
+            self._removed = True
+
+
+def ensure_image(cli: list[str], image: str) -> None:
+    """Pull the image unless it is already there."""
+    if subprocess.run([*cli, "image", "inspect", image], capture_output=True).returncode == 0:
+        return
+    pulled = subprocess.run([*cli, "pull", image], capture_output=True, text=True)
+    if pulled.returncode != 0:
+        raise WorkloadError(f"could not pull image {image}: {pulled.stderr.strip()[-500:]}")
+
+
+def remove_recorded_container(meta: Path) -> None:
+    """Force-remove the container recorded in `meta/container.json`, if any (hard kill path)."""
+    try:
+        rec = json.loads((meta / "container.json").read_text())
+    except (OSError, ValueError):
+        return
+    try:
+        subprocess.run([*rec["cli"], "rm", "-f", rec["name"]], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired, KeyError, TypeError):
+        pass
