@@ -6,9 +6,13 @@ validates it (errors name the file, the line and the key) and returns a `Market`
 the questions the local provider asks:
 
 * `offers(t)`: the market as catalog rows (provider "local").
-* `unavailable(zone, t, spot)`: why a launch in `zone` at market time `t` fails now, or None.
-* `schedule(zone, spot, k, t)`: when the k-th spot instance launched in `zone` at time `t` is
+* `unavailable(pool, t, spot)`: why a launch in that pool at market time `t` fails now, or None.
+* `schedule(pool, spot, k, t)`: when the k-th spot instance launched in the pool at time `t` is
   preempted, and how much notice it gets.
+
+Each entry of `zones:` is one *pool* (AWS's word: a zone × instance type), the unit that has its own
+price, interruption rate, capacity and outages; a zone may list several instance types. A pool is
+named `"<zone>/<instance_type>"`, as in `Offer.key` without the provider.
 
 Time: the processes run in *real* seconds, and every duration in the file (notice, boot,
 preempt_after, outages, trace ticks) is in real seconds. `time_scale` says how many simulated
@@ -80,6 +84,8 @@ class TraceSpec(_Strict):
         if self.available is not None:
             if not self.available:
                 raise ValueError("'available' is empty")
+            if self.start_tick >= len(self.available):
+                raise ValueError(f"start_tick {self.start_tick} is past the {len(self.available)} ticks of 'available'")
             if self.gap_seconds is None and self.tick_seconds is None:
                 raise ValueError("an inline trace needs 'tick_seconds' (real seconds per tick) or 'gap_seconds'")
         return self
@@ -102,6 +108,10 @@ class ZoneSpec(_Strict):
     capacity: PositiveInt | None = None
     notice: NonNegativeFloat | None = None  # overrides the market's notice; 0 = killed without notice
     trace: TraceSpec | None = None
+
+    @property
+    def pool(self) -> str:
+        return pool_key(self.zone, self.instance_type)
 
     @field_validator("outages")
     @classmethod
@@ -136,9 +146,9 @@ class MarketSpec(_Strict):
     def _unique(cls, v: list[ZoneSpec]) -> list[ZoneSpec]:
         seen: set[str] = set()
         for z in v:
-            if z.zone in seen:
-                raise ValueError(f"zone {z.zone!r} is listed twice")
-            seen.add(z.zone)
+            if z.pool in seen:
+                raise ValueError(f"zone {z.zone!r} lists instance type {z.instance_type!r} twice")
+            seen.add(z.pool)
         return v
 
 
@@ -196,6 +206,10 @@ class Replay:
             return max(t, 0.0)
         return (target - self.start_tick) * self.tick_seconds
 
+    def availability(self) -> float:
+        """Share of the trace's ticks with spot available."""
+        return 1.0 - len(self.down) / len(self.available)
+
     def preemptions_per_real_second(self) -> float:
         """Available -> unavailable transitions per real second of replay (loop-aware)."""
         a = self.available
@@ -205,7 +219,8 @@ class Replay:
         return drops / (len(a) * self.tick_seconds)
 
 
-def _load_replay(trace: TraceSpec, base_dir: Path, time_scale: float) -> Replay:
+def _load_replay(trace: TraceSpec, base_dir: Path, time_scale: float, cache: dict[Any, Any]) -> Replay:
+    """The zone's trace on market time. `cache` keeps each file's traces for the other zones."""
     if trace.available is not None:
         gap = trace.gap_seconds
         tick = trace.tick_seconds if trace.tick_seconds is not None else gap / time_scale  # type: ignore[operator]
@@ -217,10 +232,13 @@ def _load_replay(trace: TraceSpec, base_dir: Path, time_scale: float) -> Replay:
         path = base_dir / path
     if not path.exists():
         raise MarketError(f"trace file not found: {path}")
-    try:
-        found = load_traces([path], nodes=trace.nodes)
-    except ValueError as e:
-        raise MarketError(f"trace {path}: {e}") from None
+    key = (path.resolve(), trace.nodes)
+    if key not in cache:
+        try:
+            cache[key] = load_traces([path], nodes=trace.nodes)
+        except ValueError as e:
+            raise MarketError(f"trace {path}: {e}") from None
+    found = cache[key]
     if trace.zone is not None:
         chosen = [z for z in found if trace.zone in (z.name, z.key)]
     else:
@@ -238,7 +256,8 @@ def _load_replay(trace: TraceSpec, base_dir: Path, time_scale: float) -> Replay:
     prices = None
     if zt.prices is not None:
         prices = tuple(None if p is None or (isinstance(p, float) and math.isnan(p)) else float(p) for p in zt.prices)
-    return Replay(tuple(bool(a) for a in zt.available), prices, tick, trace.start_tick, trace.loop, f"{path.name}:{zt.key}")
+    available = tuple(bool(a) for a in zt.available)
+    return Replay(available, prices, tick, trace.start_tick, trace.loop, f"{path.name}:{zt.key}")
 
 
 # --------------------------------------------------------------------------- the market
@@ -253,15 +272,21 @@ class LaunchPlan:
     cause: str  # "preempt_after[k]", "rate", "outage", "trace" or "" when never preempted
 
 
+def pool_key(zone: str, instance_type: str) -> str:
+    return f"{zone}/{instance_type}"
+
+
 @dataclass(frozen=True)
-class Zone:
+class Pool:
+    """One entry of `zones:` with its trace loaded: a zone x instance type."""
+
     spec: ZoneSpec
     replay: Replay | None
     notice: float  # the effective notice period
 
     @property
-    def name(self) -> str:
-        return self.spec.zone
+    def key(self) -> str:
+        return self.spec.pool
 
     def interruption_rate(self, time_scale: float) -> float:
         """Preemptions per simulated hour, as the planner should see them."""
@@ -278,17 +303,18 @@ class Market:
         self.source = source
         self.digest = digest or hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
         base = base_dir or Path.cwd()
-        zones: dict[str, Zone] = {}
+        pools: dict[str, Pool] = {}
+        cache: dict[Any, Any] = {}
         for i, z in enumerate(spec.zones):
             try:
-                replay = _load_replay(z.trace, base, spec.time_scale) if z.trace is not None else None
+                replay = _load_replay(z.trace, base, spec.time_scale, cache) if z.trace is not None else None
             except MarketError as e:
                 raise MarketError(f"{source or 'market'}: zones[{i}].trace: {e}") from None
             no_trace_price = replay is None or replay.prices is None
             if z.spot_price is None and z.ondemand_price is None and no_trace_price:
                 raise MarketError(f"{source or 'market'}: zones[{i}] ({z.zone}): no price (the trace has none)")
-            zones[z.zone] = Zone(z, replay, spec.notice if z.notice is None else z.notice)
-        self.zones = zones
+            pools[z.pool] = Pool(z, replay, spec.notice if z.notice is None else z.notice)
+        self.pools = pools
 
     # ----------------------------------------------------------------- simple facts
 
@@ -300,11 +326,11 @@ class Market:
     def boot(self) -> float:
         return self.spec.boot
 
-    def zone(self, name: str) -> Zone | None:
-        return self.zones.get(name)
+    def pool(self, zone: str, instance_type: str) -> Pool | None:
+        return self.pools.get(pool_key(zone, instance_type))
 
-    def spot_price(self, zone: str, t: float = 0.0) -> float | None:
-        z = self.zones[zone]
+    def spot_price(self, pool: str, t: float = 0.0) -> float | None:
+        z = self.pools[pool]
         if z.spec.spot_price is not None:
             return z.spec.spot_price
         return z.replay.price_at(t) if z.replay is not None else None
@@ -314,7 +340,7 @@ class Market:
         from spotrun.catalog.model import Offer
 
         out = []
-        for z in self.zones.values():
+        for z in self.pools.values():
             s = z.spec
             out.append(
                 Offer(
@@ -327,42 +353,43 @@ class Market:
                     gpu_memory_gb=s.gpu_memory_gb,
                     vcpus=s.vcpus,
                     memory_gb=s.memory_gb,
-                    spot_price=self.spot_price(s.zone, t),
+                    spot_price=self.spot_price(z.key, t),
                     ondemand_price=s.ondemand_price,
                     interruption_rate=z.interruption_rate(self.time_scale),
                     interruption_source="market",
+                    availability=None if z.replay is None else z.replay.availability(),
                 )
             )
         return out
 
     # ----------------------------------------------------------------- behaviour
 
-    def unavailable(self, zone: str, t: float, *, spot: bool) -> str | None:
-        """Why a launch in `zone` at market time `t` fails (capacity aside), or None if it can start."""
-        z = self.zones.get(zone)
+    def unavailable(self, pool: str, t: float, *, spot: bool) -> str | None:
+        """Why a launch in `pool` at market time `t` fails (capacity aside), or None if it can start."""
+        z = self.pools.get(pool)
         if z is None:
-            return f"the local market has no zone {zone!r}"
-        if spot and self.spot_price(zone, t) is None:
-            return f"{zone}: no spot offered"
+            return f"the local market has no {pool!r} (zone/instance type)"
+        if spot and self.spot_price(pool, t) is None:
+            return f"{pool}: no spot offered"
         if not spot and z.spec.ondemand_price is None:
-            return f"{zone}: no on-demand offered"
+            return f"{pool}: no on-demand offered"
         for start, end in z.spec.outages:
             if start <= t < end:
-                return f"{zone}: capacity outage until market time {end:g}s"
+                return f"{pool}: capacity outage until market time {end:g}s"
         if spot and z.replay is not None and not z.replay.available_at(t):
-            return f"{zone}: no spot capacity (trace {z.replay.label})"
+            return f"{pool}: no spot capacity (trace {z.replay.label})"
         return None
 
-    def schedule(self, zone: str, *, spot: bool, launch_index: int, t: float) -> LaunchPlan:
-        """The fate of an instance launched in `zone` at market time `t`.
+    def schedule(self, pool: str, *, spot: bool, launch_index: int, t: float) -> LaunchPlan:
+        """The fate of an instance launched in `pool` at market time `t`.
 
-        `launch_index` counts the spot instances launched in this zone before (0 for the first).
+        `launch_index` counts the spot instances launched in this pool before (0 for the first).
         On-demand instances are never preempted. A spot instance is preempted at the earliest of:
         `boot + preempt_after[k]` (or, beyond that list and without a trace, `boot` plus an
-        exponential draw at `interruption_rate`, seeded by (seed, zone, k)); the start of the
-        zone's next outage; the next tick at which its trace says spot is unavailable.
+        exponential draw at `interruption_rate`, seeded by (seed, pool, k)); the start of the
+        pool's next outage; the next tick at which its trace says spot is unavailable.
         """
-        z = self.zones[zone]
+        z = self.pools[pool]
         if not spot:
             return LaunchPlan(None, z.notice, "")
         events: list[tuple[float, str]] = []
@@ -372,7 +399,7 @@ class Market:
         elif z.replay is None:
             rate = z.interruption_rate(self.time_scale) * self.time_scale / 3600.0  # per real second
             if rate > 0:
-                rng = random.Random(f"{self.spec.seed}/{zone}/{launch_index}")
+                rng = random.Random(f"{self.spec.seed}/{pool}/{launch_index}")
                 events.append((self.boot + rng.expovariate(rate), "rate"))
         for start, _end in z.spec.outages:
             if start > t:
