@@ -50,7 +50,7 @@ from spotrun.catalog.interruption import (  # noqa: E402
 )
 from spotrun.catalog.model import Offer  # noqa: E402
 from spotrun.catalog.snapshot import write_offers  # noqa: E402
-from spotrun.gpus import gpu_model, parse_gpu  # noqa: E402
+from spotrun.gpus import gpu_model, nominal_memory_gb, parse_gpu  # noqa: E402
 
 ADVISOR_FILE = "aws_spot_advisor/spot-advisor-data_commit-2025-06-28.json"
 ADVISOR_DATE = "2025-06-28"
@@ -132,7 +132,7 @@ def aws_offers(data: Path) -> Iterator[Offer]:
             instance_type=row["instance_type"],
             gpu=gpu.name,
             gpu_count=int(count),
-            gpu_memory_gb=round(float(spec["gpu_memory_gib"]) * 1.073741824, 2),  # GiB -> GB
+            gpu_memory_gb=nominal_memory_gb(gpu.name, float(spec["gpu_memory_gib"])),
             vcpus=float(spec["vcpus"]),
             memory_gb=round(float(spec["memory_gib"]) * 1.073741824, 2),
             spot_price=spot,
@@ -144,6 +144,7 @@ def aws_offers(data: Path) -> Iterator[Offer]:
 
 
 # --------------------------------------------------------------------------- GCP
+
 
 # Fixed-GPU host families: host type -> (GCP accelerator label, GPU count).
 def _gcp_fixed_host(instance_type: str) -> tuple[str, int] | None:
@@ -216,7 +217,7 @@ def gcp_offers(data: Path, measured: dict[str, tuple[float, float, int, float]],
         if gpu is None:
             return None
         mem_mib = _gpuinfo_mib(acc_row["GpuInfo"])
-        memory_gb = round(mem_mib * 1.048576 / 1000, 2) if mem_mib else (mem or gpu.memory_gb)
+        memory_gb = nominal_memory_gb(gpu.name, mem_mib / 1024 if mem_mib else mem)
         od = _price(host_row["Price"]) + _price(acc_row["Price"])
         spot_h, spot_a = _price(host_row["SpotPrice"]), _price(acc_row["SpotPrice"])
         spot = round(spot_h + spot_a, 5) if not (math.isnan(spot_h) or math.isnan(spot_a)) else None
@@ -314,7 +315,7 @@ def azure_offers(data: Path) -> Iterator[Offer]:
             instance_type=itype,
             gpu=gpu.name,
             gpu_count=int(count),
-            gpu_memory_gb=memory or gpu.memory_gb,
+            gpu_memory_gb=nominal_memory_gb(gpu.name, memory),
             vcpus=float(row["vCPUs"]),
             memory_gb=round(float(row["MemoryGiB"]) * 1.073741824, 2),
             spot_price=None if math.isnan(spot) or spot >= od else spot,
@@ -372,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     offers, meta = build(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
-    with gzip.open(args.out / "offers.csv.gz", "wt", encoding="utf-8", newline="", mtime=0) as fh:
-        write_offers(fh, offers)
+    # mtime=0: rebuilding from the same data gives the same bytes (no spurious diffs).
+    with gzip.GzipFile(args.out / "offers.csv.gz", "wb", mtime=0) as raw:
+        with io.TextIOWrapper(raw, encoding="utf-8", newline="") as fh:
+            write_offers(fh, offers)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(offers)} offers to {args.out}: {meta['rows_by_provider']}")
     return 0

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from spotrun import __version__
+from spotrun import __version__, cli_market
 
 if TYPE_CHECKING:
     from spotrun.spec import JobSpec
@@ -159,7 +159,7 @@ def _confirm_plan(controller: Any, job_spec: JobSpec, *, yes: bool, quiet: bool)
     offers = controller.offers_for(job_spec)
     result = plan(job_spec, offers)
     if not result.candidates:
-        err.print("error: no offer fits this job (see `spotrun plan` for why)")
+        err.print(f"error: no offer fits this job: {result.explain_empty()}", markup=False)
         raise typer.Exit(3)
     best = result.candidates[0]
     if not quiet:
@@ -423,6 +423,13 @@ def check(
     for r in rows:
         table.add_row(r["provider"], "[green]yes[/]" if r["usable"] else "[red]no[/]", str(r.get("detail", "")))
     console.print(table)
+
+
+# ---------------------------------------------------------------------------- market, simulate
+
+app.command()(cli_market.offers)
+app.command("plan")(cli_market.plan)
+app.add_typer(cli_market.catalog_app, name="catalog", help="The bundled offer catalog and its live refresh.")
 
 
 def main() -> None:

@@ -146,6 +146,7 @@ class Controller:
         self.state = state
         self.providers: dict[str, Provider] = dict(providers or {})
         self._offers = list(offers) if offers is not None else None
+        self._cloud_offers: list[Offer] | None = None
         self.store_url = store_url
         self.clock = clock
         self.options = options or ControllerOptions()
@@ -322,7 +323,7 @@ class Controller:
     def _finish_launch(self, job: Job, spec: JobSpec, attempt: Attempt) -> None:
         """An attempt written as LAUNCHING by a controller that died mid-launch: re-issue it
         with the same client token (the provider returns the instance it already started)."""
-        offer = self._offer_by_key(spec, attempt.offer_key)
+        offer = self._offer_by_key(spec, attempt.offer_key, job.id)
         if offer is None:
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail="offer no longer known")
             return
@@ -512,7 +513,7 @@ class Controller:
     # ------------------------------------------------------------------ planning
 
     def _candidates(self, job: Job, spec: JobSpec) -> list[Candidate]:
-        offers = self.offers_for(spec)
+        offers = self.offers_for(spec, job.id)
         attempts = self.state.attempts(job.id)
         now = self.clock.now()
         cooling = self._cooling_keys(spec, attempts, now)
@@ -568,23 +569,24 @@ class Controller:
             return min(1.0, max(0.0, step / total))
         return 0.0
 
-    def offers_for(self, spec: JobSpec) -> list[Offer]:
+    def offers_for(self, spec: JobSpec, job_id: str | None = None) -> list[Offer]:
+        """Every offer the spec's providers make. Cloud offers come from the catalog (read once);
+        the local market's are asked afresh, as of the job's market time (trace-driven prices)."""
         if self._offers is not None:
             return self._offers
         names = allowed_providers(spec)
-        offers: list[Offer] = []
-        if "local" in names:
-            offers += self._provider("local", spec).market_offers()  # type: ignore[attr-defined]
         clouds = [n for n in names if n in CLOUDS]
-        if clouds:
+        if clouds and self._cloud_offers is None:
             from spotrun.catalog import load_offers
 
-            offers += load_offers(clouds)
-        self._offers = offers
+            self._cloud_offers = load_offers(clouds)
+        offers = list(self._cloud_offers or [])
+        if "local" in names:
+            offers += self._provider("local", spec).market_offers(job_id)  # type: ignore[attr-defined]
         return offers
 
-    def _offer_by_key(self, spec: JobSpec, key: str) -> Offer | None:
-        return next((o for o in self.offers_for(spec) if o.key == key), None)
+    def _offer_by_key(self, spec: JobSpec, key: str, job_id: str) -> Offer | None:
+        return next((o for o in self.offers_for(spec, job_id) if o.key == key), None)
 
     # ------------------------------------------------------------------ helpers
 

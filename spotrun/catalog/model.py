@@ -21,11 +21,18 @@ class Offer:
     interruption_rate: float  # expected spot preemptions per hour
     interruption_source: str = "prior"  # "measured:<source>" or "prior"
     observed: str = ""  # ISO date the prices were observed
+    # added by catalog: share of probes that found spot capacity (from traces); None if unknown
+    availability: float | None = None
 
     @property
     def key(self) -> str:
         """A stable identity used for cooldowns and in state: provider/zone-or-region/type."""
-        return f"{self.provider}/{self.zone or self.region}/{self.instance_type}"
+        base = f"{self.provider}/{self.zone or self.region}/{self.instance_type}"
+        # added by catalog: a GCP N1 machine type takes an attached GPU of several models, so the GPU
+        # is part of its identity (n1-standard-8 with a T4 is not n1-standard-8 with a V100).
+        if self.provider == "gcp" and self.instance_type.startswith("n1-") and self.gpu:
+            return f"{base}+{self.gpu}x{self.gpu_count}"
+        return base
 
     @property
     def location(self) -> str:

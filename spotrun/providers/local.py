@@ -222,8 +222,12 @@ class LocalProvider(Provider):
             return _as_state(state)
         if self._host_alive(instance.instance_id, sandbox):
             return _as_state(state)
-        if not (sandbox / HOST_PID).exists() and time.time() - float(state.get("created", 0)) < LAUNCH_GRACE:
-            return _as_state(state)  # a launch in another process is still starting it
+        if "host_pid" not in state and time.time() - float(state.get("created", 0)) < LAUNCH_GRACE:
+            # The hypervisor has not reported in yet: a launch (here or in another process) is still
+            # starting it. Its pid may not answer as ours for a moment right after the spawn.
+            host = self._hosts.get(instance.instance_id)
+            if host is None or host.poll() is None:
+                return _as_state(state)
         state = read_json(sandbox / STATE) or state  # it may have finished as it exited
         if state.get("status") in FINAL:
             return _as_state(state)

@@ -115,7 +115,8 @@ def pid_alive(pid: int | None, cmd_hint: str = "") -> bool:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return False
-        return cmd_hint.encode() in cmdline
+        # An empty cmdline is a process in the middle of exec (seen right after a spawn): ours.
+        return not cmdline or cmd_hint.encode() in cmdline
     return True
 
 
