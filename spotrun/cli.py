@@ -302,6 +302,12 @@ def status(
             console.print("no jobs yet: try `spotrun launch configs/quickstart.yaml`")
         else:
             console.print(views.jobs_table(rows))
+            for r in rows:
+                if not r["controller_alive"]:
+                    console.print(
+                        f"[yellow]{r['job_id']} has no controller running[/]: "
+                        f"resume it with `spotrun launch --resume {r['job_id']}`"
+                    )
         return
     j = find_job_or_exit(state, job)
     attempts = state.attempts(j.id)

@@ -226,7 +226,10 @@ class Agent:
     def _preempted(self, workload: Workload, seconds_left: float, reason: str) -> int:
         assert self.job is not None
         start = self.clock.now()
-        deadline = start + max(0.0, seconds_left - self.job.upload_budget)
+        # Keep the upload budget, but never more than half a short notice: a workload with no time
+        # to save at all would lose the work since its last periodic checkpoint.
+        budget = min(self.job.upload_budget, seconds_left / 2)
+        deadline = start + max(0.0, seconds_left - budget)
         notice = {"deadline": deadline, "seconds_left": deadline - start, "instance_deadline": start + seconds_left}
         tmp = self.paths.notice_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(notice))
@@ -234,7 +237,7 @@ class Agent:
         self.phase = "checkpointing"
         self.log.note(
             f"{reason} notice: {seconds_left:.1f}s left; SIGTERM to the workload, "
-            f"{deadline - start:.1f}s to save (upload budget {self.job.upload_budget:g}s)"
+            f"{deadline - start:.1f}s to save (upload budget {budget:g}s)"
         )
         workload.terminate()
         while workload.alive() and self.clock.now() < deadline:
