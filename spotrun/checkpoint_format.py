@@ -1,0 +1,252 @@
+"""The on-disk checkpoint format, shared by the checkpoint library and the Agent. No torch here.
+
+Under a checkpoint root, one folder per checkpoint, named by its zero-padded step::
+
+    <root>/000000000120/
+        state.pkl  tensors-0000.bin  ...   whatever the writer put there
+        MANIFEST.json                      written last, after every file was fsynced
+
+    MANIFEST.json = {"format": 1, "step": 120, "created": <epoch>,
+                     "files": {"<relpath>": {"size": int, "sha256": "<hex>"}}}
+
+A checkpoint is *complete* when its manifest parses, names the folder's own step, and every file
+it lists exists with that size and sha256. Writers build the folder under a hidden temp name in
+the same root (`.tmp-<step>-<pid>-<hex>`), fsync the files, write and fsync the manifest, fsync the
+folder, and only then rename it into place: a reader never sees a half-written checkpoint under a
+step name, and anything torn (a crash mid-write, a truncated copy, a flipped bit) fails
+verification and is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+MANIFEST_NAME = "MANIFEST.json"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^\d{12}$")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written or read."""
+
+
+def step_dirname(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return f"{step:012d}"
+
+
+def step_of(path: Path) -> int | None:
+    """The step a checkpoint folder is named for; None for anything else (temp folders, files)."""
+    name = Path(path).name
+    return int(name) if _STEP_DIR.match(name) else None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or file creation inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest of a checkpoint folder if it is well formed (not checking the files); else None."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        return None
+    step, files = manifest.get("step"), manifest.get("files")
+    if type(step) is not int or step != step_of(path) or not isinstance(files, dict) or not files:
+        return None
+    for rel, entry in files.items():
+        if not _safe_relpath(rel) or rel == MANIFEST_NAME or not isinstance(entry, dict):
+            return None
+        size, digest = entry.get("size"), entry.get("sha256")
+        if type(size) is not int or size < 0 or not isinstance(digest, str) or len(digest) != 64:
+            return None
+    return manifest
+
+
+def _safe_relpath(rel: object) -> bool:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def verify_checkpoint(path: Path | str, *, deep: bool = True) -> bool:
+    """True when the folder is a complete checkpoint. `deep=False` checks the manifest and the file
+    sizes only (cheap); the default also re-hashes every file. Never raises."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return False
+    files: dict[str, dict] = manifest["files"]
+    try:
+        for rel, entry in files.items():
+            st = os.stat(path / rel)
+            if st.st_size != entry["size"]:
+                return False
+    except OSError:
+        return False
+    if not deep:
+        return True
+    rels = sorted(files, key=lambda r: -files[r]["size"])  # biggest first: best spread over threads
+    workers = max(1, min(4, os.cpu_count() or 1, len(rels)))
+    try:
+        with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on big buffers
+            digests = list(pool.map(lambda r: sha256_file(path / r), rels))
+    except OSError:
+        return False
+    return all(d == files[r]["sha256"] for r, d in zip(rels, digests, strict=True))
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    dirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and _STEP_DIR.match(e.name)]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def complete_checkpoints(root: Path | str, *, deep: bool = True) -> list[Path]:
+    """Complete checkpoints under root, ascending by step."""
+    return [p for p in _step_dirs(Path(root)) if verify_checkpoint(p, deep=deep)]
+
+
+def latest_checkpoint(root: Path | str) -> Path | None:
+    """The newest complete checkpoint under root (fully verified), falling back to older ones."""
+    for path in reversed(_step_dirs(Path(root))):
+        if verify_checkpoint(path):
+            return path
+    return None
+
+
+def write_manifest(folder: Path, step: int, files: dict[str, tuple[int, str]]) -> None:
+    """Write and fsync the manifest: the commit marker, so it must come after every file is durable."""
+    manifest = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "created": time.time(),
+        "files": {rel: {"size": size, "sha256": digest} for rel, (size, digest) in sorted(files.items())},
+    }
+    data = json.dumps(manifest, indent=1).encode()
+    fd = os.open(folder / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(folder)
+
+
+def new_temp_dir(root: Path, step: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{TMP_PREFIX}{step_dirname(step)}-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    return path
+
+
+def commit(temp: Path, root: Path, step: int) -> Path:
+    """Rename a finished temp folder (manifest already written) into place as checkpoint `step`.
+
+    A complete checkpoint already at that step wins (a step is committed once; the Agent may
+    already be uploading it) and the temp folder is dropped. A torn one there is replaced."""
+    final = root / step_dirname(step)
+    if final.exists():
+        if verify_checkpoint(final):
+            remove_tree(temp)
+            return final
+        remove_checkpoint(final)
+    os.rename(temp, final)
+    fsync_dir(root)
+    return final
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that no crash midway leaves it looking complete: manifest first."""
+    try:
+        (path / MANIFEST_NAME).unlink()
+        fsync_dir(path)
+    except FileNotFoundError:
+        pass
+    remove_tree(path)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temp_dirs(root: Path, in_use: Iterable[Path] = ()) -> list[Path]:
+    """Temp folders left by writers that died (their pid is gone) or by this process but not in use."""
+    keep = {Path(p).name for p in in_use}
+    stale = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for e in entries:
+        if not e.name.startswith(TMP_PREFIX) or e.name in keep:
+            continue
+        parts = e.name[len(TMP_PREFIX) :].split("-")
+        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        if pid is None or pid == os.getpid() or not _pid_alive(pid):
+            stale.append(Path(e.path))
+    return stale
+
+
+def prune(root: Path, keep: int | None, in_use: Iterable[Path] = ()) -> list[Path]:
+    """Keep the newest `keep` complete checkpoints (None: all); delete older ones, torn folders
+    older than the newest complete one, and stale temp folders. Returns what was deleted."""
+    dirs = _step_dirs(root)
+    complete = [p for p in dirs if verify_checkpoint(p, deep=False)]
+    doomed: list[Path] = []
+    if keep is not None and len(complete) > keep:
+        doomed += complete[: len(complete) - keep]
+    if complete:
+        newest = complete[-1].name
+        doomed += [p for p in dirs if p not in complete and p.name < newest]
+    for path in doomed:
+        remove_checkpoint(path)
+    for path in stale_temp_dirs(root, in_use):
+        remove_tree(path)
+        doomed.append(path)
+    return doomed

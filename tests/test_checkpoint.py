@@ -1,0 +1,542 @@
+"""spotrun.checkpoint: atomic commit, verification, fallback past torn checkpoints, keep-N,
+round trips of every kind of state, the data position, preemption requests, background saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_train import ROOT, child_env
+from torch.utils.data import DataLoader, TensorDataset
+
+import spotrun.checkpoint as ckpt
+from spotrun import checkpoint_io
+from spotrun.checkpoint import (
+    MANIFEST_NAME,
+    Checkpointer,
+    CheckpointError,
+    ResumableLoader,
+    ResumableSampler,
+    complete_checkpoints,
+    latest_checkpoint,
+    state_hash,
+    verify_checkpoint,
+)
+from spotrun.checkpoint_format import TMP_PREFIX, step_dirname
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_requests(monkeypatch: pytest.MonkeyPatch):
+    for var in ("SPOTRUN_NOTICE_FILE", "SPOTRUN_PROGRESS_FILE", "SPOTRUN_CHECKPOINT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    ckpt._clear_requests()
+    yield
+    ckpt._clear_requests()
+
+
+def small_setup(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    return model, opt, sched
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: object) -> None:
+    x = torch.randn(4, 8)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()  # type: ignore[attr-defined]
+
+
+def saved(root: Path, steps: list[int], **kw) -> list[Path]:
+    model, opt, sched = small_setup()
+    ck = Checkpointer(model=model, optimizer=opt, scheduler=sched, root=root, keep=None, handle_signals=False, **kw)
+    for s in steps:
+        train_step(model, opt, sched)
+        ck.save(s)
+    ck.close()
+    return [root / step_dirname(s) for s in steps]
+
+
+# --- format: commit, verify, torn checkpoints, keep ------------------------------------------
+
+
+def test_a_checkpoint_is_a_step_folder_with_a_manifest_of_sizes_and_checksums(tmp_path: Path) -> None:
+    [path] = saved(tmp_path, [7])
+    assert path.name == "000000000007"
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    assert manifest["format"] == 1 and manifest["step"] == 7 and manifest["created"] <= time.time()
+    on_disk = {p.name for p in path.iterdir()} - {MANIFEST_NAME}
+    assert set(manifest["files"]) == on_disk and "state.pkl" in on_disk
+    for rel, entry in manifest["files"].items():
+        data = (path / rel).read_bytes()
+        assert entry == {"size": len(data), "sha256": __import__("hashlib").sha256(data).hexdigest()}
+    assert verify_checkpoint(path) and verify_checkpoint(path, deep=False)
+    assert complete_checkpoints(tmp_path) == [path] and latest_checkpoint(tmp_path) == path
+    assert not list(tmp_path.glob(TMP_PREFIX + "*"))
+
+
+def _truncate(path: Path) -> None:
+    f = path / "state.pkl"
+    f.write_bytes(f.read_bytes()[:-10])
+
+
+def _flip_a_byte(path: Path) -> None:
+    f = next(path.glob("tensors-*.bin"))
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))  # same size: only the checksum can tell
+
+
+def _drop_manifest(path: Path) -> None:
+    (path / MANIFEST_NAME).unlink()
+
+
+def _garbage_manifest(path: Path) -> None:
+    (path / MANIFEST_NAME).write_bytes(b"\x00{not json")
+
+
+def _manifest_of_another_step(path: Path) -> None:
+    m = json.loads((path / MANIFEST_NAME).read_text())
+    m["step"] += 1
+    (path / MANIFEST_NAME).write_text(json.dumps(m))
+
+
+def _manifest_escaping_the_folder(path: Path) -> None:
+    m = json.loads((path / MANIFEST_NAME).read_text())
+    m["files"]["../outside"] = {"size": 0, "sha256": "0" * 64}
+    (path / MANIFEST_NAME).write_text(json.dumps(m))
+
+
+def _missing_file(path: Path) -> None:
+    next(path.glob("tensors-*.bin")).unlink()
+
+
+@pytest.mark.parametrize(
+    "tear",
+    [
+        _truncate,
+        _flip_a_byte,
+        _drop_manifest,
+        _garbage_manifest,
+        _manifest_of_another_step,
+        _manifest_escaping_the_folder,
+        _missing_file,
+    ],
+)
+def test_a_torn_checkpoint_is_never_loaded_and_restore_falls_back(tmp_path: Path, tear) -> None:
+    older, newest = saved(tmp_path, [1, 2])
+    tear(newest)
+    assert not verify_checkpoint(newest)
+    assert latest_checkpoint(tmp_path) == older
+    assert complete_checkpoints(tmp_path) == [older]
+
+    model, opt, sched = small_setup(seed=99)
+    ck = Checkpointer(model=model, optimizer=opt, scheduler=sched, root=tmp_path, handle_signals=False)
+    assert ck.restore() == 1 and ck.restored_from == older
+
+
+def test_restore_starts_fresh_when_nothing_is_complete(tmp_path: Path) -> None:
+    for path in saved(tmp_path, [1, 2]):
+        _flip_a_byte(path)
+    (tmp_path / "000000000003").mkdir()  # an empty step folder
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    model, opt, sched = small_setup()
+    before = state_hash(model)
+    assert Checkpointer(model=model, optimizer=opt, root=tmp_path, handle_signals=False).restore() == 0
+    assert state_hash(model) == before
+    assert latest_checkpoint(tmp_path / "missing") is None and complete_checkpoints(tmp_path / "missing") == []
+    assert not verify_checkpoint(tmp_path / "notes.txt") and not verify_checkpoint(tmp_path / "nope")
+
+
+def test_keep_n_deletes_the_oldest_and_superseded_torn_folders(tmp_path: Path) -> None:
+    (tmp_path / "000000000000").mkdir(parents=True)  # torn, older than what will be committed
+    dead = tmp_path / f"{TMP_PREFIX}000000000009-999999999-abcd"  # a dead writer's temp folder
+    dead.mkdir()
+    model, opt, sched = small_setup()
+    ck = Checkpointer(model=model, optimizer=opt, root=tmp_path, keep=2, handle_signals=False)
+    for s in range(1, 5):
+        ck.save(s)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_dirname(3), step_dirname(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_dirname(3), step_dirname(4)]
+
+
+def test_a_step_is_committed_once(tmp_path: Path) -> None:
+    model, opt, _ = small_setup()
+    ck = Checkpointer(model=model, optimizer=opt, root=tmp_path, handle_signals=False)
+    ck.extra["tag"] = "first"
+    ck.save(5)
+    ck.extra["tag"] = "second"
+    ck.save(5)
+    assert checkpoint_io.read_state(tmp_path / step_dirname(5))["extra"]["tag"] == "first"
+    assert [p.name for p in tmp_path.iterdir()] == [step_dirname(5)]
+
+
+def test_agent_functions_import_without_torch() -> None:
+    code = (
+        "import sys, spotrun.checkpoint as c; "
+        "assert c.latest_checkpoint('/nonexistent') is None and c.MANIFEST_NAME == 'MANIFEST.json'; "
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=child_env(Path("/nonexistent")))
+
+
+# --- state round trips ------------------------------------------------------------------------
+
+
+def test_every_kind_of_state_round_trips(tmp_path: Path) -> None:
+    shared = torch.arange(6, dtype=torch.float32)
+    sd: OrderedDict = OrderedDict(w=torch.randn(3, 4).t(), tied=shared, also_tied=shared)  # non-contiguous
+    sd._metadata = {"": {"version": 2}}  # type: ignore[attr-defined]
+    extra = {
+        "module_state": sd,
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.empty(0, 3),
+        "bool": torch.tensor([True, False]),
+        "long": torch.tensor([2**40]),
+        "np": np.arange(5, dtype=np.int16).reshape(5, 1),
+        "np_scalar": np.float32(1.25),
+        "py": [1, 2.5, "s", b"b", None, (1, 2), {3, 4}, frozenset({5}), 1 + 2j, {7: "int key"}],
+        "torch_types": [torch.float16, torch.device("cpu"), torch.Size([2, 3])],
+    }
+    ck = Checkpointer(root=tmp_path, handle_signals=False)
+    ck.extra.update(extra)
+    ck.save(3)
+    back = Checkpointer(root=tmp_path, handle_signals=False)
+    assert back.restore() == 3
+    got = back.extra
+    assert isinstance(got["module_state"], OrderedDict) and got["module_state"]._metadata == sd._metadata
+    for key in ("w", "tied", "also_tied"):
+        assert torch.equal(got["module_state"][key], sd[key].contiguous())
+    assert got["module_state"]["tied"] is got["module_state"]["also_tied"]  # stored once
+    for key in ("bf16", "scalar", "empty", "bool", "long"):
+        assert got[key].dtype == extra[key].dtype and torch.equal(got[key], extra[key])
+    assert got["np"].dtype == np.int16 and np.array_equal(got["np"], extra["np"])
+    assert got["np_scalar"] == np.float32(1.25) and isinstance(got["np_scalar"], np.float32)
+    assert got["py"] == extra["py"] and got["torch_types"] == extra["torch_types"]
+    assert isinstance(got["torch_types"][2], torch.Size)
+
+
+def test_scheduler_and_grad_scaler_state_round_trip(tmp_path: Path) -> None:
+    model, opt, sched = small_setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    for _ in range(5):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    scaler.update(new_scale=256.0)
+    Checkpointer(model=model, optimizer=opt, scheduler=sched, scaler=scaler, root=tmp_path, handle_signals=False).save(
+        5
+    )
+
+    model2, opt2, sched2 = small_setup(seed=1)
+    scaler2 = torch.amp.GradScaler("cpu")
+    ck = Checkpointer(
+        model=model2, optimizer=opt2, scheduler=sched2, scaler=scaler2, root=tmp_path, handle_signals=False
+    )
+    assert ck.restore() == 5
+    assert scaler2.state_dict() == scaler.state_dict() and scaler2.get_scale() == 256.0
+    assert sched2.state_dict() == sched.state_dict() and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert state_hash(model2) == state_hash(model)
+    for p1, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p1][key], opt2.state[p2][key])
+
+
+def test_unsupported_values_fail_at_save_time_naming_the_key(tmp_path: Path) -> None:
+    ck = Checkpointer(root=tmp_path, handle_signals=False)
+    ck.extra["cfg"] = {"when": time.gmtime()}
+    with pytest.raises(TypeError, match=r"state\['extra'\]\['cfg'\]\['when'\]"):
+        ck.save(1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    [path] = saved(tmp_path / "ck", [1])
+    (path / "state.pkl").write_bytes(pickle.dumps({"version": 1, "state": Evil()}))
+    (path / MANIFEST_NAME).unlink()  # re-commit it with matching checksums: verification passes
+    files = {
+        p.name: (p.stat().st_size, __import__("hashlib").sha256(p.read_bytes()).hexdigest()) for p in path.iterdir()
+    }
+    ckpt.write_manifest(path, 1, files)
+    assert verify_checkpoint(path)
+    with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+        Checkpointer(root=tmp_path / "ck", handle_signals=False).restore()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_state_hash_sees_every_bit() -> None:
+    model, _, _ = small_setup()
+    h = state_hash(model)
+    assert h == state_hash(model.state_dict()) and len(h) == 64
+    with torch.no_grad():
+        w = model[0].weight
+        w.view(-1).view(torch.int32)[3] ^= 1  # one bit of one float
+    assert state_hash(model) != h
+
+
+# --- exact resume in-process (fast) ----------------------------------------------------------
+
+
+def _loader(n: int = 20, batch: int = 3, workers: int = 0, sampler: bool = False) -> DataLoader:
+    ds = TensorDataset(torch.arange(n))
+    g = torch.Generator().manual_seed(5)
+    if sampler:
+        return DataLoader(ds, batch_size=batch, sampler=ResumableSampler(ds, seed=11), generator=g, num_workers=workers)
+    return DataLoader(ds, batch_size=batch, shuffle=True, generator=g, num_workers=workers)
+
+
+def _take(data: ResumableLoader, count: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    while len(out) < count:
+        for (batch,) in data:
+            out.append(batch.tolist())
+            if len(out) == count:
+                break
+    return out
+
+
+@pytest.mark.parametrize("sampler", [False, True], ids=["shuffle-replay", "resumable-sampler"])
+def test_the_data_position_resumes_at_every_batch_including_epoch_ends(sampler: bool) -> None:
+    total = 3 * 7  # 3 epochs of 7 batches (20 samples, batch 3)
+    expected = _take(ResumableLoader(_loader(sampler=sampler)), total)
+    assert sorted(sum(expected[:7], [])) == list(range(20)) and expected[:7] != expected[7:14]
+    for cut in range(total + 1):
+        first = ResumableLoader(_loader(sampler=sampler))
+        head = _take(first, cut)
+        state = first.state_dict()
+        resumed = ResumableLoader(_loader(sampler=sampler))
+        resumed.load_state_dict(state)
+        assert head + _take(resumed, total - cut) == expected, f"cut at {cut}"
+
+
+def test_the_data_position_resumes_with_worker_processes() -> None:
+    expected = _take(ResumableLoader(_loader(workers=2)), 10)
+    first = ResumableLoader(_loader(workers=2))
+    head = _take(first, 4)
+    resumed = ResumableLoader(_loader(workers=2))
+    resumed.load_state_dict(first.state_dict())
+    assert head + _take(resumed, 6) == expected
+
+
+def test_loaders_that_cannot_resume_exactly_are_refused() -> None:
+    ds = TensorDataset(torch.arange(10))
+    with pytest.raises(ValueError, match="generator"):
+        ResumableLoader(DataLoader(ds, shuffle=True))
+    with pytest.raises(ValueError, match="persistent_workers"):
+        ResumableLoader(DataLoader(ds, num_workers=1, persistent_workers=True, generator=torch.Generator()))
+    with pytest.raises(TypeError, match="ResumableLoader"):
+        Checkpointer(loader=DataLoader(ds, generator=torch.Generator()), handle_signals=False)
+
+
+def _run(root: Path, steps: int, stop_at: int | None = None) -> str:
+    model, opt, sched = small_setup()
+    data = ResumableLoader(
+        DataLoader(
+            TensorDataset(torch.randn(40, 8)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
+    )
+    ck = Checkpointer(
+        model=model, optimizer=opt, scheduler=sched, loader=data, root=root, total_steps=steps, handle_signals=False
+    )
+    step = ck.restore()
+    while step < steps:
+        for (x,) in data:
+            noise = random.random() + float(np.random.rand())  # Python and numpy RNGs matter too
+            loss = model(x + noise).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step == stop_at:
+                ckpt.request_save()
+            if ck.step(step) or step == steps:
+                break
+        if ck.preempting():
+            break
+    ck.close()
+    return state_hash(model)
+
+
+def test_resume_in_process_is_bitwise_exact(tmp_path: Path) -> None:
+    random.seed(0)
+    np.random.seed(0)
+    expected = _run(tmp_path / "a", 25)
+    random.seed(0)
+    np.random.seed(0)
+    _run(tmp_path / "b", 25, stop_at=10)  # epoch end (10 batches an epoch)
+    assert latest_checkpoint(tmp_path / "b").name == step_dirname(10)
+    ckpt._clear_requests()
+    random.seed(123)  # the checkpoint restores them
+    np.random.seed(123)
+    _run(tmp_path / "b", 25, stop_at=17)
+    ckpt._clear_requests()
+    assert _run(tmp_path / "b", 25) == expected
+
+
+# --- preemption, progress, background saves ---------------------------------------------------
+
+
+def test_sigterm_and_request_save_make_the_next_step_save_synchronously(tmp_path: Path) -> None:
+    model, opt, _ = small_setup()
+    ck = Checkpointer(model=model, optimizer=opt, root=tmp_path, every_steps=100)
+    try:
+        assert not ck.step(1) and not ck.preempting()
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler only records it
+        assert ck.preempting() and ckpt.preempting()
+        assert ck.step(2) is True
+        assert latest_checkpoint(tmp_path).name == step_dirname(2)  # already committed: synchronous
+        assert ck.step(2) is True and len(list(tmp_path.iterdir())) == 1
+    finally:
+        ck.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    ckpt._clear_requests()
+    ck = Checkpointer(model=model, root=tmp_path / "r", handle_signals=False)
+    ckpt.request_save(stop=False)
+    assert ck.step(3) is False and latest_checkpoint(tmp_path / "r").name == step_dirname(3)
+    assert not ck.step(4) and latest_checkpoint(tmp_path / "r").name == step_dirname(3)
+
+
+def test_the_notice_file_means_preempting_unless_it_is_left_over(tmp_path: Path, monkeypatch) -> None:
+    notice = tmp_path / "notice.json"
+    monkeypatch.setenv("SPOTRUN_NOTICE_FILE", str(notice))
+    assert not ckpt.preempting() and ckpt.seconds_left() is None
+    notice.write_text(json.dumps({"deadline": time.time() - 600, "seconds_left": 0}))
+    old = time.time() - 3600
+    os.utime(notice, (old, old))  # an earlier attempt's notice: past deadline, written before we started
+    ckpt._clear_requests()
+    assert not ckpt.preempting()
+    notice.write_text(json.dumps({"deadline": time.time() + 90, "seconds_left": 90}))
+    ckpt._clear_requests()
+    assert ckpt.preempting()
+    assert 85 < ckpt.seconds_left() <= 90
+
+
+def test_progress_file_is_rewritten_atomically_and_rarely(tmp_path: Path, monkeypatch) -> None:
+    progress = tmp_path / "progress.json"
+    monkeypatch.setenv("SPOTRUN_PROGRESS_FILE", str(progress))
+    ck = Checkpointer(root=tmp_path / "ck", total_steps=50, handle_signals=False)
+    for s in range(1, 11):
+        ck.step(s)
+    report = json.loads(progress.read_text())
+    assert report["step"] == 1 and report["total"] == 50 and abs(report["at"] - time.time()) < 60  # 1/s at most
+    ck.step(50)  # the last step is always reported (and saved)
+    assert json.loads(progress.read_text())["step"] == 50
+    assert latest_checkpoint(tmp_path / "ck").name == step_dirname(50)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("progress")] == ["progress.json"]
+
+
+def test_interval_saves_run_in_the_background_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    gate = threading.Event()
+    real_write = checkpoint_io.write_snapshot
+
+    def slow_disk(*args, **kwargs):
+        gate.wait(10)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io, "write_snapshot", slow_disk)
+    ck = Checkpointer(model=torch.nn.Linear(64, 64), root=tmp_path, every_steps=2, keep=None, handle_signals=False)
+    ck.step(1)
+    t = time.perf_counter()
+    ck.step(2)  # due: staged, handed to the background
+    for s in (3, 4, 5):  # due again at 4, but one save is in flight: training goes on, no wait
+        assert ck.step(s) is False
+    assert time.perf_counter() - t < 2 and complete_checkpoints(tmp_path) == []
+    gate.set()
+    ck.wait()
+    ck.step(6)
+    ck.wait()
+    assert [p.name for p in complete_checkpoints(tmp_path)] == [step_dirname(2), step_dirname(6)]
+
+    ck2 = Checkpointer(root=tmp_path / "t", every_seconds=1e-6, handle_signals=False)
+    ck2.step(1)
+    ck2.wait()
+    assert latest_checkpoint(tmp_path / "t").name == step_dirname(1)
+
+
+def test_a_background_save_stalls_training_far_less_than_a_synchronous_one(tmp_path: Path) -> None:
+    model = torch.nn.Linear(16384, 1024)  # 64 MiB of weights
+    ck = Checkpointer(model=model, root=tmp_path, keep=1, handle_signals=False)
+    ck.save(1, sync=False)  # warm the staging buffer
+    ck.wait()
+    stalls, syncs = [], []
+    for s in range(2, 8, 2):
+        t = time.perf_counter()
+        ck.save(s, sync=False)
+        stalls.append(time.perf_counter() - t)
+        ck.wait()
+        t = time.perf_counter()
+        ck.save(s + 1, sync=True)
+        syncs.append(time.perf_counter() - t)
+    stall, sync = sorted(stalls)[1], sorted(syncs)[1]
+    assert stall < 0.5 * sync, f"stall {stall:.3f}s vs synchronous save {sync:.3f}s"
+    assert verify_checkpoint(latest_checkpoint(tmp_path))
+
+
+def test_a_failed_background_save_is_raised_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    ck = Checkpointer(model=torch.nn.Linear(4, 4), root=tmp_path, handle_signals=False)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io, "write_snapshot", broken)
+    ck.save(1, sync=False)
+    with pytest.raises(CheckpointError, match="No space left"):
+        ck.wait()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigkill_during_a_background_save_never_leaves_a_loadable_torn_checkpoint(tmp_path: Path) -> None:
+    rng = random.Random()
+    torn_seen, trials = 0, 0
+    while not torn_seen and trials < 4:  # usually one trial: the child is mid-write ~90% of the time
+        trials += 1
+        root = tmp_path / f"t{trials}"
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "helpers_train.py"), "saver", str(root), "48"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=child_env(root),
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("SAVING") and int(line.split()[1]) >= 3:
+                break
+        time.sleep(rng.uniform(0, 0.15))
+        proc.kill()
+        proc.wait()
+        torn_seen += bool(list(root.glob(TMP_PREFIX + "*")))
+        step_dirs = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+        assert step_dirs and all(verify_checkpoint(p) for p in step_dirs)  # only whole ones have step names
+        model = torch.nn.Linear(48 * 256, 1024, bias=False)
+        ck = Checkpointer(model=model, root=root, keep=2, handle_signals=False)
+        step = ck.restore()
+        assert step >= 2 and bool((model.weight == step).all())
+        ck.save(step + 1)  # and the dead writer's temp folder is cleaned up
+        assert not list(root.glob(TMP_PREFIX + "*"))
+    assert torn_seen, "the kill never landed mid-save: the test did not test anything"
