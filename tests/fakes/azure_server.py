@@ -1,0 +1,507 @@
+"""A local fake of Azure Resource Manager (the subset spotrun's Azure provider uses).
+
+The real `azure-mgmt-compute` / `azure-mgmt-network` clients talk to it over HTTP (`base_url=url`):
+
+    Microsoft.Compute: virtualMachines PUT/GET(?$expand=instanceView)/DELETE/list, skus list,
+                       async operations;
+    Microsoft.Network: virtualNetworks, networkSecurityGroups, networkInterfaces PUT/GET/DELETE,
+                       async operations.
+
+Modelled on ARM's behaviour where the provider depends on it:
+
+* PUT/DELETE are long-running: 201/202 with an `Azure-AsyncOperation` header, `InProgress` for
+  `op_polls` polls, then `Succeeded` or `Failed` with `error.code`.
+* `fail_next_create(code, async_=...)`: a synchronous 409 (as ARM answers SkuNotAvailable or a
+  quota error) or an asynchronous failure (AllocationFailed ...) that, like Azure, leaves the VM
+  behind in provisioning state `Failed`, its NIC still attached.
+* deleting a VM deletes the NIC and disk whose `deleteOption` is `Delete`; a NIC attached to a
+  VM cannot be deleted (`NicInUse`).
+* per-VM Scheduled Events under `/_vm/<name>/metadata/scheduledevents` (needs `Metadata: true`).
+  `preempt(name)` posts a `Preempt` event with NotBefore = now + 30 s; approving it (POST
+  StartRequests) or `reclaim(name)` evicts the VM: with evictionPolicy Delete it is deleted.
+* a bearer token other than `ARM_TOKEN` gets 401 InvalidAuthenticationToken.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+
+from spotrun.providers.base import Boot, extract_boot
+from tests.fakes.rest_fake import Request, Response, RestFake
+
+SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"
+RESOURCE_GROUP = "spotrun-test"
+ARM_TOKEN = "arm-test-token"
+LOCATIONS = ("eastus", "westus2", "westeurope")
+SKUS = ("Standard_NC4as_T4_v3", "Standard_NC6s_v3", "Standard_NC24ads_A100_v4", "Standard_D2s_v3")
+S = r"/subscriptions/(?P<sub>[^/]+)"
+RG = S + r"/resource[gG]roups/(?P<rg>[^/]+)"
+KINDS = {
+    "Microsoft.Compute/virtualMachines": "vm",
+    "Microsoft.Network/virtualNetworks": "vnet",
+    "Microsoft.Network/networkSecurityGroups": "nsg",
+    "Microsoft.Network/networkInterfaces": "nic",
+}
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return Response(status, {"error": {"code": code, "message": message}})
+
+
+class FakeARM(RestFake):
+    def __init__(
+        self,
+        *,
+        subscription: str = SUBSCRIPTION,
+        resource_groups: tuple[str, ...] = (RESOURCE_GROUP,),
+        op_polls: int = 1,
+        notice_seconds: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.subscription = subscription
+        self.resource_groups = {g.lower() for g in resource_groups}
+        self.op_polls = op_polls
+        self.notice_seconds = notice_seconds
+        self.token = ARM_TOKEN
+        self.resources: dict[str, dict[str, Any]] = {}  # lower-case id -> resource JSON
+        self.operations: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}  # VM name -> scheduled events
+        self.acknowledged: list[str] = []  # EventIds approved through StartRequests
+        self.evicted: list[str] = []
+        self.restricted: dict[tuple[str, str], str] = {}  # (location, size) -> reason code
+        self._incarnation = itertools.count(1)
+        self._fail_next: list[dict[str, Any]] = []
+        self._throttle = 0
+        self._timers: list[threading.Timer] = []
+        r = self.route
+        prov = r"/providers/(?P<ns>Microsoft\.(?:Compute|Network))/(?P<type>[A-Za-z]+)"
+        r("PUT", RG + prov + r"/(?P<name>[^/]+)", self._put)
+        r("GET", RG + prov + r"/(?P<name>[^/]+)", self._get)
+        r("DELETE", RG + prov + r"/(?P<name>[^/]+)", self._delete)
+        r("GET", RG + prov, self._list)
+        r("GET", S + r"/providers/Microsoft\.Compute/virtualMachines", self._list_all)
+        r("GET", S + r"/providers/Microsoft\.Compute/skus", self._skus)
+        r(
+            "GET",
+            S + r"/providers/Microsoft\.(?:Compute|Network)/locations/[^/]+/operations/(?P<op>[^/]+)",
+            self._operation,
+        )
+        r("GET", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_get)
+        r("POST", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_post)
+
+    # ------------------------------------------------------------------ test hooks
+
+    @property
+    def metadata_endpoint(self) -> str:
+        """For `AzureProvider(imds_endpoint=...)`: each VM gets its own Scheduled Events path."""
+        return f"{self.url}/_vm/{{instance}}"
+
+    def fail_next_create(self, code: str, message: str = "", *, async_: bool = False, status: int = 409) -> None:
+        self._fail_next.append(
+            {"code": code, "message": message or f"fake failure {code}", "async": async_, "status": status}
+        )
+
+    def restrict_sku(self, location: str, size: str, reason: str = "NotAvailableForSubscription") -> None:
+        self.restricted[(location, size)] = reason
+
+    def throttle_next(self, n: int) -> None:
+        self._throttle = n
+
+    def vm(self, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            return next((v for v in self._of_kind("vm") if v["name"] == name), None)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self._of_kind(kind))
+
+    def running_boots(self) -> dict[str, Boot]:
+        """Each running VM's boot record, read back from its custom data."""
+        out = {}
+        with self.lock:
+            for vm in self._of_kind("vm"):
+                props = vm["properties"]
+                if props.get("provisioningState") != "Succeeded" or vm.get("_power") != "running":
+                    continue
+                data = props.get("osProfile", {}).get("customData")
+                if data:
+                    out[vm["name"]] = extract_boot(base64.b64decode(data).decode())
+        return out
+
+    def preempt(self, name: str, *, reclaim_after: float | None = None) -> dict[str, Any]:
+        """Announce a Spot eviction of VM `name` through its Scheduled Events."""
+        with self.lock:
+            assert self.vm(name) is not None, f"no VM {name}"
+            event = {
+                "EventId": str(uuid.uuid4()).upper(),
+                "EventType": "Preempt",
+                "ResourceType": "VirtualMachine",
+                "Resources": [name],
+                "EventStatus": "Scheduled",
+                "NotBefore": formatdate(time.time() + self.notice_seconds, usegmt=True),
+                "Description": "",
+                "EventSource": "Platform",
+                "DurationInSeconds": -1,
+            }
+            self.events.setdefault(name, []).append(event)
+            next(self._incarnation)
+        if reclaim_after is not None:
+            timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
+            timer.daemon = True
+            self._timers.append(timer)
+            timer.start()
+        return event
+
+    def reclaim(self, name: str) -> None:
+        """The eviction itself: evictionPolicy Delete deletes the VM (and its NIC/disk)."""
+        with self.lock:
+            vm = self.vm(name)
+            if vm is None:
+                return
+            self.evicted.append(name)
+            if vm["properties"].get("evictionPolicy") == "Deallocate":
+                vm["_power"] = "deallocated"
+            else:
+                self._delete_vm(vm)
+
+    def guest_shutdown(self, name: str) -> None:
+        with self.lock:
+            vm = self.vm(name)
+            if vm is not None:
+                vm["_power"] = "stopped"
+
+    def reset(self) -> None:
+        with self.lock:
+            for t in self._timers:
+                t.cancel()
+            self._timers.clear()
+            self.resources.clear()
+            self.operations.clear()
+            self.events.clear()
+            self.acknowledged.clear()
+            self.evicted.clear()
+            self.restricted.clear()
+            self._fail_next.clear()
+            self._throttle = 0
+            self.requests.clear()
+            self.token = ARM_TOKEN
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _of_kind(self, kind: str) -> Iterator[dict[str, Any]]:
+        return (r for r in self.resources.values() if r["_kind"] == kind)
+
+    def _id(self, req: Request) -> str:
+        p = req.params
+        return f"/subscriptions/{p['sub']}/resourceGroups/{p['rg']}/providers/{p['ns']}/{p['type']}/{p['name']}"
+
+    def _guard(self, req: Request) -> Response | None:
+        if req.header("authorization") != f"Bearer {self.token}":
+            return _error(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        if "api-version" not in req.query:
+            return _error(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+        if self._throttle > 0:
+            self._throttle -= 1
+            return Response(
+                429, {"error": {"code": "TooManyRequests", "message": "throttled"}}, headers={"Retry-After": "0"}
+            )
+        if req.params.get("sub") not in (None, self.subscription):
+            return _error(404, "SubscriptionNotFound", f"The subscription '{req.params['sub']}' could not be found.")
+        rg = req.params.get("rg")
+        if rg is not None and rg.lower() not in self.resource_groups:
+            return _error(404, "ResourceGroupNotFound", f"Resource group '{rg}' could not be found.")
+        if "type" in req.params and f"{req.params['ns']}/{req.params['type']}" not in KINDS:
+            return _error(400, "InvalidResourceType", f"unknown type {req.params['type']}")
+        return None
+
+    @staticmethod
+    def _public(resource: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in resource.items() if not k.startswith("_")}
+
+    def _start_op(
+        self, location: str, ns: str, *, error: dict[str, str] | None = None, on_done: Any = None
+    ) -> dict[str, str]:
+        op_id = str(uuid.uuid4())
+        self.operations[op_id] = {"polls": 0, "error": error, "on_done": on_done, "status": "InProgress"}
+        url = f"{self.url}/subscriptions/{self.subscription}/providers/{ns}/locations/{location}/operations/{op_id}"
+        return {"Azure-AsyncOperation": url + "?api-version=2024-07-01", "Retry-After": "0"}
+
+    def _operation(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            op = self.operations.get(req.params["op"])
+            if op is None:
+                return _error(404, "NotFound", "no such operation")
+            if op["status"] == "InProgress":
+                op["polls"] += 1
+                if op["polls"] >= self.op_polls:
+                    if op["on_done"] is not None:
+                        op["on_done"]()
+                    op["status"] = "Failed" if op["error"] else "Succeeded"
+            body: dict[str, Any] = {"status": op["status"], "name": req.params["op"]}
+            if op["status"] == "Failed":
+                body["error"] = op["error"]
+            return Response(200, body, headers={"Retry-After": "0"})
+
+    # ------------------------------------------------------------------ resources
+
+    def _put(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        kind = KINDS[f"{req.params['ns']}/{req.params['type']}"]
+        body = req.body if isinstance(req.body, dict) else {}
+        rid = self._id(req)
+        with self.lock:
+            location = body.get("location", "")
+            if location not in LOCATIONS:
+                return _error(400, "LocationNotAvailableForResourceType", f"location '{location}' not available")
+            resource = {
+                **copy.deepcopy(body),
+                "id": rid,
+                "name": req.params["name"],
+                "_kind": kind,
+                "type": f"{req.params['ns']}/{req.params['type']}",
+            }
+            props = resource.setdefault("properties", {})
+            if kind == "vm":
+                return self._put_vm(rid, resource, props)
+            if kind == "vnet":
+                for sub in props.get("subnets", []):
+                    sub["id"] = f"{rid}/subnets/{sub['name']}"
+            if kind == "nic":
+                for cfg in props.get("ipConfigurations", []):
+                    cfg["properties"]["privateIPAddress"] = f"10.77.0.{4 + len(self.resources)}"
+                    subnet = cfg["properties"].get("subnet", {}).get("id", "")
+                    if subnet.rsplit("/subnets/", 1)[0].lower() not in self.resources:
+                        return _error(400, "InvalidResourceReference", f"subnet {subnet} not found")
+            props["provisioningState"] = "Succeeded"
+            existed = rid.lower() in self.resources
+            self.resources[rid.lower()] = resource
+            return Response(200 if existed else 201, self._public(resource))
+
+    def _put_vm(self, rid: str, vm: dict[str, Any], props: dict[str, Any]) -> Response:
+        failure = self._fail_next.pop(0) if self._fail_next else None
+        if failure and not failure["async"]:
+            return _error(failure["status"], failure["code"], failure["message"])
+        size = props.get("hardwareProfile", {}).get("vmSize", "")
+        location = vm["location"]
+        if size not in SKUS:
+            return _error(400, "InvalidParameter", f"The value {size} provided for the VM size is not valid.")
+        if (location, size) in self.restricted:
+            return _error(
+                409,
+                "SkuNotAvailable",
+                f"The requested VM size {size} is currently not available in location '{location}'.",
+            )
+        if props.get("priority") == "Spot" and not props.get("evictionPolicy"):
+            return _error(400, "InvalidParameter", "Spot VMs need an evictionPolicy.")
+        custom = props.get("osProfile", {}).get("customData", "")
+        try:
+            base64.b64decode(custom, validate=True)
+        except (binascii.Error, ValueError):
+            return _error(400, "InvalidParameter", "customData must be base64")
+        for ref in props.get("networkProfile", {}).get("networkInterfaces", []):
+            nic = self.resources.get(ref["id"].lower())
+            if nic is None:
+                return _error(400, "InvalidResourceReference", f"Resource {ref['id']} referenced by {rid} not found")
+            owner = nic["properties"].get("virtualMachine", {}).get("id", "")
+            if owner and owner.lower() != rid.lower():
+                return _error(400, "NicInUse", f"Network interface {ref['id']} is used by {owner}")
+            nic["properties"]["virtualMachine"] = {"id": rid}
+        props.update(provisioningState="Creating", vmId=str(uuid.uuid4()))
+        vm["_power"] = "starting"
+        self.resources[rid.lower()] = vm
+        error = {"code": failure["code"], "message": failure["message"]} if failure else None
+
+        def done() -> None:
+            if error:
+                props["provisioningState"] = "Failed"
+                vm["_power"] = ""
+            else:
+                props["provisioningState"] = "Succeeded"
+                vm["_power"] = "running"
+
+        headers = self._start_op(vm["location"], "Microsoft.Compute", error=error, on_done=done)
+        return Response(201, self._public(vm), headers=headers)
+
+    def _get(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            resource = self.resources.get(self._id(req).lower())
+            if resource is None:
+                return _error(
+                    404,
+                    "ResourceNotFound",
+                    f"The Resource '{req.params['type']}/{req.params['name']}' "
+                    f"under resource group '{req.params['rg']}' was not found.",
+                )
+            out = self._public(resource)
+            if resource["_kind"] == "vm" and req.query.get("$expand") == "instanceView":
+                statuses = [{"code": f"ProvisioningState/{resource['properties']['provisioningState'].lower()}"}]
+                if resource.get("_power"):
+                    statuses.append({"code": f"PowerState/{resource['_power']}"})
+                out["properties"] = {**out["properties"], "instanceView": {"statuses": statuses}}
+            return Response(200, out)
+
+    def _delete_vm(self, vm: dict[str, Any]) -> None:
+        self.resources.pop(vm["id"].lower(), None)
+        self.events.pop(vm["name"], None)
+        for ref in vm["properties"].get("networkProfile", {}).get("networkInterfaces", []):
+            nic = self.resources.get(ref["id"].lower())
+            if nic is None:
+                continue
+            nic["properties"].pop("virtualMachine", None)
+            if ref.get("properties", {}).get("deleteOption") == "Delete":
+                self.resources.pop(ref["id"].lower(), None)
+
+    def _delete(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        rid = self._id(req).lower()
+        with self.lock:
+            resource = self.resources.get(rid)
+            if resource is None:
+                return Response(204)  # ARM: deleting what is not there succeeds with 204
+            if resource["_kind"] == "nic" and resource["properties"].get("virtualMachine"):
+                return _error(400, "NicInUse", f"Network Interface {resource['id']} is used by a virtual machine")
+            if resource["_kind"] == "vm":
+                resource["properties"]["provisioningState"] = "Deleting"
+                headers = self._start_op(
+                    resource["location"], "Microsoft.Compute", on_done=lambda: self._delete_vm(resource)
+                )
+            else:
+                headers = self._start_op(
+                    resource["location"], "Microsoft.Network", on_done=lambda: self.resources.pop(rid, None)
+                )
+            return Response(202, None, headers=headers)
+
+    def _list(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        prefix = (
+            f"/subscriptions/{req.params['sub']}/resourceGroups/{req.params['rg']}/providers/"
+            f"{req.params['ns']}/{req.params['type']}/"
+        ).lower()
+        with self.lock:
+            items = [self._public(r) for k, r in self.resources.items() if k.startswith(prefix)]
+        return Response(200, {"value": items})
+
+    def _list_all(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            return Response(200, {"value": [self._public(v) for v in self._of_kind("vm")]})
+
+    def _skus(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        wanted = req.query.get("$filter", "")
+        locations = [loc for loc in LOCATIONS if f"'{loc}'" in wanted] or list(LOCATIONS)
+        value = []
+        for loc in locations:
+            for size in SKUS:
+                restrictions = []
+                if (loc, size) in self.restricted:
+                    restrictions.append(
+                        {
+                            "type": "Location",
+                            "values": [loc],
+                            "reasonCode": self.restricted[(loc, size)],
+                            "restrictionInfo": {"locations": [loc]},
+                        }
+                    )
+                value.append(
+                    {
+                        "resourceType": "virtualMachines",
+                        "name": size,
+                        "tier": "Standard",
+                        "locations": [loc],
+                        "locationInfo": [{"location": loc, "zones": ["1", "2", "3"]}],
+                        "restrictions": restrictions,
+                    }
+                )
+            value.append({"resourceType": "disks", "name": "Premium_LRS", "locations": [loc], "restrictions": []})
+        return Response(200, {"value": value})
+
+    # ------------------------------------------------------------------ Scheduled Events
+
+    def _events_get(self, req: Request) -> Response:
+        if req.header("metadata") != "true":
+            return _error(400, "BadRequest", "Required metadata header not specified")
+        if req.query.get("api-version") != "2020-07-01":
+            return _error(400, "BadRequest", "unsupported api-version")
+        with self.lock:
+            if self.vm(req.params["vm"]) is None:
+                return Response(404, "VM gone")
+            events = [dict(e) for e in self.events.get(req.params["vm"], [])]
+            return Response(200, {"DocumentIncarnation": len(self.events.get(req.params["vm"], [])), "Events": events})
+
+    def _events_post(self, req: Request) -> Response:
+        if req.header("metadata") != "true":
+            return _error(400, "BadRequest", "Required metadata header not specified")
+        starts = (req.body or {}).get("StartRequests", []) if isinstance(req.body, dict) else []
+        name = req.params["vm"]
+        with self.lock:
+            known = {e["EventId"]: e for e in self.events.get(name, [])}
+            approved = [s.get("EventId") for s in starts if s.get("EventId") in known]
+            if not approved:
+                return _error(400, "BadRequest", "no such EventId")
+            self.acknowledged.extend(approved)
+            for eid in approved:
+                known[eid]["EventStatus"] = "Started"
+            self.reclaim(name)  # an approved Preempt proceeds at once
+        return Response(200, None)
+
+
+# ---------------------------------------------------------------------- fixtures & credentials
+
+
+class StaticToken:
+    """A TokenCredential that hands out one fixed token (the fake checks it)."""
+
+    def __init__(self, token: str = ARM_TOKEN) -> None:
+        self.token = token
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        from azure.core.credentials import AccessToken
+
+        return AccessToken(self.token, int(time.time()) + 3600)
+
+
+@pytest.fixture(scope="session", name="arm_server")
+def arm_server_fixture() -> Iterator[FakeARM]:
+    server = FakeARM().start()
+    try:
+        yield server  # type: ignore[misc]
+    finally:
+        server.stop()
+
+
+@pytest.fixture(name="arm")
+def arm_fixture(arm_server: FakeARM) -> Iterator[FakeARM]:
+    """The session's fake ARM, emptied before and after the test."""
+    arm_server.reset()
+    try:
+        yield arm_server
+    finally:
+        arm_server.reset()

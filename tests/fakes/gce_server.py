@@ -1,0 +1,529 @@
+"""A local fake of the Compute Engine REST API (the subset spotrun's GCP provider uses).
+
+The real `google-cloud-compute` client talks to it over HTTP (`client_options={"api_endpoint": url}`):
+
+    projects.get; instances insert/get/delete/list/aggregatedList (with `labels.K="v"` filters);
+    zone operations get/wait/list (with `operationType="..."` filters); acceleratorTypes get/list.
+
+Behaviour that matters to the provider, modelled on the real API:
+
+* insert/delete answer with a zone operation (PENDING) that finishes after `op_polls` polls;
+  the instance appears (or disappears) when its operation is DONE. A repeated `requestId`
+  returns the first operation and creates nothing.
+* capacity/quota failures surface in the *operation's* `error` (by default without
+  `httpErrorStatusCode`, the case where the SDK's `result()` does not raise); authorization,
+  validation and rate limits fail the HTTP call itself.
+* `fail_next_insert(code, ...)` makes the next insert fail with that code; `exhaust(zone)`
+  makes every insert in a zone fail with ZONE_RESOURCE_POOL_EXHAUSTED.
+* a per-instance metadata server under `/_metadata/<name>` (`metadata_endpoint`) serves
+  `computeMetadata/v1/instance/preempted` (needs `Metadata-Flavor: Google`).
+* `preempt(name)` does what GCE does to a Spot VM: metadata `preempted` turns TRUE, a
+  `compute.instances.preempted` operation is recorded, the VM goes STOPPING, and after the
+  notice (`reclaim(name)`, or `reclaim_after` seconds) it is deleted (termination action DELETE).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from spotrun.providers.base import Boot, extract_boot
+from tests.fakes.rest_fake import Request, Response, RestFake
+
+PROJECT = "spotrun-test"
+ZONES = ("us-central1-a", "us-central1-b", "us-east1-c", "europe-west4-a")
+GOOD_TOKEN = "gce-test-token"
+ACCELERATORS = ("nvidia-tesla-t4", "nvidia-tesla-v100", "nvidia-l4", "nvidia-tesla-a100")
+NAME_RX = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+BUILT_IN_GPU_FAMILIES = ("a2-", "a3-", "g2-")
+P = r"/compute/v1/projects/(?P<project>[^/]+)"
+Z = P + r"/zones/(?P<zone>[^/]+)"
+
+
+def _error(status: int, reason: str, message: str) -> Response:
+    return Response(
+        status,
+        {
+            "error": {
+                "code": status,
+                "message": message,
+                "errors": [{"domain": "global", "reason": reason, "message": message}],
+            }
+        },
+    )
+
+
+class FakeGCE(RestFake):
+    def __init__(self, *, project: str = PROJECT, zones: tuple[str, ...] = ZONES, op_polls: int = 1) -> None:
+        super().__init__()
+        self.project = project
+        self.zones = set(zones)
+        self.op_polls = op_polls
+        self.token = GOOD_TOKEN
+        self.instances: dict[tuple[str, str], dict[str, Any]] = {}
+        self.operations: dict[tuple[str, str], dict[str, Any]] = {}
+        self.request_ids: dict[str, tuple[str, str]] = {}
+        self.preempted: set[str] = set()  # instance names whose metadata says TRUE
+        self.accelerators = {z: set(ACCELERATORS) for z in zones}
+        self.exhausted: set[str] = set()
+        self._fail_next: list[dict[str, Any]] = []
+        self._throttle = 0
+        self._ids = itertools.count(4_000_000_000_000_000_001)
+        self._ops = itertools.count(1)
+        self._pending: dict[tuple[str, str], dict[str, Any]] = {}  # op key -> effect when DONE
+        self._timers: list[threading.Timer] = []
+        self._routes_()
+
+    # ------------------------------------------------------------------ test hooks
+
+    @property
+    def metadata_endpoint(self) -> str:
+        """For `GCPProvider(imds_endpoint=...)`: each instance gets its own metadata path."""
+        return f"{self.url}/_metadata/{{instance}}"
+
+    def fail_next_insert(
+        self,
+        code: str,
+        message: str = "",
+        *,
+        http_status: int | None = None,
+        sync: bool = False,
+        reason: str = "",
+        quota_metric: str = "",
+    ) -> None:
+        """The next insert fails: in its operation (`sync=False`, with `httpErrorStatusCode` only if
+        `http_status` is given) or as the HTTP answer to the insert itself (`sync=True`)."""
+        self._fail_next.append(
+            {
+                "code": code,
+                "message": message or f"fake failure {code}",
+                "http_status": http_status,
+                "sync": sync,
+                "reason": reason or code,
+                "quota_metric": quota_metric,
+            }
+        )
+
+    def exhaust(self, zone: str, exhausted: bool = True) -> None:
+        (self.exhausted.add if exhausted else self.exhausted.discard)(zone)
+
+    def throttle_next(self, n: int) -> None:
+        """The next n API calls answer 403 rateLimitExceeded."""
+        self._throttle = n
+
+    def instance(self, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            return next((i for (_, n), i in self.instances.items() if n == name), None)
+
+    def running_boots(self) -> dict[str, Boot]:
+        """Each RUNNING/STOPPING instance's boot record, read back from its startup script."""
+        out = {}
+        with self.lock:
+            for (_, name), inst in self.instances.items():
+                if inst["status"] not in ("RUNNING", "STOPPING"):
+                    continue
+                items = {i["key"]: i["value"] for i in inst.get("metadata", {}).get("items", [])}
+                if "startup-script" in items:
+                    out[name] = extract_boot(items["startup-script"])
+        return out
+
+    def preempt(self, name: str, *, reclaim_after: float | None = None) -> None:
+        with self.lock:
+            inst = self.instance(name)
+            assert inst is not None, f"no instance {name}"
+            zone = inst["zone"].rsplit("/", 1)[-1]
+            self.preempted.add(name)
+            inst["status"] = "STOPPING"
+            op = self._new_op(zone, "compute.instances.preempted", inst, status="DONE")
+            op["user"] = "system"
+        if reclaim_after is not None:
+            timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
+            timer.daemon = True
+            self._timers.append(timer)
+            timer.start()
+
+    def reclaim(self, name: str) -> None:
+        """The end of the notice: a preempted Spot VM with termination action DELETE is deleted."""
+        with self.lock:
+            for key, inst in list(self.instances.items()):
+                if key[1] == name:
+                    action = inst.get("scheduling", {}).get("instanceTerminationAction", "STOP")
+                    if action == "DELETE":
+                        del self.instances[key]
+                    else:
+                        inst["status"] = "TERMINATED"
+
+    def guest_shutdown(self, name: str) -> None:
+        """The guest powered itself off (the Agent finished): the VM is TERMINATED, not deleted."""
+        with self.lock:
+            inst = self.instance(name)
+            if inst is not None:
+                inst["status"] = "TERMINATED"
+
+    def reset(self) -> None:
+        with self.lock:
+            for t in self._timers:
+                t.cancel()
+            self._timers.clear()
+            self.instances.clear()
+            self.operations.clear()
+            self.request_ids.clear()
+            self.preempted.clear()
+            self.exhausted.clear()
+            self._fail_next.clear()
+            self._pending.clear()
+            self._throttle = 0
+            self.requests.clear()
+            self.token = GOOD_TOKEN
+            self.accelerators = {z: set(ACCELERATORS) for z in self.zones}
+
+    # ------------------------------------------------------------------ routes
+
+    def _routes_(self) -> None:
+        r = self.route
+        r("GET", P, self._project)
+        r("POST", Z + r"/instances", self._insert)
+        r("GET", Z + r"/instances", self._list)
+        r("GET", Z + r"/instances/(?P<name>[^/]+)", self._get)
+        r("DELETE", Z + r"/instances/(?P<name>[^/]+)", self._delete)
+        r("GET", P + r"/aggregated/instances", self._aggregated)
+        r("GET", Z + r"/operations/(?P<op>[^/]+)", self._op_get)
+        r("POST", Z + r"/operations/(?P<op>[^/]+)/wait", self._op_get)
+        r("GET", Z + r"/operations", self._op_list)
+        r("GET", Z + r"/acceleratorTypes/(?P<acc>[^/]+)", self._acc_get)
+        r("GET", Z + r"/acceleratorTypes", self._acc_list)
+        r("GET", r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/(?P<key>[a-z-]+)", self._metadata)
+
+    def _guard(self, req: Request) -> Response | None:
+        """Authorization, project and zone checks, and injected rate limits."""
+        auth = req.header("authorization")
+        if auth != f"Bearer {self.token}":
+            if auth.startswith("Bearer forbidden"):
+                return _error(403, "forbidden", "Required 'compute.instances.create' permission")
+            return Response(
+                401,
+                {
+                    "error": {
+                        "code": 401,
+                        "status": "UNAUTHENTICATED",
+                        "message": "Request had invalid authentication credentials.",
+                        "errors": [{"reason": "authError", "message": "Invalid Credentials"}],
+                    }
+                },
+            )
+        if self._throttle > 0:
+            self._throttle -= 1
+            return _error(403, "rateLimitExceeded", "Rate Limit Exceeded")
+        if req.params.get("project") != self.project:
+            return _error(404, "notFound", f"The resource 'projects/{req.params.get('project')}' was not found")
+        zone = req.params.get("zone")
+        if zone is not None and zone not in self.zones:
+            return _error(400, "invalid", f"Invalid value for field 'zone': '{zone}'. Unknown zone.")
+        return None
+
+    def _project(self, req: Request) -> Response:
+        return self._guard(req) or Response(200, {"kind": "compute#project", "name": self.project, "id": "1234"})
+
+    def _link(self, *parts: str) -> str:
+        return f"{self.url}/compute/v1/projects/{self.project}/" + "/".join(parts)
+
+    def _new_op(self, zone: str, kind: str, inst: dict[str, Any], *, status: str = "PENDING") -> dict[str, Any]:
+        name = f"operation-{int(time.time() * 1000)}-{next(self._ops):06d}"
+        op = {
+            "kind": "compute#operation",
+            "id": str(next(self._ids)),
+            "name": name,
+            "zone": self._link("zones", zone),
+            "operationType": kind,
+            "targetLink": self._link("zones", zone, "instances", inst["name"]),
+            "targetId": inst.get("id", "0"),
+            "status": status,
+            "progress": 100 if status == "DONE" else 0,
+            "insertTime": time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()),
+            "selfLink": self._link("zones", zone, "operations", name),
+            "_polls": 0,
+        }
+        self.operations[(zone, name)] = op
+        return op
+
+    @staticmethod
+    def _public(obj: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+    def _validate(self, zone: str, body: dict[str, Any]) -> Response | None:
+        name = body.get("name", "")
+        if not NAME_RX.match(name):
+            return _error(400, "invalid", f"Invalid value for field 'resource.name': '{name}'")
+        mtype = body.get("machineType", "").rsplit("/", 1)[-1]
+        if not mtype:
+            return _error(400, "invalid", "Invalid value for field 'resource.machineType': ''")
+        for acc in body.get("guestAccelerators", []):
+            acc_name = acc.get("acceleratorType", "").rsplit("/", 1)[-1]
+            if mtype.startswith(BUILT_IN_GPU_FAMILIES):
+                return _error(400, "invalid", f"Machine type {mtype} does not support additional accelerators")
+            if acc_name not in self.accelerators.get(zone, set()):
+                return _error(400, "invalid", f"Invalid value for field 'acceleratorType': '{acc_name}'")
+        if not body.get("disks"):
+            return _error(400, "invalid", "At least one disk should be attached to the instance")
+        return None
+
+    def _insert(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        zone, body = req.params["zone"], req.body or {}
+        with self.lock:
+            rid = req.query.get("requestId")
+            if rid and rid in self.request_ids:
+                return Response(200, self._public(self.operations[self.request_ids[rid]]))
+            failure = self._fail_next.pop(0) if self._fail_next else None
+            if failure and failure["sync"]:
+                status = failure["http_status"] or 400
+                return _error(status, failure["reason"], failure["message"])
+            bad = self._validate(zone, body)
+            if bad:
+                return bad
+            if (zone, body["name"]) in self.instances:
+                return _error(409, "alreadyExists", f"The resource '{body['name']}' already exists")
+            if failure is None and zone in self.exhausted:
+                failure = {
+                    "code": "ZONE_RESOURCE_POOL_EXHAUSTED",
+                    "http_status": None,
+                    "quota_metric": "",
+                    "message": f"The zone '{zone}' does not have enough resources available "
+                    "to fulfill the request. Try a different zone, or try again later.",
+                }
+            inst = copy.deepcopy(body)  # the request log keeps what was sent
+            inst.update(
+                id=str(next(self._ids)),
+                kind="compute#instance",
+                zone=self._link("zones", zone),
+                machineType=self._link("zones", zone, "machineTypes", body["machineType"].rsplit("/", 1)[-1]),
+                selfLink=self._link("zones", zone, "instances", body["name"]),
+                status="PROVISIONING",
+                creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()),
+            )
+            for i, nic in enumerate(inst.get("networkInterfaces", [])):
+                nic.setdefault("network", self._link("global", "networks", "default"))
+                nic.update(name=f"nic{i}", networkIP=f"10.128.0.{len(self.instances) + 2}")
+            op = self._new_op(zone, "insert", inst)
+            self._pending[(zone, op["name"])] = {"create": inst, "failure": failure}
+            if rid:
+                self.request_ids[rid] = (zone, op["name"])
+            return Response(200, self._public(op))
+
+    def _finish(self, zone: str, op: dict[str, Any]) -> None:
+        effect = self._pending.pop((zone, op["name"]), {})
+        op.update(status="DONE", progress=100)
+        failure = effect.get("failure")
+        if failure:
+            err: dict[str, Any] = {"code": failure["code"], "message": failure["message"]}
+            if failure.get("quota_metric"):
+                err["errorDetails"] = [
+                    {
+                        "quotaInfo": {
+                            "metricName": failure["quota_metric"],
+                            "limitName": failure["quota_metric"] + "-per-project",
+                            "limit": 0,
+                        }
+                    }
+                ]
+            op["error"] = {"errors": [err]}
+            if failure.get("http_status"):
+                op["httpErrorStatusCode"] = failure["http_status"]
+                op["httpErrorMessage"] = "SERVICE UNAVAILABLE"
+            return
+        if "create" in effect:
+            inst = effect["create"]
+            inst["status"] = "RUNNING"
+            self.instances[(zone, inst["name"])] = inst
+            op["targetId"] = inst["id"]
+        if "delete" in effect:
+            self.instances.pop((zone, effect["delete"]), None)
+
+    def _op_get(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        key = (req.params["zone"], req.params["op"])
+        with self.lock:
+            op = self.operations.get(key)
+            if op is None:
+                return _error(404, "notFound", f"The resource 'operations/{key[1]}' was not found")
+            if op["status"] != "DONE":
+                op["_polls"] += 1
+                op["status"] = "RUNNING"
+                if op["_polls"] >= self.op_polls:
+                    self._finish(key[0], op)
+            return Response(200, self._public(op))
+
+    def _get(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            inst = self.instances.get((req.params["zone"], req.params["name"]))
+            if inst is None:
+                return _error(404, "notFound", f"The resource 'instances/{req.params['name']}' was not found")
+            return Response(200, inst)
+
+    def _delete(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        zone, name = req.params["zone"], req.params["name"]
+        with self.lock:
+            inst = self.instances.get((zone, name))
+            if inst is None:
+                return _error(404, "notFound", f"The resource 'instances/{name}' was not found")
+            inst["status"] = "STOPPING"
+            op = self._new_op(zone, "delete", inst)
+            self._pending[(zone, op["name"])] = {"delete": name}
+            return Response(200, self._public(op))
+
+    def _matching(self, items: list[dict[str, Any]], expr: str) -> list[dict[str, Any]] | Response:
+        try:
+            tests = parse_filter(expr)
+        except ValueError as e:
+            return _error(400, "invalid", f"Invalid list filter expression: {e}")
+        return [i for i in items if all(lookup(i, path) == value for path, value in tests)]
+
+    def _list(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            found = self._matching(
+                [i for (z, _), i in self.instances.items() if z == req.params["zone"]], req.query.get("filter", "")
+            )
+        if isinstance(found, Response):
+            return found
+        return Response(200, {"kind": "compute#instanceList", "items": found})
+
+    def _aggregated(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        items: dict[str, Any] = {}
+        with self.lock:
+            for zone in sorted(self.zones):
+                found = self._matching(
+                    [i for (z, _), i in self.instances.items() if z == zone], req.query.get("filter", "")
+                )
+                if isinstance(found, Response):
+                    return found
+                items[f"zones/{zone}"] = (
+                    {"instances": found}
+                    if found
+                    else {"warning": {"code": "NO_RESULTS_ON_PAGE", "message": "There are no results for scope"}}
+                )
+        return Response(200, {"kind": "compute#instanceAggregatedList", "items": items})
+
+    def _op_list(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            ops = [self._public(o) for (z, _), o in self.operations.items() if z == req.params["zone"]]
+            found = self._matching(ops, req.query.get("filter", ""))
+        if isinstance(found, Response):
+            return found
+        return Response(200, {"kind": "compute#operationList", "items": found})
+
+    def _accelerator(self, zone: str, name: str) -> dict[str, Any]:
+        return {
+            "kind": "compute#acceleratorType",
+            "name": name,
+            "zone": self._link("zones", zone),
+            "maximumCardsPerInstance": 8,
+            "selfLink": self._link("zones", zone, "acceleratorTypes", name),
+        }
+
+    def _acc_get(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        zone, name = req.params["zone"], req.params["acc"]
+        if name not in self.accelerators.get(zone, set()):
+            return _error(404, "notFound", f"The resource 'acceleratorTypes/{name}' was not found")
+        return Response(200, self._accelerator(zone, name))
+
+    def _acc_list(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        zone = req.params["zone"]
+        items = [self._accelerator(zone, n) for n in sorted(self.accelerators.get(zone, set()))]
+        return Response(200, {"kind": "compute#acceleratorTypeList", "items": items})
+
+    def _metadata(self, req: Request) -> Response:
+        if req.header("metadata-flavor") != "Google":
+            return Response(403, "Missing Metadata-Flavor:Google header.")
+        name, key = req.params["name"], req.params["key"]
+        with self.lock:
+            if self.instance(name) is None:
+                return Response(404, "instance gone")
+            if key == "preempted":
+                return Response(200, "TRUE" if name in self.preempted else "FALSE")
+            if key == "name":
+                return Response(200, name)
+        return Response(404, f"no metadata key {key}")
+
+
+# ---------------------------------------------------------------------- filters
+
+
+def parse_filter(expr: str) -> list[tuple[str, str]]:
+    """`a.b = "v" AND c="w"` (also `(a = v)` and `a eq v`) -> [("a.b", "v"), ("c", "w")]."""
+    tests = []
+    for clause in re.split(r"\s+AND\s+", expr.strip(), flags=re.IGNORECASE) if expr.strip() else []:
+        clause = clause.strip().strip("()").strip()
+        m = re.fullmatch(r'([A-Za-z][\w.-]*)\s*(?:=|\beq\b)\s*"?([^"]*)"?', clause)
+        if not m:
+            raise ValueError(clause)
+        tests.append((m.group(1), m.group(2)))
+    return tests
+
+
+def lookup(obj: dict[str, Any], path: str) -> str | None:
+    head, _, rest = path.partition(".")
+    if head == "labels":
+        return obj.get("labels", {}).get(rest)
+    value = obj.get(head)
+    return None if value is None else str(value)
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session", name="gce_server")
+def gce_server_fixture() -> Iterator[FakeGCE]:
+    server = FakeGCE().start()
+    try:
+        yield server  # type: ignore[misc]
+    finally:
+        server.stop()
+
+
+@pytest.fixture(name="gce")
+def gce_fixture(gce_server: FakeGCE) -> Iterator[FakeGCE]:
+    """The session's fake GCE, emptied before and after the test."""
+    gce_server.reset()
+    try:
+        yield gce_server
+    finally:
+        gce_server.reset()
+
+
+def gce_credentials(token: str = GOOD_TOKEN) -> Any:
+    """Static OAuth credentials the fake accepts (any other token gets 401; `forbidden...` 403)."""
+    from google.oauth2.credentials import Credentials
+
+    return Credentials(token=token)

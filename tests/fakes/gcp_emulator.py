@@ -1,0 +1,79 @@
+"""Compute Engine instances on the fake GCE that really run: the real Agent per spotrun VM.
+
+`GCPEmulator` watches the fake (tests/fakes/gce_server.py) for RUNNING/STOPPING instances, reads
+each one's startup script back into its boot record, and runs the Agent of that record with
+`tests/fakes/emulator.py`. The provider already points each VM's notice watcher at the fake's
+per-instance metadata path (`imds_endpoint=fake.metadata_endpoint`); the emulator only makes the
+Agent poll it faster than the 1 s a real VM uses. A preemption, as Compute Engine does it:
+
+    emu.preempt(name)   # metadata `preempted` -> TRUE, VM STOPPING, compute.instances.preempted op
+    ... the Agent's notice watcher sees it, the workload checkpoints, the Agent uploads ...
+    emu.reclaim(name)   # the 30 s are up: termination action DELETE deletes the VM (Agent killed)
+
+The Agents' environment (`env`) stands in for the VM's service account: it points them at the
+test's object-store emulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from spotrun.providers.base import Boot
+from tests.fakes.emulator import EmulatedInstance, InstanceEmulator
+from tests.fakes.gce_server import FakeGCE
+
+
+class GCPEmulator:
+    def __init__(
+        self,
+        gce: FakeGCE,
+        root: Path,
+        *,
+        env: dict[str, str],
+        notice_poll_interval: float = 0.2,
+        interval: float = 0.05,
+    ) -> None:
+        self.gce = gce
+        self.notice_poll_interval = notice_poll_interval
+        self.emulator = InstanceEmulator(
+            list_instances=lambda: list(gce.running_boots()),
+            boot_of=lambda name: gce.running_boots()[name],
+            root=root,
+            env=env,
+            prepare=self._prepare,
+            interval=interval,
+        )
+
+    def _prepare(self, name: str, boot: Boot) -> tuple[Boot, None]:
+        assert boot.notice.get("kind") == "gcp", boot.notice
+        return replace(boot, notice={**boot.notice, "poll_interval": self.notice_poll_interval}), None
+
+    def start(self) -> GCPEmulator:
+        self.emulator.start()
+        return self
+
+    def stop(self) -> None:
+        self.emulator.stop()
+
+    def __enter__(self) -> GCPEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def instance(self, name: str) -> EmulatedInstance:
+        return self.emulator.instance(name)
+
+    def preempt(self, name: str, *, reclaim_after: float | None = None) -> None:
+        self.gce.preempt(name, reclaim_after=reclaim_after)
+
+    def reclaim(self, name: str) -> None:
+        self.gce.reclaim(name)
+
+    def wait_for(self, predicate: Any, *, timeout: float, what: str) -> Any:
+        return self.emulator.wait_for(predicate, timeout=timeout, what=what)
+
+    def report(self) -> str:
+        return self.emulator.report()
