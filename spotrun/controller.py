@@ -300,8 +300,11 @@ class Controller:
         if not candidates:
             raise JobFinished(JobStatus.NO_CAPACITY, EXIT_NO_CAPACITY, "no offer fits the job's resources and limits")
         self._sweep(job.id, spec, keep=None)  # never two instances at once
+        blocked: set[str] = set()  # "provider" or "provider/region" out of quota for this round
         for cand in candidates:
             offer = cand.offer
+            if offer.provider in blocked or f"{offer.provider}/{offer.region}" in blocked:
+                continue
             provider = self._provider(offer.provider, spec)
             attempt = self.state.begin_attempt(
                 job.id,
@@ -316,8 +319,12 @@ class Controller:
                 time_scale=float(getattr(provider, "time_scale", 1.0)),
                 now=self.clock.now(),
             )
-            if self._try_launch(job, spec, attempt, offer, cand.spot):
+            outcome = self._try_launch(job, spec, attempt, offer, cand.spot)
+            if outcome is True:
                 return True
+            if isinstance(outcome, QuotaExceeded):
+                scope = outcome.scope
+                blocked.add(offer.provider if scope == "provider" else f"{offer.provider}/{offer.region}")
         return False
 
     def _finish_launch(self, job: Job, spec: JobSpec, attempt: Attempt) -> None:
@@ -329,7 +336,10 @@ class Controller:
             return
         self._try_launch(job, spec, attempt, offer, attempt.spot)
 
-    def _try_launch(self, job: Job, spec: JobSpec, attempt: Attempt, offer: Offer, spot: bool) -> bool:
+    def _try_launch(
+        self, job: Job, spec: JobSpec, attempt: Attempt, offer: Offer, spot: bool
+    ) -> bool | ProviderError:
+        """True when the instance started; else the shared error that stopped it (after cleanup)."""
         provider = self._provider(offer.provider, spec)
         boot = Boot(
             job_id=job.id,
@@ -351,11 +361,11 @@ class Controller:
             kind = type(e).__name__
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"{kind}: {e}")
             self._sweep(job.id, spec, keep=None)
-            return False
+            return e
         except Exception as e:  # unknown failure: the instance may exist; find it and stop it
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"error: {e!r}")
             self._sweep(job.id, spec, keep=None)
-            return False
+            return ProviderError(str(e))
         self.state.attempt_started(job.id, attempt.n, instance.instance_id, instance.to_dict(), self.clock.now())
         return True
 
@@ -476,6 +486,11 @@ class Controller:
                 self._provider(attempt.provider, spec).terminate(Instance.from_dict(attempt.instance))
             self.state.end_attempt(job_id, attempt.n, reason, self.clock.now())
         self._sweep(job_id, spec, keep=None)
+        for name in sorted({a.provider for a in self.state.attempts(job_id)}):
+            try:
+                self._provider(name, spec).release_job(job_id)
+            except ProviderError as e:
+                self.state.add_event(job_id, self.clock.now(), "release_error", f"{name}: {e}")
         self.state.set_job_status(
             job_id,
             done.status,
@@ -638,8 +653,10 @@ def provider_options(name: str, spec: JobSpec) -> dict[str, Any]:
         return {"market": market} if market is not None else {}
     section = getattr(spec, name, None)
     options = {k: v for k, v in (section.model_dump() if section is not None else {}).items() if v is not None}
-    if name == "aws" and spec.resources.disk:
+    if spec.resources.disk:
         options.setdefault("disk_gb", spec.resources.disk)
+    if name in ("aws", "azure") and spec.resources.max_price is not None:
+        options.setdefault("max_price", spec.resources.max_price)
     return options
 
 

@@ -75,6 +75,8 @@ class ScriptedProvider(Provider):
             raise NoCapacity("no capacity", code="InsufficientInstanceCapacity")
         if outcome == "quota":
             raise QuotaExceeded("quota", code="VcpuLimitExceeded")
+        if outcome == "quota-everywhere":
+            raise QuotaExceeded("GPUS_ALL_REGIONS", code="QUOTA_EXCEEDED", scope="provider")
         if outcome == "auth":
             raise AuthError("expired token", code="ExpiredToken")
         inst = Instance("scripted", f"i-{len(self.launched) + 1}", "r1", offer.zone, "gpu1", spot, boot.job_id,
@@ -166,6 +168,14 @@ def test_fails_over_past_a_zone_without_capacity(env):
 def test_quota_error_also_fails_over(env):
     controller, _, job = make(env, {"a": ["quota"], "b": [("exit", 0)]}, [offer("a", 1.0), offer("b", 1.5)])
     assert controller.run(job).exit_code == 0
+
+
+def test_a_provider_wide_quota_skips_that_provider_for_the_round(env):
+    controller, _, job = make(env, {"a": ["quota-everywhere"], "b": [("exit", 0)]}, [offer("a", 1.0), offer("b", 1.5)])
+    assert controller.run(job).exit_code == 0
+    first, second = env[0].attempts(job)
+    assert (first.zone, second.zone) == ("a", "b")
+    assert second.created_at - first.created_at >= 5.0  # b was not tried in the round the quota blocked
 
 
 def test_preemption_relaunches_in_another_zone(env):

@@ -61,6 +61,7 @@ class AWSNotice:
         self.clock = clock
         self._token: str | None = None
         self._token_expires = 0.0
+        self._warned = False
 
     # ------------------------------------------------------------------ IMDSv2
 
@@ -98,8 +99,10 @@ class AWSNotice:
         try:
             action = self._get(ACTION_PATH)
             rebalance = self._get(REBALANCE_PATH)
-        except (OSError, urllib.error.URLError) as exc:  # IMDS unreachable: no news is no notice
-            log.debug("instance metadata not reachable: %s", exc)
+        except OSError as exc:  # IMDS unreachable (URLError, HTTPError, timeout): no news is no notice
+            if not self._warned:
+                log.warning("instance metadata at %s not readable (%s): no spot notice until it is", self.endpoint, exc)
+                self._warned = True
             return None
         left: list[float] = []
         if action:

@@ -153,7 +153,10 @@ def render_bootstrap_script(boot: Boot) -> str:
             f"export {BOOT_MARKER}{boot.to_b64()}",
             "python3 -m venv /opt/spotrun || true",
             f"/opt/spotrun/bin/pip install -q {shlex.quote(requirement)}",
-            "exec /opt/spotrun/bin/python -m spotrun.agent",
+            "/opt/spotrun/bin/python -m spotrun.agent || true",
+            "# The job is over for this VM: power off so it stops billing even before the controller's sweep",
+            "# (instances are launched to terminate, not stop, on shutdown).",
+            "shutdown -h now",
             "",
         ]
     )
@@ -195,6 +198,9 @@ class Provider(ABC):
     @abstractmethod
     def list_owned(self, job_id: str) -> list[Instance]:
         """Every live (not terminated) instance this provider started for `job_id`."""
+
+    def release_job(self, job_id: str) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Delete what the provider created for this job only (e.g. an IAM role), once it ended."""
 
     def check(self) -> dict[str, Any]:
         """Is this provider usable (credentials, region)? Never launches anything."""

@@ -1,0 +1,180 @@
+"""S3Store against moto's server, through real boto3 over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from spotrun.store import NotFound, StoreError, open_store
+from spotrun.store_s3 import S3Store
+from tests.fakes.moto_server import ACCOUNT_ID, MotoServer, aws, moto_server  # noqa: F401
+
+BUCKET = "spotrun-test-bucket"
+
+
+@pytest.fixture
+def store(aws: MotoServer) -> S3Store:  # noqa: F811
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    s = open_store(f"s3://{BUCKET}/team/runs")
+    assert isinstance(s, S3Store)
+    return s
+
+
+def test_from_url_and_url_round_trip() -> None:
+    s = S3Store.from_url("s3://b-1/a/b/")
+    assert (s.bucket, s.prefix, s.url) == ("b-1", "a/b", "s3://b-1/a/b")
+    assert S3Store.from_url("s3://b-1").url == "s3://b-1"
+    with pytest.raises(StoreError):
+        S3Store.from_url("gs://b-1/x")
+
+
+def test_put_get_exists_size_delete(store: S3Store) -> None:
+    assert not store.exists("jobs/j1/job.json")
+    store.put_bytes("jobs/j1/job.json", b'{"a": 1}')
+    assert store.exists("jobs/j1/job.json")
+    assert store.get_bytes("jobs/j1/job.json") == b'{"a": 1}'
+    assert store.size("jobs/j1/job.json") == 8
+    store.put_bytes("jobs/j1/job.json", b"{}")  # plain puts overwrite
+    assert store.get_bytes("jobs/j1/job.json") == b"{}"
+    store.delete("jobs/j1/job.json")
+    store.delete("jobs/j1/job.json")  # idempotent
+    with pytest.raises(NotFound):
+        store.get_bytes("jobs/j1/job.json")
+    with pytest.raises(NotFound):
+        store.size("jobs/j1/job.json")
+
+
+def test_keys_live_under_the_prefix(store: S3Store) -> None:
+    import boto3
+
+    store.put_bytes("jobs/j1/a", b"1")
+    raw = boto3.client("s3").list_objects_v2(Bucket=BUCKET)["Contents"]
+    assert [o["Key"] for o in raw] == ["team/runs/jobs/j1/a"]
+    with pytest.raises(StoreError):
+        store.put_bytes("jobs/../../escape", b"x")
+
+
+def test_list_is_recursive_sorted_and_relative(store: S3Store) -> None:
+    for key in ["jobs/j1/b", "jobs/j1/a/x", "jobs/j10/c", "jobs/j2/d"]:
+        store.put_bytes(key, b"-")
+    assert store.list("jobs/j1/") == ["jobs/j1/a/x", "jobs/j1/b"]
+    assert store.list("jobs/j1") == ["jobs/j1/a/x", "jobs/j1/b", "jobs/j10/c"]  # a prefix, as LocalStore
+    assert store.list("") == ["jobs/j1/a/x", "jobs/j1/b", "jobs/j10/c", "jobs/j2/d"]
+    assert store.list("nothing/") == []
+    store.delete_prefix("jobs/j1/")
+    assert store.list("") == ["jobs/j10/c", "jobs/j2/d"]
+
+
+def test_list_pages_past_1000_keys(store: S3Store) -> None:
+    from moto.backends import get_backend
+
+    s3 = get_backend("s3")[ACCOUNT_ID]["global"]
+    for i in range(1005):  # straight into moto's backend: 1005 HTTP PUTs would take seconds
+        s3.put_object(BUCKET, f"team/runs/many/{i:05d}", b"")
+    keys = store.list("many/")
+    assert len(keys) == 1005 and keys[0] == "many/00000" and keys[-1] == "many/01004"
+    store.delete_prefix("many/")  # DeleteObjects in batches of 1000
+    assert store.list("many/") == []
+
+
+def test_large_file_goes_up_in_parts_and_comes_back_identical(store: S3Store, tmp_path: Path) -> None:
+    import boto3
+
+    src = tmp_path / "model.pt"
+    data = os.urandom(9 * 1024 * 1024 + 123)  # above the 8 MiB multipart threshold
+    src.write_bytes(data)
+    moved: list[int] = []
+    store.put_file("jobs/j1/checkpoints/000000000010/model.pt", src, progress=moved.append)
+    assert sum(moved) == len(data)
+    head = boto3.client("s3").head_object(Bucket=BUCKET, Key="team/runs/jobs/j1/checkpoints/000000000010/model.pt")
+    assert head["ETag"].strip('"').endswith("-2")  # a multipart ETag: two 8 MiB parts
+    dest = tmp_path / "back" / "model.pt"
+    got: list[int] = []
+    store.get_file("jobs/j1/checkpoints/000000000010/model.pt", dest, progress=got.append)
+    assert hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert sum(got) == len(data)
+    assert [p.name for p in dest.parent.iterdir()] == ["model.pt"]  # no temp file left
+
+
+def test_small_file_is_one_put(store: S3Store, tmp_path: Path) -> None:
+    import boto3
+
+    src = tmp_path / "small"
+    src.write_bytes(b"abc")
+    store.put_file("f", src)
+    head = boto3.client("s3").head_object(Bucket=BUCKET, Key="team/runs/f")
+    assert "-" not in head["ETag"]
+
+
+def test_get_file_missing_raises_not_found_and_writes_nothing(store: S3Store, tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        store.get_file("missing", tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_if_absent_writes_once(store: S3Store) -> None:
+    assert store.put_bytes("jobs/j1/attempts/1/exit", b'{"code": 0}', if_absent=True) is True
+    assert store.put_bytes("jobs/j1/attempts/1/exit", b'{"code": 9}', if_absent=True) is False
+    assert store.get_bytes("jobs/j1/attempts/1/exit") == b'{"code": 0}'
+
+
+def test_if_absent_race_has_exactly_one_winner(store: S3Store) -> None:
+    """Racing writers through separate clients: S3's If-None-Match decides, one wins."""
+    rounds, writers = 5, 6
+    stores = [S3Store(BUCKET, "team/runs") for _ in range(writers)]
+    for s in stores:
+        s.client  # noqa: B018 -- build each client before the race starts
+    for r in range(rounds):
+        key = f"race/{r}"
+        barrier = threading.Barrier(writers)
+        results: dict[int, bool] = {}
+
+        def write(
+            i: int, key: str = key, barrier: threading.Barrier = barrier, results: dict[int, bool] = results
+        ) -> None:
+            barrier.wait()
+            results[i] = stores[i].put_bytes(key, f"writer {i}".encode(), if_absent=True)
+
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [i for i, won in results.items() if won]
+        assert len(results) == writers
+        assert len(winners) == 1, results
+        assert store.get_bytes(key) == f"writer {winners[0]}".encode()
+
+
+def test_manifest_last_is_visible_in_order(store: S3Store, tmp_path: Path) -> None:
+    """A reader that sees MANIFEST.json sees every file uploaded before it, complete."""
+    big = tmp_path / "weights"
+    big.write_bytes(os.urandom(9 * 1024 * 1024))
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            if store.exists("ck/000000000005/MANIFEST.json"):
+                seen.append(store.size("ck/000000000005/weights"))
+                return
+
+    t = threading.Thread(target=reader)
+    t.start()
+    store.put_file("ck/000000000005/weights", big)
+    store.put_bytes("ck/000000000005/MANIFEST.json", b"{}")
+    t.join(timeout=10)
+    stop.set()
+    assert seen == [big.stat().st_size]
+
+
+def test_missing_bucket_is_a_store_error(aws: MotoServer) -> None:  # noqa: F811
+    s = S3Store("no-such-bucket-here")
+    with pytest.raises(StoreError, match="NoSuchBucket"):
+        s.put_bytes("a", b"1")
