@@ -224,6 +224,13 @@ def _write_progress(path: str, step: int, total: int | None) -> None:
 # --- the Checkpointer -------------------------------------------------------------------------
 
 
+class _FromEnv:
+    """Default marker: take the value from the job spec (via the environment), else the built-in."""
+
+
+FROM_ENV = _FromEnv()
+
+
 class Checkpointer:
     """Saves and restores a training run's full state. See the module docstring."""
 
@@ -237,11 +244,16 @@ class Checkpointer:
         loader: Any = None,
         every_steps: int | None = None,
         every_seconds: float | None = None,
-        keep: int | None = 3,
+        keep: int | None | _FromEnv = FROM_ENV,
         root: str | Path | None = None,
         total_steps: int | None = None,
         handle_signals: bool = True,
     ) -> None:
+        # The job spec's checkpoint settings reach the script through the environment; arguments win.
+        if isinstance(keep, _FromEnv):
+            keep = int(os.environ.get("SPOTRUN_CHECKPOINT_KEEP") or 3)
+        if every_steps is None and every_seconds is None and os.environ.get("SPOTRUN_CHECKPOINT_INTERVAL"):
+            every_seconds = float(os.environ["SPOTRUN_CHECKPOINT_INTERVAL"])
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1 (or None for all), got {keep}")
         if every_steps is not None and every_steps < 1:

@@ -330,6 +330,7 @@ def status(
                 "end_reason": a.end_reason,
                 "exit_code": a.exit_code,
                 "detail": a.detail,
+                "store_url": a.store_url or j.store_url,
                 "cost_usd": round(a.cost_at(now), 6),
             }
             for a in attempts

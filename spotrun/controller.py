@@ -202,7 +202,7 @@ class Controller:
             container_cli=self.options.container_cli,
             container_args=list(self.options.container_args),
             # Secret values never go to the store: the Agent takes them from its own environment.
-            env={k: v for k, v in spec.env.items() if k not in spec.secret_env_keys},
+            env={k: v for k, v in spec.env.items() if k not in spec.secret_env_keys} | checkpoint_env(spec),
             secret_env=sorted(spec.secret_env_keys),
             data=data,
             checkpoint_dir=spec.checkpoint.dir,
@@ -306,6 +306,7 @@ class Controller:
             if offer.provider in blocked or f"{offer.provider}/{offer.region}" in blocked:
                 continue
             provider = self._provider(offer.provider, spec)
+            target_store = store_for(offer.provider, spec, job.store_url)
             attempt = self.state.begin_attempt(
                 job.id,
                 provider=offer.provider,
@@ -318,6 +319,7 @@ class Controller:
                 ondemand_price=offer.ondemand_price,
                 time_scale=float(getattr(provider, "time_scale", 1.0)),
                 now=self.clock.now(),
+                store_url=None if target_store == job.store_url else target_store,
             )
             outcome = self._try_launch(job, spec, attempt, offer, cand.spot)
             if outcome is True:
@@ -336,15 +338,19 @@ class Controller:
             return
         self._try_launch(job, spec, attempt, offer, attempt.spot)
 
-    def _try_launch(
-        self, job: Job, spec: JobSpec, attempt: Attempt, offer: Offer, spot: bool
-    ) -> bool | ProviderError:
+    def _try_launch(self, job: Job, spec: JobSpec, attempt: Attempt, offer: Offer, spot: bool) -> bool | ProviderError:
         """True when the instance started; else the shared error that stopped it (after cleanup)."""
         provider = self._provider(offer.provider, spec)
+        store_url = attempt.store_url or job.store_url
+        try:
+            self._bring_checkpoint(job, attempt, store_url)
+        except Exception as e:  # noqa: BLE001 - any failure to move the state makes this offer unusable now
+            self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"store move: {e}")
+            return ProviderError(str(e))
         boot = Boot(
             job_id=job.id,
             attempt=attempt.n,
-            store_url=job.store_url,
+            store_url=store_url,
             job_prefix=job_prefix(job.id),
             spotrun_spec=_spotrun_requirement(),
         )
@@ -369,6 +375,29 @@ class Controller:
         self.state.attempt_started(job.id, attempt.n, instance.instance_id, instance.to_dict(), self.clock.now())
         return True
 
+    def _bring_checkpoint(self, job: Job, attempt: Attempt, target_url: str) -> None:
+        """Relaunching on a cloud that keeps its own store: copy the job's files and its newest
+        verified checkpoint there first (streamed, checked against the manifest)."""
+        source_url = job.store_url
+        for earlier in reversed(self.state.attempts(job.id)):
+            if earlier.n < attempt.n and earlier.started_at is not None:
+                source_url = earlier.store_url or job.store_url
+                break
+        if source_url == target_url:
+            return
+        from spotrun.transfer import move_job
+
+        report = move_job(self._store(source_url), self._store(target_url), job.id)
+        step = "no checkpoint" if report.checkpoint_step is None else f"checkpoint step {report.checkpoint_step}"
+        self.state.add_event(
+            job.id,
+            self.clock.now(),
+            "store_move",
+            f"attempt {attempt.n}: moved {step} and the job's files ({report.bytes_copied / 1e6:.1f} MB) "
+            f"from {source_url} to {target_url}, verified against the manifest",
+            {"attempt": attempt.n, "bytes": report.bytes_copied, "step": report.checkpoint_step},
+        )
+
     def _with_retries(self, call: Callable[[], Instance]) -> Instance:
         delay = 1.0
         for _ in range(4):
@@ -390,7 +419,7 @@ class Controller:
         except ProviderError as e:
             self.state.add_event(job.id, self.clock.now(), "poll_error", f"poll failed: {e}")
             st = InstanceState(InstanceStatus.RUNNING)
-        store = self._store(job.store_url)
+        store = self._store(attempt.store_url or job.store_url)
         exit_rec = _read_json(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit")
         now = self.clock.now()
 
@@ -577,7 +606,10 @@ class Controller:
     def _progress(self, job: Job, attempts: list[Attempt]) -> float:
         if not attempts:
             return 0.0
-        hb = _read_json(self._store(job.store_url), f"{job_prefix(job.id)}/attempts/{attempts[-1].n}/heartbeat")
+        last = attempts[-1]
+        hb = _read_json(
+            self._store(last.store_url or job.store_url), f"{job_prefix(job.id)}/attempts/{last.n}/heartbeat"
+        )
         prog = (hb or {}).get("progress") or {}
         step, total = prog.get("step"), prog.get("total")
         if isinstance(step, int | float) and isinstance(total, int | float) and total > 0:
@@ -646,18 +678,35 @@ def allowed_providers(spec: JobSpec) -> list[str]:
     return list(spec.resources.providers or ["local"])
 
 
+def store_for(provider: str, spec: JobSpec, default: str) -> str:
+    """The store a provider's instances use: its spec section's `store`, else the job's."""
+    section = getattr(spec, provider, None) if provider in CLOUDS else None
+    return getattr(section, "store", None) or default
+
+
 def provider_options(name: str, spec: JobSpec) -> dict[str, Any]:
     """Constructor options for a provider, from the spec's provider section."""
     if name == "local":
         market = spec.local.market if spec.local is not None else None
         return {"market": market} if market is not None else {}
     section = getattr(spec, name, None)
-    options = {k: v for k, v in (section.model_dump() if section is not None else {}).items() if v is not None}
+    fields = section.model_dump(exclude={"store"}) if section is not None else {}
+    options = {k: v for k, v in fields.items() if v is not None}
+    if name == "aws" and section is not None and section.store:
+        options["store_url"] = section.store
     if spec.resources.disk:
         options.setdefault("disk_gb", spec.resources.disk)
     if name in ("aws", "azure") and spec.resources.max_price is not None:
         options.setdefault("max_price", spec.resources.max_price)
     return options
+
+
+def checkpoint_env(spec: JobSpec) -> dict[str, str]:
+    """The spec's checkpoint settings, for the checkpoint library's defaults (SPOTRUN_CHECKPOINT_*)."""
+    env = {"SPOTRUN_CHECKPOINT_KEEP": str(spec.checkpoint.keep)}
+    if spec.checkpoint.interval is not None:
+        env["SPOTRUN_CHECKPOINT_INTERVAL"] = f"{spec.checkpoint.interval:g}"
+    return env
 
 
 def stored_spec(spec: JobSpec) -> dict[str, Any]:

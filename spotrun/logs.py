@@ -14,6 +14,7 @@ class LogReader:
         self.job_id = job_id
         self.only_attempt = only_attempt
         self.store = store or open_store(state.job(job_id).store_url)
+        self._stores: dict[str, Store] = {}
         self._seen: dict[int, set[str]] = {}
         self._pending = False
 
@@ -26,7 +27,8 @@ class LogReader:
                 continue
             if a.started_at is None:
                 continue
-            keys = self.store.list(f"{prefix}/attempts/{a.n}/log/")
+            store = self._store_of(a.store_url)
+            keys = store.list(f"{prefix}/attempts/{a.n}/log/")
             seen = self._seen.get(a.n)
             if seen is None:
                 seen = self._seen[a.n] = set()
@@ -37,7 +39,7 @@ class LogReader:
                 if key in seen:
                     continue
                 try:
-                    text = self.store.get_bytes(key).decode("utf-8", errors="replace")
+                    text = store.get_bytes(key).decode("utf-8", errors="replace")
                 except NotFound:
                     self._pending = True
                     continue
@@ -46,6 +48,14 @@ class LogReader:
             if a.ended_at is None:
                 self._pending = True
         return out
+
+    def _store_of(self, url: str | None) -> Store:
+        """An attempt's store: the job's own unless its cloud keeps its own."""
+        if url is None:
+            return self.store
+        if url not in self._stores:
+            self._stores[url] = open_store(url)
+        return self._stores[url]
 
     def drained(self) -> bool:
         """True when the last poll found every attempt ended and nothing left to read."""

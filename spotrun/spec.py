@@ -730,7 +730,29 @@ class LocalOptions(_Model):
         return None if value is None else _local_path(value, info, want_dir=False, what="market file")
 
 
-class AWSOptions(_Model):
+def _store_uri(value: object) -> object:
+    """A store URI (file://, s3://, gs://, az://); None stays None."""
+    if value is None:
+        return None
+    text = _word(value)
+    if _uri(text, STORE_SCHEMES, "store scheme") is None:
+        raise ValueError(f"expected a URI starting with file://, s3://, gs:// or az://, got {describe(text)}")
+    return text
+
+
+class _ProviderOptions(_Model):
+    """Options shared by every cloud's section: `store` is where that cloud's instances keep the
+    job's checkpoints (a job moved to another cloud has its checkpoint copied there first)."""
+
+    store: str | None = None
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, value: object) -> object:
+        return _store_uri(value)
+
+
+class AWSOptions(_ProviderOptions):
     region: Word | None = None
     ami: Word | None = None
     instance_profile: Word | None = None
@@ -738,14 +760,14 @@ class AWSOptions(_Model):
     security_group_id: Word | None = None
 
 
-class GCPOptions(_Model):
+class GCPOptions(_ProviderOptions):
     project: Word | None = None
     image: Word | None = None
     service_account: Word | None = None
     network: Word | None = None
 
 
-class AzureOptions(_Model):
+class AzureOptions(_ProviderOptions):
     subscription_id: Word | None = None
     resource_group: Word | None = None
     image: Word | None = None
@@ -1001,14 +1023,7 @@ class JobSpec(_Model):
     @field_validator("store", mode="before")
     @classmethod
     def _store(cls, value: object) -> object:
-        if value is None:
-            return None
-        text = _word(value)
-        if _uri(text, STORE_SCHEMES, "store scheme") is None:
-            raise ValueError(
-                f"expected a URI starting with file://, s3://, gs:// or az://, got {describe(text)}"
-            )
-        return text
+        return _store_uri(value)
 
 
 def _data_target(value: object) -> str:

@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -80,6 +80,10 @@ MIGRATIONS: dict[int, str] = {
         data_json TEXT NOT NULL DEFAULT '{}'
     );
     CREATE INDEX events_job ON events(job_id, id);
+    """,
+    # 2: each attempt records the store its instance used (clouds may keep checkpoints in their own).
+    2: """
+    ALTER TABLE attempts ADD COLUMN store_url TEXT;
     """,
 }
 
@@ -160,6 +164,7 @@ class Attempt:
     exit_code: int | None
     detail: str
     cost: float
+    store_url: str | None = None  # None: the job's own store
 
     @property
     def location(self) -> str:
@@ -364,6 +369,7 @@ class State:
         ondemand_price: float | None,
         time_scale: float,
         now: float,
+        store_url: str | None = None,
     ) -> Attempt:
         """Write-ahead record of a launch about to be made; its client token makes it idempotent."""
         with self._tx() as db:
@@ -371,11 +377,11 @@ class State:
             token = f"{job_id}-a{n}"
             db.execute(
                 "INSERT INTO attempts (job_id, n, status, provider, region, zone, instance_type, spot,"
-                " offer_key, hourly_price, ondemand_price, time_scale, client_token, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " offer_key, hourly_price, ondemand_price, time_scale, client_token, created_at, store_url)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id, n, AttemptStatus.LAUNCHING.value, provider, region, zone, instance_type,
-                    int(spot), offer_key, hourly_price, ondemand_price, time_scale, token, now,
+                    int(spot), offer_key, hourly_price, ondemand_price, time_scale, token, now, store_url,
                 ),
             )  # fmt: skip
             db.execute(
@@ -526,4 +532,5 @@ def _attempt(row: sqlite3.Row) -> Attempt:
         exit_code=row["exit_code"],
         detail=row["detail"],
         cost=row["cost"],
+        store_url=row["store_url"],
     )

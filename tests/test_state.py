@@ -119,3 +119,29 @@ def test_two_processes_write_at_once(tmp_path):
         assert p.exitcode == 0
     assert len([e for e in state.events("a") if e.kind == "tick"]) == 200
     assert len([e for e in state.events("b") if e.kind == "tick"]) == 200
+
+
+def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
+    from spotrun.state import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(MIGRATIONS[1])
+    db.execute(
+        "INSERT INTO jobs (id, name, status, spec_json, store_url, created_at, updated_at)"
+        " VALUES ('old', 'old', 'SUCCEEDED', '{}', 'file:///s', 1, 2)"
+    )
+    db.execute(
+        "INSERT INTO attempts (job_id, n, status, provider, region, zone, instance_type, spot, offer_key,"
+        " hourly_price, client_token, created_at) VALUES ('old', 1, 'ENDED', 'local', 'r', 'z', 't', 1, 'k', 1.0,"
+        " 'old-a1', 1)"
+    )
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    state = State(path)
+    assert state.schema_version == SCHEMA_VERSION == 2
+    assert state.job("old").status == JobStatus.SUCCEEDED
+    assert state.attempt("old", 1).store_url is None
+    make_job(state, "new")
+    assert begin(state, "new").store_url is None

@@ -1,0 +1,36 @@
+"""Relaunch policies, by name. The interface is in :mod:`spotrun.policy`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from spotrun.policies.baseline import FailoverPolicy, GreedyPolicy, OnDemandPolicy
+from spotrun.policies.spotrun_policy import SpotrunPolicy
+from spotrun.policies.uniform_progress import UniformProgressPolicy
+from spotrun.policy import Policy
+
+DEFAULT_POLICY = "spotrun"
+
+POLICIES: dict[str, Callable[[], Policy]] = {
+    "on-demand": OnDemandPolicy,
+    "greedy": GreedyPolicy,
+    "failover": FailoverPolicy,
+    "uniform-progress": UniformProgressPolicy,
+    "spotrun": SpotrunPolicy,
+}
+
+
+def policy_names() -> list[str]:
+    return list(POLICIES)
+
+
+def make_policy(name: str) -> Policy:
+    """A fresh policy (policies learn during a job, so never share one between jobs)."""
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}") from None
+
+
+__all__ = ["DEFAULT_POLICY", "POLICIES", "make_policy", "policy_names", "SpotrunPolicy",
+           "GreedyPolicy", "FailoverPolicy", "OnDemandPolicy", "UniformProgressPolicy"]
