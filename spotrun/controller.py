@@ -388,14 +388,25 @@ class Controller:
         from spotrun.transfer import move_job
 
         report = move_job(self._store(source_url), self._store(target_url), job.id)
-        step = "no checkpoint" if report.checkpoint_step is None else f"checkpoint step {report.checkpoint_step}"
+        if report.checkpoint_step is None:
+            what = "no complete checkpoint (starting from scratch)"
+        else:
+            what = f"checkpoint step {report.checkpoint_step} (verified against its manifest)"
+        torn = f"; skipped torn steps {list(report.torn_steps)}" if report.torn_steps else ""
         self.state.add_event(
             job.id,
             self.clock.now(),
             "store_move",
-            f"attempt {attempt.n}: moved {step} and the job's files ({report.bytes_copied / 1e6:.1f} MB) "
-            f"from {source_url} to {target_url}, verified against the manifest",
-            {"attempt": attempt.n, "bytes": report.bytes_copied, "step": report.checkpoint_step},
+            f"attempt {attempt.n}: moved {what} and the job's files ({report.bytes_copied / 1e6:.1f} MB) "
+            f"from {source_url} to {target_url}{torn}",
+            {
+                "attempt": attempt.n,
+                "bytes": report.bytes_copied,
+                "step": report.checkpoint_step,
+                "verified": report.verified,
+                "torn_steps": list(report.torn_steps),
+                "skipped": report.objects_skipped,
+            },
         )
 
     def _with_retries(self, call: Callable[[], Instance]) -> Instance:

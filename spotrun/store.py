@@ -4,7 +4,7 @@ Keys are '/'-separated paths relative to the store's root. The job layout (DESIG
 
     jobs/<job_id>/job.json                   what the Agent runs (written by the controller)
     jobs/<job_id>/bundle/<sha256>.tar.gz     the code bundle
-    jobs/<job_id>/data/<sha256>.tar.gz       local data entries, content-addressed
+    data/<sha256>.tar.gz                     local data entries, content-addressed, store-wide
     jobs/<job_id>/checkpoints/<step>/...     checkpoint files, MANIFEST.json written last
     jobs/<job_id>/attempts/<n>/log/<seq>     log chunks, in order
     jobs/<job_id>/attempts/<n>/heartbeat     JSON, rewritten every few seconds
