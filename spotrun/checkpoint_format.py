@@ -30,6 +30,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from spotrun.pids import pid_alive
+
 MANIFEST_NAME = "MANIFEST.json"
 FORMAT_VERSION = 1
 TMP_PREFIX = ".tmp-"
@@ -205,16 +207,6 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stale_temp_dirs(root: Path, in_use: Iterable[Path] = ()) -> list[Path]:
     """Temp folders left by writers that died (their pid is gone) or by this process but not in use."""
     keep = {Path(p).name for p in in_use}
@@ -228,7 +220,7 @@ def stale_temp_dirs(root: Path, in_use: Iterable[Path] = ()) -> list[Path]:
             continue
         parts = e.name[len(TMP_PREFIX) :].split("-")
         pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-        if pid is None or pid == os.getpid() or not _pid_alive(pid):
+        if pid is None or pid == os.getpid() or not pid_alive(pid):
             stale.append(Path(e.path))
     return stale
 

@@ -83,9 +83,9 @@ def print_json(data: Any) -> None:
 
 
 def controller_alive(job: Any) -> bool:
-    from spotrun.state import _pid_alive
+    from spotrun.pids import pid_alive
 
-    return bool(job.controller_pid) and _pid_alive(job.controller_pid)
+    return bool(job.controller_pid) and pid_alive(job.controller_pid)
 
 
 # ---------------------------------------------------------------------------- validate

@@ -15,7 +15,6 @@ Nothing secret is stored: the spec is kept with secret env values replaced by "<
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from spotrun.pids import pid_alive
 
 SCHEMA_VERSION = 2
 
@@ -337,7 +338,7 @@ class State:
             if row is None:
                 raise KeyError(job_id)
             holder, seen = row["controller_pid"], row["controller_seen"]
-            if holder and holder != pid and seen is not None and now - seen < stale_after and _pid_alive(holder):
+            if holder and holder != pid and seen is not None and now - seen < stale_after and pid_alive(holder):
                 return False
             db.execute("UPDATE jobs SET controller_pid = ?, controller_seen = ? WHERE id = ?", (pid, now, job_id))
             return True
@@ -471,21 +472,6 @@ class State:
             "INSERT INTO events (job_id, at, kind, message, data_json) VALUES (?, ?, ?, ?, ?)",
             (job_id, now, kind, message, json.dumps(data or {})),
         )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); treat it as dead.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
+from spotrun.pids import pid_alive
 from spotrun.providers.base import (
     BadRequest,
     Boot,
@@ -57,7 +58,6 @@ from spotrun.providers.local_host import (
     PREEMPT,
     STATE,
     TERMINATE,
-    pid_alive,
     read_json,
     take_down,
     write_json_atomic,

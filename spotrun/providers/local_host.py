@@ -39,6 +39,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from spotrun.pids import proc_state
+
 MARKER_ENV = "SPOTRUN_LOCAL_INSTANCE"
 TICK = 0.05  # seconds between checks: preemption timing is this precise
 FINAL = ("exited", "preempted", "terminated", "failed")
@@ -78,48 +80,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _proc_state(pid: int) -> str | None:
-    """The /proc state letter of `pid` ("R", "S", "Z", ...); None if unknown."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = text[text.rfind(")") + 2 :].split()
-    return rest[0] if rest else None
-
-
-def pid_alive(pid: int | None, cmd_hint: str = "") -> bool:
-    """Is `pid` a live (non-zombie) process, and, given a hint, one whose command line holds it?
-
-    The hint guards against pid reuse: a recycled pid running something else is not our process.
-    """
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # someone else's process: a recycled pid
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and dead
-    except ChildProcessError:
-        pass
-    if not Path("/proc").is_dir():
-        return True
-    state = _proc_state(pid)
-    if state is None or state in ("Z", "X"):
-        return False
-    if cmd_hint:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        # An empty cmdline is a process in the middle of exec (seen right after a spawn): ours.
-        return not cmdline or cmd_hint.encode() in cmdline
-    return True
-
-
 def marked_processes(instance_id: str) -> list[int]:
     """Live processes carrying this instance's environment marker (Linux; [] elsewhere)."""
     proc = Path("/proc")
@@ -135,7 +95,7 @@ def marked_processes(instance_id: str) -> list[int]:
             env = Path(entry.path, "environ").read_bytes()
         except OSError:
             continue
-        if needle in env.split(b"\0") and _proc_state(int(entry.name)) not in (None, "Z", "X"):
+        if needle in env.split(b"\0") and proc_state(int(entry.name)) not in (None, "Z", "X"):
             found.append(int(entry.name))
     return found
 
