@@ -80,12 +80,18 @@ def simulate(
                           "work since the last checkpoint)."),
     ] = True,
     price: Annotated[
-        float | None, typer.Option("--price", help="Spot USD/h for zones whose trace has no prices.")
+        float | None,
+        typer.Option("--price", help="Spot USD/h per instance, for zones whose trace has no prices."),
     ] = None,
     ondemand_price: Annotated[
-        float | None, typer.Option("--ondemand-price", help="On-demand USD/h for zones whose trace has none.")
+        float | None,
+        typer.Option("--ondemand-price", help="On-demand USD/h per instance, for zones whose trace has none."),
     ] = None,
-    nodes: Annotated[int, typer.Option("--nodes", help="Instances needed at once (count-valued traces).", min=1)] = 1,
+    nodes: Annotated[
+        int,
+        typer.Option("--nodes", min=1, help="Instances needed at once: count-valued traces are available when at "
+                     "least this many could be had, and every price is paid this many times."),
+    ] = 1,
     start_hour: Annotated[
         float, typer.Option("--start-hour", help="Start the job this many hours into the trace.", min=0)
     ] = 0.0,
@@ -131,7 +137,7 @@ def simulate(
         raise _fail("the traces hold no zones")
     try:
         job = JobModel(**job_kw)
-        market = Market.from_traces(zones, spot_price=price, ondemand_price=ondemand_price)
+        market = Market.from_traces(zones, spot_price=price, ondemand_price=ondemand_price, scale=nodes)
     except ValueError as e:
         raise _fail(str(e)) from None
     start_tick = int(round(start_hour / market.gap_h))

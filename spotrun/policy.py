@@ -106,7 +106,8 @@ class Observation:
     work_at_risk_h: float = 0.0
     expected_loss_h: float = 0.0
     overhead_left_h: float = 0.0
-    home_region: str | None = None
+    home_region: str | None = None  # where the latest checkpoint lives
+    move_cost_usd: float = 0.0  # egress of moving the checkpoint out of ``home_region``
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -3,8 +3,8 @@
 It prices each spot zone by the *expected cost to finish the job there*, given the slack
 left, and keeps a hard floor that never lets a deadline slip:
 
-* **Capacity ages.** On every trace set in shared/data, capacity that just came back is
-  lost 10-30x more often in its first half hour than after six hours. The policy learns
+* **Capacity ages.** On the availability traces in shared/data, capacity that just came
+  back is lost 7-38x more often in its first half hour than after six hours. The policy learns
   the preemption hazard per *age* of a zone's capacity, pooled over the market, and a
   per-zone factor (how much flakier or steadier this zone is than the market at the same
   ages), from what it sees: every zone's capacity at each decision, the market history
@@ -41,8 +41,8 @@ from spotrun.policy import Decision, Observation, ZoneView, ondemand_needed, sla
 
 INF = float("inf")
 # Ages (hours since a zone's capacity came back) at which the preemption hazard is learned
-# separately: on every trace set in shared/data, capacity that just came back is lost
-# 10-30x more often in its first half hour than after six hours.
+# separately: on the availability traces in shared/data, capacity that just came back is
+# lost 7-38x more often in its first half hour than after six hours.
 AGE_EDGES = (0.0, 0.5, 2.0, 6.0, 24.0)
 
 
@@ -130,9 +130,7 @@ class SpotrunPolicy(BasePolicy):
         waste_ok: float = 0.1,
         reserve_launches: float = 1.0,
         move_gain: float = 0.1,
-        patience: float = INF,
     ) -> None:
-        self.patience = patience
         self.prior_uptime_h = prior_uptime_h
         self.prior_hours = prior_hours
         self.horizon_h = horizon_h
@@ -225,7 +223,7 @@ class SpotrunPolicy(BasePolicy):
         R = obs.restart_overhead_h
         cost = z.spot_price * R + self.spot_run_cost(obs, z, slack - R, work)
         if obs.home_region is not None and z.region != obs.home_region:
-            cost += float(obs.meta.get("move_cost_usd", 0.0))
+            cost += obs.move_cost_usd
         return cost
 
     def proven(self, obs: Observation, z: ZoneView) -> bool:
@@ -283,12 +281,8 @@ class SpotrunPolicy(BasePolicy):
         # to spot from an on-demand bridge (a launch, a loss, the step); past that, bridge.
         spare = s_idle - obs.step_h - (self.reserve_launches * R + L + obs.step_h)
         od_all = od * (R + W)
-        # With slack to burn (none needed for the deadline), wait for capacity that has
-        # proven itself rather than pay a launch into capacity that is likely to vanish.
-        patient = spare >= self.patience * W
-        pick = (proven[0] if proven else None) if patient else best
-        if pick is not None and costs[pick.key] <= od_all:
-            return Decision.spot(pick.key)
+        if best is not None and costs[best.key] <= od_all:
+            return Decision.spot(best.key)
         if spare > 0:
             return Decision.wait()
         return ondemand_decision(obs)

@@ -128,7 +128,7 @@ def run(
             current=cur, zones=market.views(o + t), step_h=g,
             work_at_risk_h=0.0 if job.notice_save else work - committed,
             expected_loss_h=job.expected_loss_h, overhead_left_h=overhead_left if cur else 0.0,
-            home_region=data_region,
+            home_region=data_region, move_cost_usd=job.move_cost_usd,
         )
         dec = policy.decide(obs)
         if dec.kind == "ondemand" and dec.zone is None:
@@ -137,7 +137,9 @@ def run(
             committed = work  # graceful stop: checkpoint first
             close(now, "stopped")
         if cur is None and dec.kind != "wait":
-            z = market.index(dec.zone)  # type: ignore[arg-type]
+            if dec.zone not in market.zones:
+                raise ValueError(f"policy {getattr(policy, 'name', policy)!r} chose unknown zone {dec.zone!r}")
+            z = market.index(dec.zone)
             if dec.kind == "spot" and not market.avail(z, o + t):
                 failed += 1
                 policy.on_launch_failed(dec.zone, now)  # type: ignore[arg-type]

@@ -90,11 +90,13 @@ class Market:
         gap_seconds: float | None = None,
         start_tick: int = 0,
         ticks: int | None = None,
+        scale: float = 1.0,
     ) -> Market:
         """Resample traces onto one grid (the finest gap among them by default).
 
         Prices: the trace's own where it has them, else ``spot_price``/``ondemand_price``;
         with only one of the two known, the other follows :data:`DEFAULT_SPOT_FRACTION`.
+        All prices are per instance; ``scale`` multiplies them (a job needing N instances).
         """
         if not traces:
             raise ValueError("no zone traces given")
@@ -123,8 +125,8 @@ class Market:
                 zone_od = max(known) / DEFAULT_SPOT_FRACTION
                 fallback_spot = fallback_spot or zone_od * DEFAULT_SPOT_FRACTION
             avail.append(series_a)
-            prices.append([p if p is not None else float(fallback_spot) for p in series_p])
-            od.append(float(zone_od))
+            prices.append([scale * (p if p is not None else float(fallback_spot)) for p in series_p])
+            od.append(scale * float(zone_od))
         return cls(
             zones=keys, regions=[region_of(t.name) for t in traces], gap_h=gap / 3600.0,
             available=avail, spot_price=prices, ondemand_price=od, ticks=n,
