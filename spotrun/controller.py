@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
+from spotrun.decide import make_job_policy, observation, order_for
+from spotrun.policy import Decision, Policy
 from spotrun.providers.base import (
     AuthError,
     BadRequest,
@@ -123,6 +125,8 @@ class ControllerOptions:
     upload_budget: float = 3.0
     heartbeat_interval: float = 1.0
     log_flush_interval: float = 0.5
+    policy_interval: float = 5.0  # real seconds between asking the policy about a running instance
+    drain_grace: float = 30.0  # seconds a drained instance gets to checkpoint (as a notice)
     container_cli: str | None = None
     container_args: list[str] = field(default_factory=list)
 
@@ -153,6 +157,9 @@ class Controller:
         self.on_update = on_update
         self.pid = os.getpid()
         self._stores: dict[str, Store] = {}
+        self._policies: dict[str, Policy] = {}
+        self._draining: dict[str, int] = {}  # job id -> attempt we asked to stop (a policy move)
+        self._last_policy_check: dict[str, float] = {}
 
     # ================================================================== submit
 
@@ -272,7 +279,19 @@ class Controller:
                 attempt = self.state.open_attempt(job_id)
                 if attempt is None:
                     self._check_limits(job, spec, now)
-                    if self._launch_next(job, spec):
+                    launched = self._launch_next(job, spec)
+                    if launched is None:  # the policy chose to wait
+                        if spec.deadline is not None:
+                            capacity_since = None  # the deadline bounds the wait (the policy keeps to it)
+                        else:  # nothing else does: waiting counts toward the capacity wait limit
+                            capacity_since = capacity_since if capacity_since is not None else now
+                            if now - capacity_since >= self.options.capacity_wait:
+                                raise JobFinished(
+                                    JobStatus.NO_CAPACITY, EXIT_NO_CAPACITY, "no spot capacity within the wait limit"
+                                )
+                        self.clock.sleep(self.options.poll_interval)
+                        continue
+                    if launched:
                         capacity_since = None
                         continue
                     capacity_since = capacity_since if capacity_since is not None else now
@@ -294,11 +313,17 @@ class Controller:
 
     # ------------------------------------------------------------------ launching
 
-    def _launch_next(self, job: Job, spec: JobSpec) -> bool:
-        """Try candidates best-first until one launches. False when none had capacity."""
+    def _launch_next(self, job: Job, spec: JobSpec) -> bool | None:
+        """Ask the policy what to run, then try its choice and the other candidates of the same
+        market best-first until one launches. False when none had capacity; None to wait."""
         candidates = self._candidates(job, spec)
         if not candidates:
             raise JobFinished(JobStatus.NO_CAPACITY, EXIT_NO_CAPACITY, "no offer fits the job's resources and limits")
+        decision = self._decide(job, spec, candidates, current=None)
+        if decision.kind == "wait":
+            return None
+        allow_ondemand = spec.resources.spot is not True or spec.recovery.on_demand_fallback
+        candidates = order_for(decision, candidates, allow_ondemand=allow_ondemand) or candidates
         self._sweep(job.id, spec, keep=None)  # never two instances at once
         blocked: set[str] = set()  # "provider" or "provider/region" out of quota for this round
         for cand in candidates:
@@ -365,6 +390,8 @@ class Controller:
             ) from None
         except (NoCapacity, PriceTooLow, QuotaExceeded, BadRequest, Throttled) as e:
             kind = type(e).__name__
+            if isinstance(e, NoCapacity):
+                self._policy(job, spec).on_launch_failed(offer.key, self._job_hours(job, self.clock.now()))
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"{kind}: {e}")
             self._sweep(job.id, spec, keep=None)
             return e
@@ -436,7 +463,13 @@ class Controller:
 
         # "terminated": the Agent itself was told to stop (the VM shutting down): like a preemption.
         preempted = exit_rec is not None and exit_rec.get("reason") in ("preempted", "terminated")
+        draining = self._draining.get(job.id) == attempt.n
+        ended = st.status in (InstanceStatus.PREEMPTED, InstanceStatus.TERMINATED, InstanceStatus.FAILED)
+        if draining and (preempted or ended):  # we asked it to stop: the policy moved the job
+            self._end(provider, instance, job, attempt, "switched", exit_rec, st, detail="moved by the policy")
+            return
         if preempted or st.status == InstanceStatus.PREEMPTED:
+            self._policy(job, spec).on_preempted(attempt.offer_key, self._job_hours(job, now))
             self._end(provider, instance, job, attempt, "preempted", exit_rec, st)
             return
         if exit_rec is not None or st.status == InstanceStatus.EXITED:
@@ -459,8 +492,71 @@ class Controller:
         heartbeat = _read_json(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/heartbeat")
         self._check_heartbeat(provider, instance, job, attempt, st, heartbeat, now)
         self._check_limits(job, spec, now)
+        self._reconsider(job, spec, attempt, provider, instance, st, now)
         self._notify(job.id, heartbeat)
         self.clock.sleep(self.options.poll_interval)
+
+    def _reconsider(
+        self,
+        job: Job,
+        spec: JobSpec,
+        attempt: Attempt,
+        provider: Provider,
+        instance: Instance,
+        st: InstanceState,
+        now: float,
+    ) -> None:
+        """Every `policy_interval`, ask the policy whether the running instance is still the right
+        one (e.g. on-demand is needed to make the deadline, or back to spot once a zone proves
+        stable). A different answer drains the instance: the Agent checkpoints as on a notice,
+        and the next launch follows the policy."""
+        if st.status != InstanceStatus.RUNNING or self._draining.get(job.id) == attempt.n:
+            return
+        if now - self._last_policy_check.get(job.id, 0.0) < self.options.policy_interval:
+            return
+        self._last_policy_check[job.id] = now
+        current = Decision("spot" if attempt.spot else "ondemand", attempt.offer_key)
+        decision = self._decide(job, spec, self._candidates(job, spec), current=current)
+        if decision == current or (decision.kind == current.kind and decision.zone is None):
+            return
+        self._draining[job.id] = attempt.n
+        self.state.add_event(
+            job.id, now, "policy", f"attempt {attempt.n}: policy {spec.recovery.policy} moves the job to {decision}"
+        )
+        provider.drain(instance, self.options.drain_grace)
+
+    def _decide(self, job: Job, spec: JobSpec, candidates: Sequence[Candidate], current: Decision | None) -> Decision:
+        now = self.clock.now()
+        attempts = self.state.attempts(job.id)
+        scale = attempts[-1].time_scale if attempts else self._time_scale(spec)
+        obs = observation(
+            candidates,
+            now_h=self._job_hours(job, now),
+            progress=self._progress(job, attempts),
+            deadline_h=None if spec.deadline is None else spec.deadline / 3600.0,
+            current=current,
+            cooling=self._cooling_keys(spec, attempts, now),
+            unavailable={a.offer_key for a in attempts if a.end_reason == "launch_failed"}
+            & self._cooling_keys(spec, attempts, now),
+            step_h=self.options.poll_interval * scale / 3600.0,
+        )
+        return self._policy(job, spec).decide(obs)
+
+    def _policy(self, job: Job, spec: JobSpec) -> Policy:
+        if job.id not in self._policies:
+            attempts = self.state.attempts(job.id)
+            hours = {a.n: self._job_hours(job, a.ended_at or a.created_at) for a in attempts}
+            self._policies[job.id] = make_job_policy(spec.recovery.policy, attempts, hours)
+        return self._policies[job.id]
+
+    def _job_hours(self, job: Job, at: float) -> float:
+        attempts = self.state.attempts(job.id)
+        return self._elapsed_job_seconds(job, attempts, at) / 3600.0
+
+    def _time_scale(self, spec: JobSpec) -> float:
+        if allowed_providers(spec) == ["local"]:
+            return float(getattr(self._provider("local", spec), "time_scale", 1.0))
+        return 1.0
 
     def _check_heartbeat(
         self,

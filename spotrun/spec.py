@@ -672,6 +672,17 @@ class RecoverySpec(_Model):
     max_preemptions: int | None = None  # None: no limit
     zone_cooldown: float = 1800.0  # seconds a zone is avoided after it preempted the job
     on_demand_fallback: Flag = True  # fall back to on-demand when no spot capacity fits
+    policy: str = "spotrun"  # relaunch policy: spotrun, greedy, failover, uniform-progress, on-demand
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy(cls, value: object) -> object:
+        from spotrun.policies import policy_names
+
+        names = policy_names()
+        if value not in names:
+            raise ValueError(f"unknown policy {describe(value)}; allowed: {', '.join(names)}")
+        return value
 
     _max_restarts = field_validator("max_restarts", mode="before")(_whole(0))
     _max_preemptions = field_validator("max_preemptions", mode="before")(

@@ -223,7 +223,7 @@ def test_a_launch_interrupted_by_a_crash_is_reissued_with_the_same_token(env):
 
 def test_budget_exhausted_stops_with_exit_4(env):
     controller, provider, job = make(
-        env, {"a": ["run"]}, [offer("a", 100.0)], extra="budget: 1\nworkload: {hours: 0.005}"
+        env, {"a": ["run"]}, [offer("a", 100.0, od=400.0)], extra="budget: 1\nworkload: {hours: 0.005}"
     )
     result = controller.run(job)
     assert (result.status, result.exit_code) == (JobStatus.BUDGET_EXHAUSTED, 4)

@@ -332,7 +332,8 @@ def test_full_spec_loads_with_units_paths_and_names_normalized(tmp_path: Path) -
     assert spec.data == {str(base / "corpus"): "corpus", "s3://my-bucket/datasets/c4": "/mnt/c4"}
     assert (spec.checkpoint.dir, spec.checkpoint.interval, spec.checkpoint.keep) == ("/ckpt", 1800.0, 2)
     assert spec.recovery.model_dump() == {
-        "max_restarts": 5, "max_preemptions": 20, "zone_cooldown": 3600.0, "on_demand_fallback": False
+        "max_restarts": 5, "max_preemptions": 20, "zone_cooldown": 3600.0, "on_demand_fallback": False,
+        "policy": "spotrun",
     }  # fmt: skip
     assert spec.budget == 1250.5 and spec.deadline == 172800.0
     w = spec.workload
@@ -528,3 +529,12 @@ def test_mutated_specs_only_ever_raise_spec_error(tmp_path: Path) -> None:
             assert "internal error" not in str(err), str(err)
             refused += 1
     assert loaded and refused
+
+
+def test_unknown_relaunch_policy_lists_the_known_ones(tmp_path):
+    with pytest.raises(SpecError) as err:
+        parse_spec_text("name: x\nrun: t\nrecovery:\n  policy: yolo\n", "job.yaml", base_dir=tmp_path)
+    assert str(err.value) == (
+        "job.yaml:4:11: recovery.policy: unknown policy 'yolo'; "
+        "allowed: on-demand, greedy, failover, uniform-progress, spotrun"
+    )

@@ -199,6 +199,11 @@ class Provider(ABC):
     def list_owned(self, job_id: str) -> list[Instance]:
         """Every live (not terminated) instance this provider started for `job_id`."""
 
+    def drain(self, instance: Instance, grace: float) -> None:
+        """Ask the instance to stop, giving its Agent `grace` seconds to checkpoint (as on a
+        preemption notice). Default: terminate, whose OS shutdown sends the Agent SIGTERM."""
+        self.terminate(instance)
+
     def release_job(self, job_id: str) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Delete what the provider created for this job only (e.g. an IAM role), once it ended."""
 

@@ -263,6 +263,10 @@ class LocalProvider(Provider):
         if survivors:
             raise ProviderError(f"{instance.instance_id}: processes {survivors} survived SIGKILL", code="local.stuck")
 
+    def drain(self, instance: Instance, grace: float) -> None:
+        """A stop with a checkpoint: the same notice a preemption gives, `grace` seconds long."""
+        self.preempt(instance, notice=grace)
+
     def preempt(self, instance: Instance, notice: float | None = None) -> None:
         """Take a spot instance back now (test hook): notice file first, then the kill after
         `notice` seconds (the market's notice when None; 0 kills without notice)."""
