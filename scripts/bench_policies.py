@@ -67,8 +67,10 @@ def gcp_prices(data: Path, zone: str, host: str, gpu: str, count: int = 1) -> tu
             if row["AvailabilityZone"] != zone:
                 continue
             if row["InstanceType"] == host or (
-                not row["InstanceType"] and row["AcceleratorName"] == gpu
-                and row["AcceleratorCount"] and int(float(row["AcceleratorCount"])) == count
+                not row["InstanceType"]
+                and row["AcceleratorName"] == gpu
+                and row["AcceleratorCount"]
+                and int(float(row["AcceleratorCount"])) == count
             ):
                 od += float(row["Price"])
                 spot += float(row["SpotPrice"])
@@ -116,8 +118,11 @@ def _probes(data: Path) -> list[ZoneTrace]:
 
 
 def _aws_price_history(data: Path) -> list[ZoneTrace]:
-    zones = [t for t in load_trace(data / "training_on_a_dime/aws_p2_p3_spot_price_history_2020.csv")
-             if t.instance == "p3.2xlarge" and t.region == "us-east-1"]
+    zones = [
+        t
+        for t in load_trace(data / "training_on_a_dime/aws_p2_p3_spot_price_history_2020.csv")
+        if t.instance == "p3.2xlarge" and t.region == "us-east-1"
+    ]
     od = aws_prices(data, "us-east-1", "p3.2xlarge")[1]
     for z in zones:
         z.ondemand_price = od
@@ -126,8 +131,11 @@ def _aws_price_history(data: Path) -> list[ZoneTrace]:
 
 def _gcp_price_history(data: Path) -> list[ZoneTrace]:
     keep = {"us-central1", "us-east1", "us-east4", "us-west1", "us-west4"}
-    zones = [t for t in load_trace(data / "gcp_price_history_cyclenerd/gcp_gpu_vm_price_changes.csv")
-             if t.instance == "a2-highgpu-1g" and t.name in keep]
+    zones = [
+        t
+        for t in load_trace(data / "gcp_price_history_cyclenerd/gcp_gpu_vm_price_changes.csv")
+        if t.instance == "a2-highgpu-1g" and t.name in keep
+    ]
     # The last 90 days of the history: the recent market, hourly ticks.
     return [z.window(max(0, z.ticks - 90)) for z in zones]
 
@@ -136,38 +144,49 @@ SETS: list[TraceSet] = [
     TraceSet(
         "skypilot 1-node V100 (2022-10, 2 zones)",
         "Can't-Be-Late traces, p3.2xlarge, us-west-2a/b, 10-min ticks, 27 days",
-        lambda d: _files(d, "skypilot_spot_traces/availability/1-node/aws-10-26-2022",
-                         ["us-west-2a_v100_1.json", "us-west-2b_v100_1.json"]),
+        lambda d: _files(
+            d,
+            "skypilot_spot_traces/availability/1-node/aws-10-26-2022",
+            ["us-west-2a_v100_1.json", "us-west-2b_v100_1.json"],
+        ),
         lambda d: aws_prices(d, "us-west-2", "p3.2xlarge"),
     ),
     TraceSet(
         "skypilot 1-node 8xK80 (2022-10, 2 zones)",
         "Can't-Be-Late traces, p2.8xlarge, us-west-2a/b",
-        lambda d: _files(d, "skypilot_spot_traces/availability/1-node/aws-10-26-2022",
-                         ["us-west-2a_k80_8.json", "us-west-2b_k80_8.json"]),
+        lambda d: _files(
+            d,
+            "skypilot_spot_traces/availability/1-node/aws-10-26-2022",
+            ["us-west-2a_k80_8.json", "us-west-2b_k80_8.json"],
+        ),
         lambda d: aws_prices(d, "us-west-2", "p2.8xlarge"),
     ),
     TraceSet(
         "skypilot 16-node V100 gang (2023-08, 3 zones)",
         "16 x p3.2xlarge needed at once; us-east-2b, us-west-2a/c; 5-min ticks",
-        lambda d: _files(d, "skypilot_spot_traces/availability/16-node/aws-08-27-2023",
-                         ["us-east-2b_v100_1.json", "us-west-2a_v100_1.json", "us-west-2c_v100_1.json"],
-                         nodes=16),
+        lambda d: _files(
+            d,
+            "skypilot_spot_traces/availability/16-node/aws-08-27-2023",
+            ["us-east-2b_v100_1.json", "us-west-2a_v100_1.json", "us-west-2c_v100_1.json"],
+            nodes=16,
+        ),
         lambda d: _scaled(aws_prices(d, "us-west-2", "p3.2xlarge"), 16),
         works=(4.0, 12.0, 24.0),
     ),
     TraceSet(
         "raw probes V100 (2022-11/12, 2 zones)",
         "skypilot_spot_strategy_raw 2022-11-28, p3.2xlarge us-west-2a/b (1 = launch failed)",
-        lambda d: _files(d, "skypilot_spot_strategy_raw/2022-11-28T22-23",
-                         ["us-west-2a_v100_1.csv", "us-west-2b_v100_1.csv"]),
+        lambda d: _files(
+            d, "skypilot_spot_strategy_raw/2022-11-28T22-23", ["us-west-2a_v100_1.csv", "us-west-2b_v100_1.csv"]
+        ),
         lambda d: aws_prices(d, "us-west-2", "p3.2xlarge"),
     ),
     TraceSet(
         "raw probes 1xK80 (2022-12, 2 zones)",
         "skypilot_spot_strategy_raw 2022-12-13, p2.xlarge us-west-2a/b",
-        lambda d: _files(d, "skypilot_spot_strategy_raw/2022-12-13T19-23",
-                         ["us-west-2a_k80_1.csv", "us-west-2b_k80_1.csv"]),
+        lambda d: _files(
+            d, "skypilot_spot_strategy_raw/2022-12-13T19-23", ["us-west-2a_k80_1.csv", "us-west-2b_k80_1.csv"]
+        ),
         lambda d: aws_prices(d, "us-west-2", "p2.xlarge"),
     ),
     TraceSet(
@@ -197,18 +216,25 @@ SETS: list[TraceSet] = [
     TraceSet(
         "Bamboo GCP A100 + V100 (2021-12)",
         "gcloud a100x1 us-east1-b (>= 57 of 64) and v100x1 us-east1-c (>= 77 of 80), per-VM prices",
-        lambda d: (load_trace(d / "bamboo_traces/gcloud/a100x1-east1b.csv", nodes=57)
-                   + load_trace(d / "bamboo_traces/gcloud/v100x1-east1c.csv", nodes=77)),
+        lambda d: (
+            load_trace(d / "bamboo_traces/gcloud/a100x1-east1b.csv", nodes=57)
+            + load_trace(d / "bamboo_traces/gcloud/v100x1-east1c.csv", nodes=77)
+        ),
         works=(4.0, 8.0),
     ),
     TraceSet(
         "Bamboo AWS g4dn + p2 (2020-11)",
         "doc_data g4dn.xlarge us-east-1c (>= 12) and p2.xlarge 3-day series (>= 16)",
-        lambda d: (load_trace(d / "bamboo_traces/doc_data/"
-                              "aws-spot-instances-g4dn-xlarge-us-east-1c-2020-11-20-1930-to-2020-11-21-2200.csv",
-                              nodes=12)
-                   + load_trace(d / "bamboo_traces/doc_data/aws-spot-instances-p2-xlarge-2020-11-20-to-2020-11-23.csv",
-                                nodes=16)),
+        lambda d: (
+            load_trace(
+                d / "bamboo_traces/doc_data/"
+                "aws-spot-instances-g4dn-xlarge-us-east-1c-2020-11-20-1930-to-2020-11-21-2200.csv",
+                nodes=12,
+            )
+            + load_trace(
+                d / "bamboo_traces/doc_data/aws-spot-instances-p2-xlarge-2020-11-20-to-2020-11-23.csv", nodes=16
+            )
+        ),
         works=(4.0, 8.0),
     ),
     TraceSet(
@@ -250,8 +276,12 @@ def bench_set(args: tuple[int, str, int, bool]) -> tuple[int, list[CaseResult], 
     zones = ts.load(data)
     spot, od = _set_prices(ts, data, zones)
     market = Market.from_traces(zones, spot_price=spot, ondemand_price=od, gap_seconds=ts.gap_seconds)
-    base = JobModel(work_h=1.0, restart_overhead_h=RESTART_OVERHEAD_H,
-                    checkpoint_interval_h=CHECKPOINT_INTERVAL_H, notice_save=notice_save)
+    base = JobModel(
+        work_h=1.0,
+        restart_overhead_h=RESTART_OVERHEAD_H,
+        checkpoint_interval_h=CHECKPOINT_INTERVAL_H,
+        notice_save=notice_save,
+    )
     cases = run_grid(market, base, ts.works, SLACKS, list(POLICIES), starts=starts)
     return idx, cases, time.perf_counter() - t0
 
@@ -287,9 +317,12 @@ def render(results: dict[int, list[CaseResult]], timings: dict[int, float], noti
         f"{', '.join(_slack_label(s) for s in SLACKS)} (deadline = work x (1 + slack)) x start times "
         f"spread over the trace; each policy may look at the 24 h of trace before its start. Restart "
         f"overhead {RESTART_OVERHEAD_H} h per launch (billed); "
-        + ("the notice-time save works (a preemption loses no work)." if notice_save else
-           f"no notice-time save: a preemption loses the work since the last checkpoint "
-           f"(every {CHECKPOINT_INTERVAL_H} h)."),
+        + (
+            "the notice-time save works (a preemption loses no work)."
+            if notice_save
+            else f"no notice-time save: a preemption loses the work since the last checkpoint "
+            f"(every {CHECKPOINT_INTERVAL_H} h)."
+        ),
         "",
         "Cells: mean cost ÷ on-demand · deadlines met / jobs · mean gap to the offline bound "
         "(cost ÷ bound − 1; negative only for a policy that missed deadlines the bound had to meet).",
@@ -303,18 +336,25 @@ def render(results: dict[int, list[CaseResult]], timings: dict[int, float], noti
         all_cases.extend(cases)
         b, _ = bound_summary(cases)
         works = "/".join(f"{w:g}" for w in SETS[idx].works)
-        lines.append(f"| {SETS[idx].name} (work {works} h) | {len(cases)} | {_fmt_ratio(b)} | "
-                     + " | ".join(_cells(cases, pols)) + " |")
+        lines.append(
+            f"| {SETS[idx].name} (work {works} h) | {len(cases)} | {_fmt_ratio(b)} | "
+            + " | ".join(_cells(cases, pols))
+            + " |"
+        )
     b, nb = bound_summary(all_cases)
-    lines.append(f"| **all sets** | {len(all_cases)} | {_fmt_ratio(b)} | "
-                 + " | ".join(_cells(all_cases, pols, bold=True)) + " |")
+    lines.append(
+        f"| **all sets** | {len(all_cases)} | {_fmt_ratio(b)} | "
+        + " | ".join(_cells(all_cases, pols, bold=True))
+        + " |"
+    )
     lines += ["", "By deadline slack, all sets together:", "", head.format("slack"), rule]
     for sl in SLACKS:
         sub = [c for c in all_cases if (math.isinf(sl) and math.isinf(c.slack)) or abs(c.slack - sl) < 1e-6]
         if sub:
             bs, _ = bound_summary(sub)
-            lines.append(f"| {_slack_label(sl)} | {len(sub)} | {_fmt_ratio(bs)} | "
-                         + " | ".join(_cells(sub, pols)) + " |")
+            lines.append(
+                f"| {_slack_label(sl)} | {len(sub)} | {_fmt_ratio(bs)} | " + " | ".join(_cells(sub, pols)) + " |"
+            )
     summ = summarize(all_cases, pols)
     sp, gr, fo = summ["spotrun"], summ["greedy"], summ["failover"]
     fo_met = [c for c in all_cases if c.results["failover"].deadline_met]
@@ -349,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--starts", type=int, default=6, help="start times per (work, slack)")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
-    ap.add_argument("--no-notice-save", action="store_true",
-                    help="preemptions lose the work since the last checkpoint")
+    ap.add_argument("--no-notice-save", action="store_true", help="preemptions lose the work since the last checkpoint")
     ap.add_argument("--only", type=str, default=None, help="run only sets whose name contains this")
     a = ap.parse_args(argv)
     idxs = [i for i, s in enumerate(SETS) if a.only is None or a.only.lower() in s.name.lower()]
@@ -373,4 +412,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

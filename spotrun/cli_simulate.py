@@ -75,9 +75,11 @@ def simulate(
     ] = None,
     notice_save: Annotated[
         bool,
-        typer.Option("--notice-save/--no-notice-save",
-                     help="Whether the save on the preemption notice works (else a preemption loses the "
-                          "work since the last checkpoint)."),
+        typer.Option(
+            "--notice-save/--no-notice-save",
+            help="Whether the save on the preemption notice works (else a preemption loses the "
+            "work since the last checkpoint).",
+        ),
     ] = True,
     price: Annotated[
         float | None,
@@ -89,8 +91,12 @@ def simulate(
     ] = None,
     nodes: Annotated[
         int,
-        typer.Option("--nodes", min=1, help="Instances needed at once: count-valued traces are available when at "
-                     "least this many could be had, and every price is paid this many times."),
+        typer.Option(
+            "--nodes",
+            min=1,
+            help="Instances needed at once: count-valued traces are available when at "
+            "least this many could be had, and every price is paid this many times.",
+        ),
     ] = 1,
     start_hour: Annotated[
         float, typer.Option("--start-hour", help="Start the job this many hours into the trace.", min=0)
@@ -163,11 +169,12 @@ def simulate(
 
     console = Console()
     dl = "no deadline" if job.deadline_h is None else f"deadline {job.deadline_h:g} h"
-    title = (f"{job.work_h:g} h of work, {dl}, restart {job.restart_overhead_h:g} h, "
-             f"{len(market.zones)} zone(s) from {', '.join(sources)}")
+    title = (
+        f"{job.work_h:g} h of work, {dl}, restart {job.restart_overhead_h:g} h, "
+        f"{len(market.zones)} zone(s) from {', '.join(sources)}"
+    )
     console.print(results_table(results, ob, title=title))
-    console.print(f"on-demand reference: ${market.ondemand_reference(job):,.2f} "
-                  f"(cheapest on-demand zone, one launch)")
+    console.print(f"on-demand reference: ${market.ondemand_reference(job):,.2f} (cheapest on-demand zone, one launch)")
     if plot is not None:
         console.print(f"plot written to {plot}")
 
@@ -179,5 +186,11 @@ def _write_plot(path: Path, market: Any, job: Any, names: list[str], start_tick:
     span = int(job.work_h * 2.5 / market.gap_h) + 1
     starts = sorted({start_tick, *start_ticks(market, span, 4)})[:5]
     curve = slack_curve(market, job, names, starts=starts)
-    plot(path, results, curve, title=f"{job.work_h:g} h job on {len(market.zones)} zone(s): "
-         + ", ".join(market.zones[:6]) + (" ..." if len(market.zones) > 6 else ""))
+    plot(
+        path,
+        results,
+        curve,
+        title=f"{job.work_h:g} h job on {len(market.zones)} zone(s): "
+        + ", ".join(market.zones[:6])
+        + (" ..." if len(market.zones) > 6 else ""),
+    )

@@ -101,9 +101,7 @@ class SpecError(Exception):
 
     def __init__(self, issues: Iterable[SpecIssue]) -> None:
         unique = dict.fromkeys(issues)
-        self.issues: list[SpecIssue] = sorted(
-            unique, key=lambda i: (i.line or 0, i.column or 0, i.key_path, i.message)
-        )
+        self.issues: list[SpecIssue] = sorted(unique, key=lambda i: (i.line or 0, i.column or 0, i.key_path, i.message))
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -253,9 +251,7 @@ class _Reader:
                 continue
             sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
             if not all(isinstance(s, MappingNode) for s in sources):
-                self.problems.append(
-                    (path, _mark(key_node), "'<<' must merge a mapping or a list of mappings", False)
-                )
+                self.problems.append((path, _mark(key_node), "'<<' must merge a mapping or a list of mappings", False))
                 continue
             for source in reversed(sources):
                 if id(source) in self._active:
@@ -470,8 +466,7 @@ def _gpu_name(value: object) -> str:
     name = canonical_gpu_name(text)
     if name is None:
         raise ValueError(
-            f"unknown GPU {describe(text)}; allowed: {', '.join(sorted(GPU_NAMES))}"
-            f"{_did_you_mean(text, GPU_NAMES)}"
+            f"unknown GPU {describe(text)}; allowed: {', '.join(sorted(GPU_NAMES))}{_did_you_mean(text, GPU_NAMES)}"
         )
     return name
 
@@ -576,8 +571,10 @@ def _zone_in_region(zone: str, region: str) -> bool:
     if literal == zone:
         return fnmatchcase(zone, region + "*")
     region_literal = re.split(r"[*?\[]", region, maxsplit=1)[0]
-    return fnmatchcase(literal, region + "*") or region_literal.startswith(literal) or (
-        literal.startswith(region_literal) and region_literal != region
+    return (
+        fnmatchcase(literal, region + "*")
+        or region_literal.startswith(literal)
+        or (literal.startswith(region_literal) and region_literal != region)
     )
 
 
@@ -685,9 +682,7 @@ class RecoverySpec(_Model):
         return value
 
     _max_restarts = field_validator("max_restarts", mode="before")(_whole(0))
-    _max_preemptions = field_validator("max_preemptions", mode="before")(
-        lambda v: None if v is None else _whole(0)(v)
-    )
+    _max_preemptions = field_validator("max_preemptions", mode="before")(lambda v: None if v is None else _whole(0)(v))
     _zone_cooldown = field_validator("zone_cooldown", mode="before")(units.parse_duration_s)
 
 
@@ -1155,9 +1150,7 @@ def _error_message(error: Mapping[str, Any]) -> str:
     return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {got}"
 
 
-def _issues_from(
-    exc: ValidationError, reader: _Reader | None, file: str
-) -> list[tuple[KeyPath, SpecIssue]]:
+def _issues_from(exc: ValidationError, reader: _Reader | None, file: str) -> list[tuple[KeyPath, SpecIssue]]:
     """One SpecIssue per problem in a pydantic ValidationError, positioned with the reader's map."""
     found: list[tuple[KeyPath, SpecIssue]] = []
 
@@ -1230,9 +1223,7 @@ def load_spec(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None
         reason = getattr(exc, "strerror", None) or str(exc)
         raise SpecError([SpecIssue(display, None, None, "", f"cannot read the file: {reason}")]) from None
     if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError(
-            [SpecIssue(display, None, None, "", f"too large for a job spec (over {MAX_SPEC_BYTES} bytes)")]
-        )
+        raise SpecError([SpecIssue(display, None, None, "", f"too large for a job spec (over {MAX_SPEC_BYTES} bytes)")])
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -1320,9 +1311,7 @@ def _validate(
 
     context = {"base_dir": base_dir, "environ": environ if environ is not None else os.environ}
     try:
-        spec = JobSpec.model_validate(
-            {**data, "base_dir": base_dir, "source_path": source_path}, context=context
-        )
+        spec = JobSpec.model_validate({**data, "base_dir": base_dir, "source_path": source_path}, context=context)
     except ValidationError as exc:
         suppressed = [path for path, _, _, suppress in reader.problems if suppress]
         issues.extend(

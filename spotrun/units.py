@@ -156,9 +156,7 @@ def parse_duration_s(value: object) -> float:
                 "(e.g. 2h30m; a plain number means seconds)"
             )
         if seconds >= previous:
-            raise ValueError(
-                f"invalid duration {describe(value)}: give each unit once, largest first (e.g. 2h30m)"
-            )
+            raise ValueError(f"invalid duration {describe(value)}: give each unit once, largest first (e.g. 2h30m)")
         previous = seconds
         total += float(amount) * seconds
     return total

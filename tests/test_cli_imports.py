@@ -30,9 +30,7 @@ def test_cli_start_imports_nothing_heavy(args):
 
 
 def test_status_with_no_jobs_says_how_to_start():
-    proc = subprocess.run(
-        [sys.executable, "-m", "spotrun", "status"], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-m", "spotrun", "status"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "spotrun launch configs/quickstart.yaml" in proc.stdout
 

@@ -19,9 +19,16 @@ def runs(res: SimResult) -> list[tuple[str, str, float, float]]:
 
 
 def obs(**kw: object) -> Observation:
-    base: dict = dict(now_h=0.0, work_done_h=0.0, work_total_h=10.0, deadline_h=20.0,
-                      restart_overhead_h=0.5, current=None, step_h=1.0,
-                      zones=[ZoneView("a", "r", 1.0, 3.0, True)])
+    base: dict = dict(
+        now_h=0.0,
+        work_done_h=0.0,
+        work_total_h=10.0,
+        deadline_h=20.0,
+        restart_overhead_h=0.5,
+        current=None,
+        step_h=1.0,
+        zones=[ZoneView("a", "r", 1.0, 3.0, True)],
+    )
     base.update(kw)
     return Observation(**base)
 
@@ -117,8 +124,17 @@ def test_uniform_progress_rules() -> None:
     assert r.deadline_met
     # the safety net: idle with time left < remaining + 2d -> on-demand to the end
     up = make_policy("uniform-progress")
-    d = up.decide(obs(now_h=8.8, work_done_h=0.0, deadline_h=20.0, restart_overhead_h=0.5,
-                      zones=[ZoneView("a", "r", 1.0, 3.0, False)], work_total_h=10.0, step_h=0.1))
+    d = up.decide(
+        obs(
+            now_h=8.8,
+            work_done_h=0.0,
+            deadline_h=20.0,
+            restart_overhead_h=0.5,
+            zones=[ZoneView("a", "r", 1.0, 3.0, False)],
+            work_total_h=10.0,
+            step_h=0.1,
+        )
+    )
     assert d.kind == "ondemand"
 
 
@@ -205,8 +221,9 @@ def test_every_deadline_aware_policy_meets_feasible_deadlines() -> None:
         pattern = {z: "".join("1" if rng.random() < 0.6 else "0" for _ in range(60)) for z in ("a", "b")}
         m = Market.simple(pattern, gap_h=0.25)
         w = rng.choice([2.0, 4.0, 6.0])
-        job = JobModel(w, w * rng.choice([1.05, 1.2, 1.5, 2.0]) + 0.25, restart_overhead_h=0.25,
-                       notice_save=rng.random() < 0.5)
+        job = JobModel(
+            w, w * rng.choice([1.05, 1.2, 1.5, 2.0]) + 0.25, restart_overhead_h=0.25, notice_save=rng.random() < 0.5
+        )
         for name in ("on-demand", "greedy", "uniform-progress", "spotrun"):
             assert run(make_policy(name), m, job).deadline_met, (name, pattern, job)
 

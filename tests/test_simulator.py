@@ -49,8 +49,9 @@ class Scripted:
 
 
 def random_market(rng: random.Random, zones: int, ticks: int, gap_h: float) -> Market:
-    m = Market.simple({f"z{i}": "".join("1" if rng.random() < 0.6 else "0" for _ in range(ticks))
-                       for i in range(zones)}, gap_h=gap_h)
+    m = Market.simple(
+        {f"z{i}": "".join("1" if rng.random() < 0.6 else "0" for _ in range(ticks)) for i in range(zones)}, gap_h=gap_h
+    )
     m.spot_price = [[round(rng.uniform(0.5, 1.5), 2) for _ in range(ticks)] for _ in range(zones)]
     m.ondemand_price = [3.0 + i * 0.1 for i in range(zones)]
     return m
@@ -131,8 +132,11 @@ def test_bound_equals_brute_force_on_tiny_markets() -> None:
         job = JobModel(3.0, 5.0, restart_overhead_h=0.5)
         choices = [Decision.wait(), Decision.ondemand("z0"), Decision.spot("z0"), Decision.spot("z1")]
         best = min(
-            (r.cost for script in itertools.product(choices, repeat=5)
-             if (r := run(Scripted(list(script)), m, job, cap_factor=1.0)).deadline_met and not r.forced_finish),
+            (
+                r.cost
+                for script in itertools.product(choices, repeat=5)
+                if (r := run(Scripted(list(script)), m, job, cap_factor=1.0)).deadline_met and not r.forced_finish
+            ),
             default=float("inf"),
         )
         b = offline_bound(m, job, cap_factor=1.0)
@@ -144,8 +148,12 @@ def test_bound_never_above_a_policy_that_meets_the_deadline() -> None:
     for _ in range(25):
         m = random_market(rng, zones=rng.choice([1, 2, 3]), ticks=80, gap_h=rng.choice([0.25, 1 / 6]))
         w = rng.choice([2.0, 3.0, 5.0])
-        job = JobModel(w, w * rng.choice([1.1, 1.5, 2.5]) + 0.3, restart_overhead_h=rng.choice([0.1, 0.2, 0.5]),
-                       notice_save=rng.random() < 0.5)
+        job = JobModel(
+            w,
+            w * rng.choice([1.1, 1.5, 2.5]) + 0.3,
+            restart_overhead_h=rng.choice([0.1, 0.2, 0.5]),
+            notice_save=rng.random() < 0.5,
+        )
         b = offline_bound(m, job)
         assert b.feasible
         for name in POLICIES:
@@ -157,7 +165,8 @@ def test_bound_never_above_a_policy_that_meets_the_deadline() -> None:
 @needs_data
 def test_bound_on_a_real_trace_window() -> None:
     zones = load_trace(DATA / "skypilot_spot_strategy_raw/2022-12-13T19-23/us-west-2a_v100_1.csv") + load_trace(
-        DATA / "skypilot_spot_strategy_raw/2022-12-13T19-23/us-west-2b_v100_1.csv")
+        DATA / "skypilot_spot_strategy_raw/2022-12-13T19-23/us-west-2b_v100_1.csv"
+    )
     m = Market.from_traces(zones, spot_price=0.9, ondemand_price=3.06).window(500, 300)
     job = JobModel(24.0, 30.0, restart_overhead_h=0.2)
     b = offline_bound(m, job)
@@ -215,8 +224,23 @@ def _trace(tmp_path: Path) -> Path:
 def test_cli_json_and_errors(tmp_path: Path) -> None:
     f = _trace(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(_app(), ["simulate", "--trace", str(f), "--work-hours", "4", "--deadline-hours", "6",
-                                 "--price", "0.9", "--ondemand-price", "3.06", "--json"])
+    res = runner.invoke(
+        _app(),
+        [
+            "simulate",
+            "--trace",
+            str(f),
+            "--work-hours",
+            "4",
+            "--deadline-hours",
+            "6",
+            "--price",
+            "0.9",
+            "--ondemand-price",
+            "3.06",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     by = {r["policy"]: r for r in data["results"]}
@@ -234,21 +258,40 @@ def test_cli_json_and_errors(tmp_path: Path) -> None:
 
 def test_cli_with_spec_table_and_plot(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
-    spec.write_text("name: sim\nrun: python train.py\ndeadline: 6h\nworkload:\n  hours: 4\n"
-                    "checkpoint:\n  interval: 30m\n")
+    spec.write_text(
+        "name: sim\nrun: python train.py\ndeadline: 6h\nworkload:\n  hours: 4\ncheckpoint:\n  interval: 30m\n"
+    )
     png = tmp_path / "out.png"
-    res = CliRunner().invoke(_app(), ["simulate", str(spec), "--trace", str(_trace(tmp_path)), "--price", "0.9",
-                                      "--ondemand-price", "3.06", "--policy", "greedy", "--policy", "spotrun",
-                                      "--plot", str(png)])
+    res = CliRunner().invoke(
+        _app(),
+        [
+            "simulate",
+            str(spec),
+            "--trace",
+            str(_trace(tmp_path)),
+            "--price",
+            "0.9",
+            "--ondemand-price",
+            "3.06",
+            "--policy",
+            "greedy",
+            "--policy",
+            "spotrun",
+            "--plot",
+            str(png),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "greedy" in res.output and "spotrun" in res.output and "deadline 6 h" in res.output
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_module_is_cheap_to_import() -> None:
-    code = ("import sys, spotrun.cli_simulate, spotrun.simulate.traces; "
-            "bad = [m for m in ('numpy', 'matplotlib', 'torch', 'spotrun.simulate.engine') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, spotrun.cli_simulate, spotrun.simulate.traces; "
+        "bad = [m for m in ('numpy', 'matplotlib', 'torch', 'spotrun.simulate.engine') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -222,8 +222,7 @@ def test_every_problem_is_reported_at_once_in_file_order(tmp_path: Path) -> None
         f"job.yaml:3:8: resources.gpu: unknown GPU 'A1OO'; allowed: {GPUS} (did you mean 'A100'?)",
         "job.yaml:4:9: resources.cpus: expected a whole number, got 'many'",
         "job.yaml:5:9: resources.spot: expected true, false or auto, got 'perhaps'",
-        "job.yaml:8:3: env.2X: invalid variable name '2X'; use letters, digits and '_', not starting with a "
-        "digit",
+        "job.yaml:8:3: env.2X: invalid variable name '2X'; use letters, digits and '_', not starting with a digit",
         "job.yaml:9:9: budget: must not be negative, got -5",
         "job.yaml:10:26: recovery.max_restarts: expected a whole number, got 'two'",
         f"job.yaml:11:1: retries: unknown key 'retries'; allowed: {TOP_KEYS} (did you mean 'recovery.max_restarts'?)",

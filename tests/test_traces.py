@@ -38,15 +38,21 @@ def test_skypilot_json_counts_and_nodes(tmp_path: Path) -> None:
 
 def test_skynomad_json_is_preempted_convention_and_flags_gap(tmp_path: Path) -> None:
     f = tmp_path / "us-east4-a_h100_16.json"
-    f.write_text(json.dumps({
-        "metadata": {
-            "gap_seconds": 600, "start_time": "2025-10-04T00:10:00+00:00", "zone": "us-east4-a",
-            "price_info": {"price": 14.8, "on_demand_price": 82.5},
-            "gap_filled": {"gap_start_index": 1, "gap_end_index": 2},
-        },
-        "data": [0, 1, 1, 0],
-        "prices": [14.8] * 4,
-    }))
+    f.write_text(
+        json.dumps(
+            {
+                "metadata": {
+                    "gap_seconds": 600,
+                    "start_time": "2025-10-04T00:10:00+00:00",
+                    "zone": "us-east4-a",
+                    "price_info": {"price": 14.8, "on_demand_price": 82.5},
+                    "gap_filled": {"gap_start_index": 1, "gap_end_index": 2},
+                },
+                "data": [0, 1, 1, 0],
+                "prices": [14.8] * 4,
+            }
+        )
+    )
     assert detect_format(f) == "skynomad"
     (z,) = load_trace(f)
     assert z.available == [True, False, False, True]  # 1 = preempted / unavailable

@@ -32,5 +32,14 @@ def make_policy(name: str) -> Policy:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}") from None
 
 
-__all__ = ["DEFAULT_POLICY", "POLICIES", "make_policy", "policy_names", "SpotrunPolicy",
-           "GreedyPolicy", "FailoverPolicy", "OnDemandPolicy", "UniformProgressPolicy"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "POLICIES",
+    "make_policy",
+    "policy_names",
+    "SpotrunPolicy",
+    "GreedyPolicy",
+    "FailoverPolicy",
+    "OnDemandPolicy",
+    "UniformProgressPolicy",
+]

@@ -263,7 +263,8 @@ class SpotrunPolicy(BasePolicy):
             if here is None or here.spot_price is None:
                 return cur
             stay = here.spot_price * obs.overhead_left_h + self.spot_run_cost(
-                obs, here, s_idle - obs.overhead_left_h, W)
+                obs, here, s_idle - obs.overhead_left_h, W
+            )
             # Move only for a real price gain (not on statistical noise) that pays the move.
             for z in proven:
                 if z.key != cur.zone and z.spot_price < here.spot_price * keep and costs[z.key] < stay * keep:

@@ -44,8 +44,11 @@ class UniformProgressPolicy(BasePolicy):
         d = obs.restart_overhead_h
         cur = obs.current
         if obs.deadline_h is None:  # no deadline: nothing to be uniform about; plain spot
-            return cur if cur is not None and cur.kind == "spot" else (
-                Decision.spot(home.key) if spot_ok and home else Decision.wait())
+            return (
+                cur
+                if cur is not None and cur.kind == "spot"
+                else (Decision.spot(home.key) if spot_ok and home else Decision.wait())
+            )
         if self.final_ondemand or ondemand_needed(obs):
             self.final_ondemand = True
             return ondemand_decision(obs)

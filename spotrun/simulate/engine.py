@@ -74,7 +74,12 @@ class SimResult:
 
 
 def run(
-    policy: Policy, market: Market, job: JobModel, *, cap_factor: float = 3.0, start_tick: int = 0,
+    policy: Policy,
+    market: Market,
+    job: JobModel,
+    *,
+    cap_factor: float = 3.0,
+    start_tick: int = 0,
 ) -> SimResult:
     """Replay ``job`` under ``policy`` from tick ``start_tick`` of ``market``.
 
@@ -124,11 +129,19 @@ def run(
             policy.on_preempted(zone_key, now)
         # 2. decide
         obs = Observation(
-            now_h=now, work_done_h=work, work_total_h=W, deadline_h=D, restart_overhead_h=R,
-            current=cur, zones=market.views(o + t), step_h=g,
+            now_h=now,
+            work_done_h=work,
+            work_total_h=W,
+            deadline_h=D,
+            restart_overhead_h=R,
+            current=cur,
+            zones=market.views(o + t),
+            step_h=g,
             work_at_risk_h=0.0 if job.notice_save else work - committed,
-            expected_loss_h=job.expected_loss_h, overhead_left_h=overhead_left if cur else 0.0,
-            home_region=data_region, move_cost_usd=job.move_cost_usd,
+            expected_loss_h=job.expected_loss_h,
+            overhead_left_h=overhead_left if cur else 0.0,
+            home_region=data_region,
+            move_cost_usd=job.move_cost_usd,
         )
         dec = policy.decide(obs)
         if dec.kind == "ondemand" and dec.zone is None:
@@ -192,18 +205,28 @@ def run(
         used = R + (W - work)
         cost += market.ondemand_price[z] * used
         od_h += used
-        timeline.append(Segment(now, now + used, "ondemand", market.zones[z], "forced",
-                                market.ondemand_price[z] * used))
+        timeline.append(
+            Segment(now, now + used, "ondemand", market.zones[z], "forced", market.ondemand_price[z] * used)
+        )
         completion, forced = now + used, True
 
     return SimResult(
-        policy=getattr(policy, "name", type(policy).__name__), cost=cost + egress,
-        completion_h=completion, deadline_h=D,
+        policy=getattr(policy, "name", type(policy).__name__),
+        cost=cost + egress,
+        completion_h=completion,
+        deadline_h=D,
         deadline_met=completion is not None and (D is None or completion <= D + 1e-6),
-        preemptions=preemptions, zone_moves=moves, launches=launches, failed_launches=failed,
-        spot_hours=spot_h, ondemand_hours=od_h,
-        lost_work_h=lost_total, egress_cost=egress,
-        ondemand_reference=market.ondemand_reference(job), forced_finish=forced, timeline=timeline,
+        preemptions=preemptions,
+        zone_moves=moves,
+        launches=launches,
+        failed_launches=failed,
+        spot_hours=spot_h,
+        ondemand_hours=od_h,
+        lost_work_h=lost_total,
+        egress_cost=egress,
+        ondemand_reference=market.ondemand_reference(job),
+        forced_finish=forced,
+        timeline=timeline,
     )
 
 
@@ -227,10 +250,16 @@ def simulate_one(
     from spotrun.policies import make_policy
 
     market = Market.from_traces(
-        trace_zones, spot_price=spot_price, ondemand_price=ondemand_price, gap_seconds=gap_seconds,
+        trace_zones,
+        spot_price=spot_price,
+        ondemand_price=ondemand_price,
+        gap_seconds=gap_seconds,
     )
     job = JobModel(
-        work_h=work_hours, deadline_h=deadline_hours, restart_overhead_h=restart_overhead_h,
-        checkpoint_interval_h=checkpoint_interval_h, notice_save=notice_save,
+        work_h=work_hours,
+        deadline_h=deadline_hours,
+        restart_overhead_h=restart_overhead_h,
+        checkpoint_interval_h=checkpoint_interval_h,
+        notice_save=notice_save,
     )
     return run(make_policy(policy_name), market, job, cap_factor=cap_factor, start_tick=start_tick)

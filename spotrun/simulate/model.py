@@ -119,17 +119,20 @@ class Market:
             if zone_od is None:
                 known = [p for p in series_p if p is not None] or ([fallback_spot] if fallback_spot else [])
                 if not known:
-                    raise ValueError(
-                        f"zone {tr.name}: no price in the trace; give a spot or on-demand price"
-                    )
+                    raise ValueError(f"zone {tr.name}: no price in the trace; give a spot or on-demand price")
                 zone_od = max(known) / DEFAULT_SPOT_FRACTION
                 fallback_spot = fallback_spot or zone_od * DEFAULT_SPOT_FRACTION
             avail.append(series_a)
             prices.append([scale * (p if p is not None else float(fallback_spot)) for p in series_p])
             od.append(scale * float(zone_od))
         return cls(
-            zones=keys, regions=[region_of(t.name) for t in traces], gap_h=gap / 3600.0,
-            available=avail, spot_price=prices, ondemand_price=od, ticks=n,
+            zones=keys,
+            regions=[region_of(t.name) for t in traces],
+            gap_h=gap / 3600.0,
+            available=avail,
+            spot_price=prices,
+            ondemand_price=od,
+            ticks=n,
         )
 
     @classmethod
@@ -151,9 +154,13 @@ class Market:
 
         avail = [[c == "1" for c in pattern[z].ljust(n, pattern[z][-1])] for z in zones]
         return cls(
-            zones=zones, regions=[(regions or {}).get(z, region_of(z)) for z in zones], gap_h=gap_h,
-            available=avail, spot_price=[[per_zone(spot, z)] * n for z in zones],
-            ondemand_price=[per_zone(ondemand, z) for z in zones], ticks=n,
+            zones=zones,
+            regions=[(regions or {}).get(z, region_of(z)) for z in zones],
+            gap_h=gap_h,
+            available=avail,
+            spot_price=[[per_zone(spot, z)] * n for z in zones],
+            ondemand_price=[per_zone(ondemand, z) for z in zones],
+            ticks=n,
         )
 
     def window(self, start_tick: int, ticks: int) -> Market:
@@ -164,9 +171,13 @@ class Market:
             return [series[min(i, last)] for i in range(start_tick, start_tick + ticks)]
 
         return Market(
-            zones=list(self.zones), regions=list(self.regions), gap_h=self.gap_h,
-            available=[cut(a) for a in self.available], spot_price=[cut(p) for p in self.spot_price],
-            ondemand_price=list(self.ondemand_price), ticks=ticks,
+            zones=list(self.zones),
+            regions=list(self.regions),
+            gap_h=self.gap_h,
+            available=[cut(a) for a in self.available],
+            spot_price=[cut(p) for p in self.spot_price],
+            ondemand_price=list(self.ondemand_price),
+            ticks=ticks,
         )
 
     def avail(self, z: int, t: int) -> bool:
@@ -198,8 +209,11 @@ class Market:
         if v is None:
             v = [
                 ZoneView(
-                    key=k, region=self.regions[z], spot_price=self.spot_price[z][t],
-                    ondemand_price=self.ondemand_price[z], available=self.available[z][t],
+                    key=k,
+                    region=self.regions[z],
+                    spot_price=self.spot_price[z][t],
+                    ondemand_price=self.ondemand_price[z],
+                    available=self.available[z][t],
                 )
                 for z, k in enumerate(self.zones)
             ]

@@ -93,8 +93,8 @@ def offline_bound(market: Market, job: JobModel, *, cap_factor: float = 3.0) -> 
                     fin = arr
                     fin_p = p_h
                 else:
-                    fin = arr[P - gu:]
-                    fin_p = p_h[P - gu:]
+                    fin = arr[P - gu :]
+                    fin_p = p_h[P - gu :]
                     cont = arr[: P - gu] + c * g
                     if room >= g - 1e-9:
                         tgt = newV[r, nxt, gu:]

@@ -29,55 +29,97 @@ def results_table(results: Sequence[SimResult], bound: OfflineResult | None, *, 
     from rich.table import Table
 
     t = Table(title=title or None)
-    for col, just in (("POLICY", "left"), ("COST $", "right"), ("÷OD", "right"), ("DONE h", "right"),
-                      ("DEADLINE", "left"), ("PREEMPT", "right"), ("MOVES", "right"),
-                      ("SPOT h", "right"), ("OD h", "right")):
+    for col, just in (
+        ("POLICY", "left"),
+        ("COST $", "right"),
+        ("÷OD", "right"),
+        ("DONE h", "right"),
+        ("DEADLINE", "left"),
+        ("PREEMPT", "right"),
+        ("MOVES", "right"),
+        ("SPOT h", "right"),
+        ("OD h", "right"),
+    ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for r in results:
         met = "[green]met[/]" if r.deadline_met else "[red]missed[/]"
         if r.deadline_h is None:
             met = "-"
         t.add_row(
-            r.policy, f"{r.cost:,.2f}", f"{r.cost_ratio:.3f}", _fmt_h(r.completion_h), met,
-            str(r.preemptions), str(r.zone_moves), f"{r.spot_hours:.1f}", f"{r.ondemand_hours:.1f}",
+            r.policy,
+            f"{r.cost:,.2f}",
+            f"{r.cost_ratio:.3f}",
+            _fmt_h(r.completion_h),
+            met,
+            str(r.preemptions),
+            str(r.zone_moves),
+            f"{r.spot_hours:.1f}",
+            f"{r.ondemand_hours:.1f}",
         )
     if bound is not None:
         if bound.feasible:
-            t.add_row("[dim]bound[/]", f"[dim]{bound.cost:,.2f}[/]", f"[dim]{bound.cost_ratio:.3f}[/]",
-                      "", "[dim]met[/]", "", "", "", "")
+            t.add_row(
+                "[dim]bound[/]",
+                f"[dim]{bound.cost:,.2f}[/]",
+                f"[dim]{bound.cost_ratio:.3f}[/]",
+                "",
+                "[dim]met[/]",
+                "",
+                "",
+                "",
+                "",
+            )
         else:
-            t.add_row("[dim]bound[/]", "[dim]-[/]", "[dim]-[/]", "", "[red]impossible[/]",
-                      "", "", "", "")
+            t.add_row("[dim]bound[/]", "[dim]-[/]", "[dim]-[/]", "", "[red]impossible[/]", "", "", "", "")
     return t
 
 
 def results_json(
-    results: Sequence[SimResult], bound: OfflineResult | None, job: JobModel, market: Market,
-    *, start_tick: int = 0, sources: Sequence[str] = (),
+    results: Sequence[SimResult],
+    bound: OfflineResult | None,
+    job: JobModel,
+    market: Market,
+    *,
+    start_tick: int = 0,
+    sources: Sequence[str] = (),
 ) -> dict[str, Any]:
     return {
         "job": {
-            "work_h": job.work_h, "deadline_h": job.deadline_h,
+            "work_h": job.work_h,
+            "deadline_h": job.deadline_h,
             "restart_overhead_h": job.restart_overhead_h,
-            "checkpoint_interval_h": job.checkpoint_interval_h, "notice_save": job.notice_save,
+            "checkpoint_interval_h": job.checkpoint_interval_h,
+            "notice_save": job.notice_save,
             "checkpoint_gb": job.checkpoint_gb,
         },
         "market": {
-            "zones": market.zones, "regions": market.regions, "tick_h": market.gap_h,
-            "ticks": market.ticks, "start_tick": start_tick, "availability": market.availability(),
-            "ondemand_price": market.ondemand_price, "sources": list(sources),
+            "zones": market.zones,
+            "regions": market.regions,
+            "tick_h": market.gap_h,
+            "ticks": market.ticks,
+            "start_tick": start_tick,
+            "availability": market.availability(),
+            "ondemand_price": market.ondemand_price,
+            "sources": list(sources),
         },
         "ondemand_reference": market.ondemand_reference(job),
         "results": [r.to_dict() for r in results],
-        "offline_bound": None if bound is None else {
-            "cost": bound.cost if bound.feasible else None, "feasible": bound.feasible,
+        "offline_bound": None
+        if bound is None
+        else {
+            "cost": bound.cost if bound.feasible else None,
+            "feasible": bound.feasible,
             "cost_ratio": bound.cost_ratio if bound.feasible else None,
         },
     }
 
 
 def slack_curve(
-    market: Market, job: JobModel, policies: Sequence[str], *, starts: Sequence[int],
+    market: Market,
+    job: JobModel,
+    policies: Sequence[str],
+    *,
+    starts: Sequence[int],
     slacks: Sequence[float] = PLOT_SLACKS,
 ) -> dict[str, list[float]]:
     """Mean cost ÷ on-demand per policy (and ``"offline bound"``) for each deadline slack; a
@@ -99,8 +141,12 @@ def slack_curve(
 
 
 def plot(
-    path: Path, results: Sequence[SimResult], curve: dict[str, list[float]], *,
-    slacks: Sequence[float] = PLOT_SLACKS, title: str = "",
+    path: Path,
+    results: Sequence[SimResult],
+    curve: dict[str, list[float]],
+    *,
+    slacks: Sequence[float] = PLOT_SLACKS,
+    title: str = "",
 ) -> Path:
     """A PNG: cost vs deadline slack per policy (left) and where the job ran (right)."""
     import matplotlib
@@ -124,13 +170,21 @@ def plot(
     zones = sorted({s.zone for r in results for s in r.timeline})
     for row, r in enumerate(results):
         for seg in r.timeline:
-            ax2.barh(row, seg.end_h - seg.start_h, left=seg.start_h, height=0.6,
-                     color=KIND_COLORS.get(seg.kind, "grey"), edgecolor="white", linewidth=0.5)
+            ax2.barh(
+                row,
+                seg.end_h - seg.start_h,
+                left=seg.start_h,
+                height=0.6,
+                color=KIND_COLORS.get(seg.kind, "grey"),
+                edgecolor="white",
+                linewidth=0.5,
+            )
             if seg.end == "preempted":
                 ax2.plot(seg.end_h, row, marker="x", color="black", markersize=6)
             if len(zones) > 1 and seg.end_h - seg.start_h > 0.06 * max(1e-9, _span(results)):
-                ax2.text((seg.start_h + seg.end_h) / 2, row, seg.zone, ha="center", va="center",
-                         fontsize=6, color="white")
+                ax2.text(
+                    (seg.start_h + seg.end_h) / 2, row, seg.zone, ha="center", va="center", fontsize=6, color="white"
+                )
         if r.completion_h is not None:
             ax2.plot(r.completion_h, row, marker="|", color="green", markersize=14)
     dl = next((r.deadline_h for r in results if r.deadline_h is not None), None)

@@ -57,8 +57,14 @@ def deadline_for(work_h: float, slack: float, overhead_h: float) -> float:
 
 
 def run_case(
-    market: Market, job: JobModel, start: int, policies: Sequence[str], *, bound: bool = True,
-    cap_factor: float = 3.0, history_h: float = 24.0,
+    market: Market,
+    job: JobModel,
+    start: int,
+    policies: Sequence[str],
+    *,
+    bound: bool = True,
+    cap_factor: float = 3.0,
+    history_h: float = 24.0,
 ) -> CaseResult:
     """Every policy on ``job`` starting at tick ``start``; policies may observe up to
     ``history_h`` hours of the market before it (what spotrun's zone statistics would hold)."""
@@ -67,9 +73,7 @@ def run_case(
     hist = min(start, int(history_h / market.gap_h))
     win = market.window(start, span)
     with_hist = market.window(start - hist, span + hist) if hist else win
-    results = {
-        p: run(make_policy(p), with_hist, job, cap_factor=cap_factor, start_tick=hist) for p in policies
-    }
+    results = {p: run(make_policy(p), with_hist, job, cap_factor=cap_factor, start_tick=hist) for p in policies}
     ob = offline_bound(win, job, cap_factor=cap_factor) if bound else None
     slack = (job.deadline_h / job.work_h - 1.0) if job.deadline_h else math.inf
     return CaseResult(job.work_h, slack, start, results, ob)

@@ -148,8 +148,12 @@ class ZoneTrace:
 
         start = self.start + timedelta(seconds=start_tick * self.gap_seconds) if self.start else None
         return replace(
-            self, available=self.available[start_tick:end], prices=cut(self.prices),
-            capacity=cut(self.capacity), filled=cut(self.filled), start=start,
+            self,
+            available=self.available[start_tick:end],
+            prices=cut(self.prices),
+            capacity=cut(self.capacity),
+            filled=cut(self.filled),
+            start=start,
         )
 
 
@@ -209,10 +213,17 @@ def _load_skypilot(path: Path, nodes: int) -> list[ZoneTrace]:
     counts = [int(v) for v in doc["data"]]
     gap = float(doc.get("metadata", {}).get("gap_seconds", 600))
     zone, inst = _parse_zone_stem(path.stem)
-    return [ZoneTrace(
-        name=zone, source="skypilot", gap_seconds=gap, available=[c >= nodes for c in counts],
-        instance=inst, capacity=counts, path=str(path),
-    )]
+    return [
+        ZoneTrace(
+            name=zone,
+            source="skypilot",
+            gap_seconds=gap,
+            available=[c >= nodes for c in counts],
+            instance=inst,
+            capacity=counts,
+            path=str(path),
+        )
+    ]
 
 
 def _load_skynomad(path: Path, nodes: int) -> list[ZoneTrace]:
@@ -233,12 +244,21 @@ def _load_skynomad(path: Path, nodes: int) -> list[ZoneTrace]:
             if 0 <= i < len(filled):
                 filled[i] = True
     start = datetime.fromisoformat(meta["start_time"]) if meta.get("start_time") else None
-    return [ZoneTrace(
-        name=zone, source="skynomad", gap_seconds=gap, available=avail, prices=prices,
-        ondemand_price=float(ondemand) if ondemand else None, start=start, instance=inst,
-        filled=filled if gf else None, path=str(path),
-        meta={"machine_type": info.get("machine_type")} if isinstance(info, dict) else {},
-    )]
+    return [
+        ZoneTrace(
+            name=zone,
+            source="skynomad",
+            gap_seconds=gap,
+            available=avail,
+            prices=prices,
+            ondemand_price=float(ondemand) if ondemand else None,
+            start=start,
+            instance=inst,
+            filled=filled if gf else None,
+            path=str(path),
+            meta={"machine_type": info.get("machine_type")} if isinstance(info, dict) else {},
+        )
+    ]
 
 
 def _parse_ts(text: str) -> datetime:
@@ -255,10 +275,17 @@ def _load_skypilot_raw(path: Path, nodes: int) -> list[ZoneTrace]:
     diffs = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:], strict=False)]
     gap = float(round(statistics.median(diffs))) if diffs else 600.0
     zone, inst = _parse_zone_stem(path.stem)
-    return [ZoneTrace(
-        name=zone, source="skypilot-raw", gap_seconds=gap, available=avail, start=stamps[0],
-        instance=inst, path=str(path),
-    )]
+    return [
+        ZoneTrace(
+            name=zone,
+            source="skypilot-raw",
+            gap_seconds=gap,
+            available=avail,
+            start=stamps[0],
+            instance=inst,
+            path=str(path),
+        )
+    ]
 
 
 def _load_skynomad_probes(path: Path, nodes: int) -> list[ZoneTrace]:
@@ -278,11 +305,20 @@ def _load_skynomad_probes(path: Path, nodes: int) -> list[ZoneTrace]:
     for zone in sorted(by_zone):
         counts = [by_zone[zone].get(at, (0, None))[0] for at in order]
         raw_prices = [by_zone[zone].get(at, (0, None))[1] for at in order]
-        out.append(ZoneTrace(
-            name=zone, source="skynomad-probes", gap_seconds=gap, available=[c >= nodes for c in counts],
-            prices=_fill_missing(raw_prices), start=stamps[0].astimezone(UTC), instance="h100_1",
-            capacity=counts, path=str(path), meta={"price_unit": "per GPU (H100 spot SKU)"},
-        ))
+        out.append(
+            ZoneTrace(
+                name=zone,
+                source="skynomad-probes",
+                gap_seconds=gap,
+                available=[c >= nodes for c in counts],
+                prices=_fill_missing(raw_prices),
+                start=stamps[0].astimezone(UTC),
+                instance="h100_1",
+                capacity=counts,
+                path=str(path),
+                meta={"price_unit": "per GPU (H100 spot SKU)"},
+            )
+        )
     return out
 
 
@@ -337,11 +373,17 @@ def _load_bamboo_events(path: Path, nodes: int, gap: float = 60.0) -> list[ZoneT
     for t, c in points:
         last[t] = c
     counts = _step_series(sorted(last.items()), gap)
-    return [ZoneTrace(
-        name=path.stem.replace("-trace", ""), source="bamboo-events", gap_seconds=gap,
-        available=[c >= nodes for c in counts], capacity=counts, instance=path.stem.split("-")[0],
-        path=str(path),
-    )]
+    return [
+        ZoneTrace(
+            name=path.stem.replace("-trace", ""),
+            source="bamboo-events",
+            gap_seconds=gap,
+            available=[c >= nodes for c in counts],
+            capacity=counts,
+            instance=path.stem.split("-")[0],
+            path=str(path),
+        )
+    ]
 
 
 def _load_bamboo_gcloud(path: Path, nodes: int, gap: float = 60.0) -> list[ZoneTrace]:
@@ -360,10 +402,19 @@ def _load_bamboo_gcloud(path: Path, nodes: int, gap: float = 60.0) -> list[ZoneT
     inst, _, where = path.stem.partition("-")
     m = re.fullmatch(r"([a-z]+)(\d+)([a-z])", where)
     zone = f"us-{m.group(1)}{m.group(2)}-{m.group(3)}" if m else where
-    return [ZoneTrace(
-        name=zone, source="bamboo-gcloud", gap_seconds=gap, available=[c >= nodes for c in counts],
-        capacity=counts, instance=inst, start=t0, path=str(path), meta={"timezone": "unknown"},
-    )]
+    return [
+        ZoneTrace(
+            name=zone,
+            source="bamboo-gcloud",
+            gap_seconds=gap,
+            available=[c >= nodes for c in counts],
+            capacity=counts,
+            instance=inst,
+            start=t0,
+            path=str(path),
+            meta={"timezone": "unknown"},
+        )
+    ]
 
 
 def _load_bamboo_doc(path: Path, nodes: int, gap: float = 60.0) -> list[ZoneTrace]:
@@ -382,10 +433,17 @@ def _load_bamboo_doc(path: Path, nodes: int, gap: float = 60.0) -> list[ZoneTrac
     m = re.search(r"(g4dn|p2|p3)-(\w+)-((?:us|eu)-[a-z]+-\d[a-z])", stem)
     zone = m.group(3) if m else stem
     inst = f"{m.group(1)}.{m.group(2)}" if m else None
-    return [ZoneTrace(
-        name=zone, source="bamboo-doc", gap_seconds=gap, available=[c >= nodes for c in counts],
-        capacity=counts, instance=inst, path=str(path),
-    )]
+    return [
+        ZoneTrace(
+            name=zone,
+            source="bamboo-doc",
+            gap_seconds=gap,
+            available=[c >= nodes for c in counts],
+            capacity=counts,
+            instance=inst,
+            path=str(path),
+        )
+    ]
 
 
 def _price_traces(
@@ -411,10 +469,19 @@ def _price_traces(
                 cur = evs[j][1]
                 j += 1
             prices.append(cur)
-        out.append(ZoneTrace(
-            name=zone, source=source, gap_seconds=gap, available=[True] * n, prices=prices,
-            ondemand_price=ondemand.get((zone, itype)), start=t0, instance=itype, path=str(path),
-        ))
+        out.append(
+            ZoneTrace(
+                name=zone,
+                source=source,
+                gap_seconds=gap,
+                available=[True] * n,
+                prices=prices,
+                ondemand_price=ondemand.get((zone, itype)),
+                start=t0,
+                instance=itype,
+                path=str(path),
+            )
+        )
     return out
 
 
