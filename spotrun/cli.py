@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from spotrun import __version__, cli_market
+from spotrun import __version__, cli_market, cli_simulate
 
 if TYPE_CHECKING:
     from spotrun.spec import JobSpec
@@ -437,6 +437,7 @@ def check(
 app.command()(cli_market.offers)
 app.command("plan")(cli_market.plan)
 app.add_typer(cli_market.catalog_app, name="catalog", help="The bundled offer catalog and its live refresh.")
+app.command("simulate")(cli_simulate.simulate)
 
 
 def main() -> None:
