@@ -35,7 +35,7 @@ from spotrun.simulate.model import JobModel, Market  # noqa: E402
 from spotrun.simulate.sweep import CaseResult, bound_summary, run_grid, summarize  # noqa: E402
 from spotrun.simulate.traces import ZoneTrace, load_trace  # noqa: E402
 
-DEFAULT_DATA = Path(os.environ.get("SPOTRUN_DATA", "/work/shared/data"))
+DEFAULT_DATA = Path(os.environ.get("SPOTRUN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SLACKS = (0.1, 0.5, 1.0, math.inf)  # inf: no deadline
 RESTART_OVERHEAD_H = 0.2
 CHECKPOINT_INTERVAL_H = 0.5

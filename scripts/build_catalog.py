@@ -368,7 +368,7 @@ def build(data: Path) -> tuple[list[Offer], dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "spotrun" / "catalog" / "data")
     args = parser.parse_args(argv)
     offers, meta = build(args.data)

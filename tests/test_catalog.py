@@ -25,7 +25,7 @@ from spotrun.catalog.interruption import (
 )
 from spotrun.catalog.snapshot import read_file, write_file
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_bundled_catalog_loads_offline_with_all_providers() -> None:

@@ -16,7 +16,7 @@ from spotrun.providers.market import (
     resolve_market_path,
 )
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 BASE = """
 time_scale: 60
