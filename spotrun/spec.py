@@ -9,7 +9,7 @@ every problem in the file is reported at once, and a mistyped key suggests the c
 
     job.yaml:12:5: resources.gpu: unknown GPU 'A1OO'; allowed: A10, A100, ... (did you mean 'A100'?)
 
-How positions are kept: PyYAML composes the document into nodes that carry their marks; `_Reader`
+How positions are kept: PyYAML composes the document into nodes that carry their marks; `Reader`
 turns the node tree into plain Python values and, on the side, a map from each key path to where its
 key and value start. Pydantic errors come back with a `loc` (the same key path), which the map turns
 into a line and column. Validators that find several problems, or a problem below their own field
@@ -49,10 +49,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import ScalarNode
 
 from spotrun import units
 from spotrun.units import describe
+from spotrun.yamlpos import MAX_NODES, KeyPath, Reader, TooBig, node_mark, yaml_problem
 
 __all__ = [
     "AWSOptions",
@@ -73,9 +74,6 @@ __all__ = [
 ]
 
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes; anything this big is not one
-_MAX_NODES = 20_000  # guards against alias bombs ("billion laughs")
-
-KeyPath = tuple[str | int, ...]
 
 
 # ============================================================================= errors
@@ -154,163 +152,6 @@ def _join_path(path: KeyPath) -> str:
         else:
             out += f"[{part!r}]"
     return out
-
-
-# ============================================================================= YAML with positions
-
-
-@dataclass(frozen=True)
-class _Where:
-    key: tuple[int, int] | None  # (line, column) of the key; None for the root and list items
-    value: tuple[int, int]  # (line, column) where the value starts
-    node: Node
-
-
-def _mark(node: Node) -> tuple[int, int]:
-    return node.start_mark.line + 1, node.start_mark.column + 1
-
-
-class _Constructor(yaml.constructor.SafeConstructor):
-    """PyYAML's safe scalar constructors, except that timestamps stay text (a `name: 2024-01-01`
-    or an image tag should not become a datetime)."""
-
-
-_Constructor.add_constructor("tag:yaml.org,2002:timestamp", yaml.constructor.SafeConstructor.construct_yaml_str)
-
-_STD = "tag:yaml.org,2002:"
-_SCALAR_TAGS = {_STD + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
-
-
-class _TooBig(Exception):
-    pass
-
-
-class _Reader:
-    """Turns a composed YAML node tree into plain values plus a key path -> position map.
-
-    Problems that YAML itself allows but a spec must not contain (duplicate keys, unsupported tags,
-    non-text keys, recursive aliases) are collected, not raised, so they are reported with the rest.
-    """
-
-    def __init__(self) -> None:
-        self.where: dict[KeyPath, _Where] = {}
-        # (path, position, message, suppress): suppress hides pydantic's errors for that subtree,
-        # which would only repeat the same problem in other words.
-        self.problems: list[tuple[KeyPath, tuple[int, int], str, bool]] = []
-        self._constructor = _Constructor()
-        self._budget = _MAX_NODES
-        self._active: set[int] = set()
-
-    def read(self, node: Node, path: KeyPath = (), key: tuple[int, int] | None = None) -> Any:
-        self._budget -= 1
-        if self._budget < 0:
-            raise _TooBig
-        self.where[path] = _Where(key, _mark(node), node)
-        if id(node) in self._active:
-            self.problems.append((path, _mark(node), "a YAML alias refers to itself", True))
-            return None
-        self._active.add(id(node))
-        try:
-            if isinstance(node, MappingNode):
-                return self._mapping(node, path)
-            if isinstance(node, SequenceNode):
-                return self._sequence(node, path)
-            return self._scalar(node, path)
-        finally:
-            self._active.discard(id(node))
-
-    def _bad_tag(self, node: Node, path: KeyPath) -> None:
-        tag = node.tag.replace(_STD, "!!")
-        self.problems.append((path, _mark(node), f"unsupported YAML tag {tag!r}; remove it", True))
-
-    def _scalar(self, node: Node, path: KeyPath) -> Any:
-        if node.tag not in _SCALAR_TAGS:
-            self._bad_tag(node, path)
-            return None
-        try:
-            return self._constructor.construct_object(node, deep=True)
-        except Exception as exc:  # a bad explicit tag such as `!!int abc`, or a 5000-digit number
-            reason = "the number is too large" if "limit" in str(exc) else str(exc)
-            self.problems.append((path, _mark(node), f"invalid value {describe(node.value)}: {reason}", True))
-            return None
-
-    def _sequence(self, node: SequenceNode, path: KeyPath) -> list[Any] | None:
-        if node.tag != _STD + "seq":
-            self._bad_tag(node, path)
-            return None
-        return [self.read(item, (*path, i)) for i, item in enumerate(node.value)]
-
-    def _pairs(self, node: MappingNode, path: KeyPath) -> list[tuple[Node, Node, bool]]:
-        """The mapping's (key, value, explicit) pairs with YAML merge keys (`<<: *base`) expanded:
-        merged pairs first (earlier sources win), then the explicit ones, which win over all."""
-        merged: list[tuple[Node, Node, bool]] = []
-        explicit: list[tuple[Node, Node, bool]] = []
-        for key_node, value_node in node.value:
-            if key_node.tag != _STD + "merge":
-                explicit.append((key_node, value_node, True))
-                continue
-            sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
-            if not all(isinstance(s, MappingNode) for s in sources):
-                self.problems.append((path, _mark(key_node), "'<<' must merge a mapping or a list of mappings", False))
-                continue
-            for source in reversed(sources):
-                if id(source) in self._active:
-                    self.problems.append((path, _mark(source), "a YAML alias refers to itself", True))
-                    continue
-                self._active.add(id(source))
-                try:
-                    merged.extend((k, v, False) for k, v, _ in self._pairs(source, path))
-                finally:
-                    self._active.discard(id(source))
-        return merged + explicit
-
-    def _mapping(self, node: MappingNode, path: KeyPath) -> dict[str, Any] | None:
-        if node.tag != _STD + "map":
-            self._bad_tag(node, path)
-            return None
-        result: dict[str, Any] = {}
-        first_seen: dict[str, int] = {}
-        for key_node, value_node, explicit in self._pairs(node, path):
-            if not isinstance(key_node, ScalarNode):
-                what = "a mapping" if isinstance(key_node, MappingNode) else "a list"
-                self.problems.append((path, _mark(key_node), f"a key must be plain text, got {what}", False))
-                continue
-            key = key_node.value  # the source text: `on:` stays 'on', not True
-            child = (*path, key)
-            if explicit and key in first_seen:
-                self.problems.append(
-                    (child, _mark(key_node), f"duplicate key {key!r} (first given on line {first_seen[key]})",
-                     False)
-                )  # fmt: skip
-            elif explicit:
-                first_seen[key] = _mark(key_node)[0]
-            result[key] = self.read(value_node, child, _mark(key_node))
-        return result
-
-
-def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[tuple[int, int], str]:
-    """Position and message for a YAML syntax error."""
-    if isinstance(exc, yaml.reader.ReaderError):
-        before = text[: exc.position]
-        line = before.count("\n") + 1
-        column = exc.position - (before.rfind("\n") + 1) + 1
-        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
-        return (line, column), f"not a YAML text file: unacceptable character {char} ({exc.reason})"
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    position = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-    problem = getattr(exc, "problem", None) or str(exc)
-    context = getattr(exc, "context", None)
-    if "'\\t'" in problem:
-        return position, "invalid YAML: a tab character; YAML does not allow tabs for indentation, use spaces"
-    if context == "expected a single document in the stream":
-        return position, "invalid YAML: a second document ('---'); a job spec is a single YAML document"
-    message = f"invalid YAML: {problem}"
-    context_mark = getattr(exc, "context_mark", None)
-    if context and context_mark and context_mark is not mark:
-        message += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
-    elif context:
-        message += f" ({context})"
-    return position, message
 
 
 # ============================================================================= field helpers
@@ -1150,7 +991,7 @@ def _error_message(error: Mapping[str, Any]) -> str:
     return f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {got}"
 
 
-def _issues_from(exc: ValidationError, reader: _Reader | None, file: str) -> list[tuple[KeyPath, SpecIssue]]:
+def _issues_from(exc: ValidationError, reader: Reader | None, file: str) -> list[tuple[KeyPath, SpecIssue]]:
     """One SpecIssue per problem in a pydantic ValidationError, positioned with the reader's map."""
     found: list[tuple[KeyPath, SpecIssue]] = []
 
@@ -1184,7 +1025,7 @@ def _issues_from(exc: ValidationError, reader: _Reader | None, file: str) -> lis
 
 
 def _position(
-    reader: _Reader | None, path: KeyPath, *, at_key: bool = False, missing: bool = False
+    reader: Reader | None, path: KeyPath, *, at_key: bool = False, missing: bool = False
 ) -> tuple[int | None, int | None]:
     """Line and column for a key path: its key or value, or for a missing key the enclosing mapping
     (the nearest ancestor the file has)."""
@@ -1271,16 +1112,16 @@ def _validate(
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        (line, column), message = _yaml_problem(exc, text)
+        (line, column), message = yaml_problem(exc, text)
         raise SpecError([SpecIssue(file, line, column, "", message)]) from None
     if root is None:
         raise SpecError([SpecIssue(file, 1, 1, "", "the file is empty; a job spec needs at least 'name' and 'run'")])
-    reader = _Reader()
+    reader = Reader()
     try:
         data = reader.read(root)
-    except _TooBig:
+    except TooBig:
         raise SpecError(
-            [SpecIssue(file, 1, 1, "", f"the YAML expands to more than {_MAX_NODES} values (aliases?)")]
+            [SpecIssue(file, 1, 1, "", f"the YAML expands to more than {MAX_NODES} values (aliases?)")]
         ) from None
     issues: list[tuple[KeyPath, SpecIssue]] = [
         (path, SpecIssue(file, line, column, _join_path(path), message))
@@ -1289,7 +1130,7 @@ def _validate(
     if not isinstance(data, dict):
         if issues:  # the root itself was refused (an unsupported tag): that is the whole story
             raise SpecError(issue for _, issue in issues)
-        line, column = _mark(root)
+        line, column = node_mark(root)
         issues.append(((), SpecIssue(
             file, line, column, "",
             f"expected a mapping of keys at the top level (like 'name: my-job'), got {describe(data)}",
