@@ -217,5 +217,14 @@ def open_store(url: str) -> Store:
     return getattr(importlib.import_module(module), cls).from_url(url)
 
 
+def object_name(prefix: str, key: str) -> str:
+    """The object name of `key` under a bucket prefix (S3, GCS, Azure Blob). Refuses empty,
+    '.' and '..' segments, so a key can never reach outside the store's prefix."""
+    key = key.strip("/")
+    if key and any(part in ("", ".", "..") for part in key.split("/")):
+        raise StoreError(f"bad store key {key!r}")
+    return f"{prefix}/{key}" if prefix else key
+
+
 def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}"

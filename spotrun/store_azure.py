@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from spotrun.store import NotFound, Progress, Store, StoreError
+from spotrun.store import NotFound, Progress, Store, StoreError, object_name
 
 CONCURRENCY = 4
 MiB = 1024 * 1024
@@ -109,10 +109,7 @@ class AzureBlobStore(Store):
         return BlobServiceClient(account_url, credential=DefaultAzureCredential(), **TRANSFER_OPTIONS)
 
     def _name(self, key: str) -> str:
-        key = key.strip("/")
-        if key and any(part in ("", ".", "..") for part in key.split("/")):
-            raise StoreError(f"bad store key {key!r}")
-        return f"{self.prefix}/{key}" if self.prefix else key
+        return object_name(self.prefix, key)
 
     def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one blob call; failures become StoreError/NotFound (no URL with a SAS, no key)."""

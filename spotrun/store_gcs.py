@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from spotrun.store import NotFound, Progress, Store, StoreError
+from spotrun.store import NotFound, Progress, Store, StoreError, object_name
 
 MiB = 1024 * 1024
 RESUMABLE_THRESHOLD = 8 * MiB  # larger files go up in resumable chunks of this size
@@ -106,10 +106,7 @@ class GCSStore(Store):
             ) from None
 
     def _name(self, key: str) -> str:
-        key = key.strip("/")
-        if key and any(part in ("", ".", "..") for part in key.split("/")):
-            raise StoreError(f"bad store key {key!r}")
-        return f"{self.prefix}/{key}" if self.prefix else key
+        return object_name(self.prefix, key)
 
     def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one storage call; failures become StoreError/NotFound."""

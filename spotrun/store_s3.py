@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from spotrun.store import NotFound, Progress, Store, StoreError
+from spotrun.store import NotFound, Progress, Store, StoreError, object_name
 
 MiB = 1024 * 1024
 MULTIPART_THRESHOLD = 8 * MiB  # files at or above this size go up in parts
@@ -96,10 +96,7 @@ class S3Store(Store):
             return self._client
 
     def _key(self, key: str) -> str:
-        key = key.strip("/")
-        if any(part in ("", ".", "..") for part in key.split("/")) and key:
-            raise StoreError(f"bad store key {key!r}")
-        return f"{self.prefix}/{key}" if self.prefix else key
+        return object_name(self.prefix, key)
 
     def _call(self, what: str, key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one boto3 call, turning its failures into StoreError/NotFound (never leaking keys)."""
