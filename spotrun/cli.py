@@ -222,7 +222,10 @@ def _run_foreground(state: State, job_id: str, *, live: bool) -> Any:
     from spotrun.controller import Controller
 
     if not live:
-        return Controller(state).run(job_id)
+        try:
+            return Controller(state).run(job_id)
+        except KeyboardInterrupt:
+            return _cancel_after_interrupt(state, job_id)
     interactive = console.is_terminal
     seen_events = [0]
 
@@ -248,13 +251,21 @@ def _run_foreground(state: State, job_id: str, *, live: bool) -> Any:
             controller.on_update = print_new_events
             result = controller.run(job_id)
     except KeyboardInterrupt:
-        err.print("interrupted: cancelling the job and releasing its instances (use --detach to keep jobs running)")
-        state.request_cancel(job_id, time.time())
-        state.release_controller(job_id, os.getpid())
-        result = Controller(state).run(job_id)
+        result = _cancel_after_interrupt(state, job_id)
     print_new_events(None)
     console.print(views.result_summary(result, state.attempts(job_id)))
     return result
+
+
+def _cancel_after_interrupt(state: State, job_id: str) -> Any:
+    """Ctrl-C on a foreground launch: the job has no controller left, so cancel it and release
+    its instances now rather than leave them billing."""
+    from spotrun.controller import Controller
+
+    err.print("interrupted: cancelling the job and releasing its instances (use --detach to keep jobs running)")
+    state.request_cancel(job_id, time.time())
+    state.release_controller(job_id, os.getpid())
+    return Controller(state).run(job_id)
 
 
 # ---------------------------------------------------------------------------- status
@@ -383,7 +394,7 @@ def cancel(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the job's controller to stop it.")] = 30.0,
 ) -> None:
     """Stop a job and release every instance it holds (state CANCELLED)."""
-    from spotrun.controller import Controller
+    from spotrun.controller import Controller, ControllerBusy
 
     state = open_state()
     j = find_job_or_exit(state, job)
@@ -397,7 +408,12 @@ def cancel(
         if state.job(j.id).status.terminal:
             break
     if not state.job(j.id).status.terminal:
-        Controller(state).run(j.id)  # no live controller: do the cleanup here
+        try:
+            Controller(state).run(j.id)  # no live controller: do the cleanup here
+        except ControllerBusy:
+            pid = state.job(j.id).controller_pid
+            console.print(f"cancel requested: the job's controller (pid {pid}) is stopping it")
+            return
     console.print(f"job {j.id}: {state.job(j.id).status.value}")
 
 

@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,7 @@ from spotrun.providers.base import (
     Throttled,
 )
 from spotrun.state import Attempt, AttemptStatus, Job, JobStatus, State
-from spotrun.store import NotFound, Store, job_prefix, open_store
+from spotrun.store import NotFound, Store, StoreError, job_prefix, open_store
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
@@ -52,6 +52,7 @@ EXIT_BAD_INPUT = 2
 EXIT_NO_CAPACITY = 3
 EXIT_BUDGET = 4
 EXIT_CANCELLED = 130
+EXIT_AGENT_ERROR = 70  # the Agent's own code for "the workload may be fine, but I could not finish"
 
 EXIT_CODES = {
     JobStatus.SUCCEEDED: EXIT_OK,
@@ -63,6 +64,8 @@ EXIT_CODES = {
 }
 
 CLOUDS = ("aws", "gcp", "azure")
+FINISH_TERMINATE_TRIES = 5
+LEASE_STALE_AFTER = 120.0  # seconds without a check-in before a controller whose pid is not spotrun loses the job
 
 
 @dataclass
@@ -234,9 +237,7 @@ class Controller:
     def run(self, job_id: str) -> JobResult:
         """Drive the job until it is finished. Safe to call again after a crash (resume)."""
         now = self.clock.now()
-        if not self.state.claim_controller(
-            job_id, self.pid, now, stale_after=max(10.0, 20 * self.options.poll_interval)
-        ):
+        if not self.state.claim_controller(job_id, self.pid, now, stale_after=LEASE_STALE_AFTER):
             raise ControllerBusy(
                 f"job {job_id} already has a live controller (pid {self.state.job(job_id).controller_pid})"
             )
@@ -267,12 +268,18 @@ class Controller:
 
     def _drive(self, job_id: str) -> None:
         spec = planning_spec(self.state.job(job_id).spec)
+        # Local instances inherit this process's environment: give them the secret values under
+        # the names the workload reads (the Agent passes secret env on by name, never via the store).
+        for key in spec.secret_env_keys:
+            if spec.env.get(key):
+                os.environ[key] = spec.env[key]
         self._sweep(job_id, spec, keep=None)
         capacity_since: float | None = None
         while True:
             try:
                 now = self.clock.now()
-                self.state.touch_controller(job_id, self.pid, now)
+                if not self.state.touch_controller(job_id, self.pid, now):
+                    raise ControllerBusy(f"job {job_id} was taken over by another controller; this one stops")
                 job = self.state.job(job_id)
                 if job.cancel_requested:
                     raise JobFinished(JobStatus.CANCELLED, EXIT_CANCELLED, "cancelled by user")
@@ -475,6 +482,8 @@ class Controller:
         if exit_rec is not None or st.status == InstanceStatus.EXITED:
             code = exit_rec.get("code") if exit_rec else st.exit_code
             code = 1 if code is None else int(code)
+            if exit_rec is not None and exit_rec.get("reason") not in (None, "completed") and code == 0:
+                code = EXIT_AGENT_ERROR  # e.g. the outputs could not be uploaded: not a success
             if code == 0:
                 self._end(provider, instance, job, attempt, "completed", exit_rec, st, code=0)
                 raise JobFinished(JobStatus.SUCCEEDED, EXIT_OK, "completed", job_exit_code=0)
@@ -587,11 +596,24 @@ class Controller:
         code: int | None = None,
         detail: str = "",
     ) -> None:
-        """Stop billing first (terminate is idempotent), then record the end of the attempt."""
-        provider.terminate(instance)
+        """Stop billing first (terminate is idempotent), then record the end of the attempt. If the
+        cloud refuses to terminate now, the attempt stays open and the next poll tries again."""
+        if not self._terminate(provider, instance, job.id):
+            return
         if not detail:
             detail = st.reason or (f"checkpoint step {exit_rec.get('checkpoint_step')}" if exit_rec else "")
         self.state.end_attempt(job.id, attempt.n, reason, self.clock.now(), exit_code=code, detail=detail)
+
+    def _terminate(self, provider: Provider, instance: Instance, job_id: str) -> bool:
+        try:
+            provider.terminate(instance)
+            return True
+        except ProviderError as e:
+            self.state.add_event(
+                job_id, self.clock.now(), "terminate_error", f"terminating {instance.instance_id} failed: {e}"
+            )
+            self.clock.sleep(self.options.launch_retry_backoff)
+            return False
 
     def _check_limits(self, job: Job, spec: JobSpec, now: float) -> None:
         attempts = self.state.attempts(job.id)
@@ -619,7 +641,19 @@ class Controller:
         if attempt is not None:
             reason = {JobStatus.CANCELLED: "cancelled"}.get(done.status, done.status.value.lower())
             if attempt.instance is not None:
-                self._provider(attempt.provider, spec).terminate(Instance.from_dict(attempt.instance))
+                instance = Instance.from_dict(attempt.instance)
+                provider = self._provider(attempt.provider, spec)
+                for _ in range(FINISH_TERMINATE_TRIES):
+                    if self._terminate(provider, instance, job_id):
+                        break
+                else:
+                    # Leave the attempt open and the job unfinished: State still knows the instance,
+                    # and `spotrun cancel` or `launch --resume` will try again.
+                    self.state.add_event(
+                        job_id, self.clock.now(), "cleanup", f"instance {instance.instance_id} could not be "
+                        f"terminated; run `spotrun cancel {job_id}` to retry",
+                    )  # fmt: skip
+                    return
             self.state.end_attempt(job_id, attempt.n, reason, self.clock.now())
         self._sweep(job_id, spec, keep=None)
         for name in sorted({a.provider for a in self.state.attempts(job_id)}):
@@ -656,10 +690,10 @@ class Controller:
                     continue
                 if open_attempt is not None and open_attempt.instance_id is None and inst.attempt == open_attempt.n:
                     continue  # launched by a controller that died before recording it: adopted next
-                provider.terminate(inst)
-                self.state.add_event(
-                    job_id, self.clock.now(), "sweep", f"terminated stray instance {inst.instance_id} ({name})"
-                )
+                if self._terminate(provider, inst, job_id):
+                    self.state.add_event(
+                        job_id, self.clock.now(), "sweep", f"terminated stray instance {inst.instance_id} ({name})"
+                    )
 
     # ------------------------------------------------------------------ planning
 
@@ -821,12 +855,33 @@ def stored_spec(spec: JobSpec) -> dict[str, Any]:
     return spec.persistable()
 
 
+class _AnyVariable(Mapping[str, str]):
+    """The environment, where every variable exists (unset ones are empty): lets a job be
+    cleaned up or planned from a shell that lacks its `${SECRET}`s."""
+
+    def __getitem__(self, key: str) -> str:
+        return os.environ.get(key, "")
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(os.environ)
+
+    def __len__(self) -> int:
+        return len(os.environ)
+
+
 def planning_spec(data: dict[str, Any]) -> JobSpec:
     """Rebuild the spec from State for planning and limits. The code and data were shipped to the
-    Store at submit time; local paths are not re-checked (they may be gone by now)."""
-    from spotrun.spec import JobSpec
+    Store at submit time; local paths are not re-checked (they may be gone by now). A secret that
+    this shell does not have is left empty rather than stopping a cancel or a resume."""
+    from spotrun.spec import JobSpec, SpecError
 
-    return JobSpec.from_persisted(data)
+    try:
+        return JobSpec.from_persisted(data)
+    except SpecError:
+        return JobSpec.from_persisted(data, environ=_AnyVariable())
 
 
 def _resolve(spec: JobSpec, source: str) -> Any:
@@ -855,7 +910,7 @@ def _read_json(store: Store, key: str) -> dict[str, Any] | None:
         return json.loads(store.get_bytes(key))
     except NotFound:
         return None
-    except (ValueError, OSError):
+    except (StoreError, ValueError, OSError):  # a transient store error: try again at the next poll
         return None
 
 

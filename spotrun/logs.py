@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spotrun.state import State
-from spotrun.store import NotFound, Store, job_prefix, open_store
+from spotrun.store import NotFound, Store, StoreError, job_prefix, open_store
 
 
 class LogReader:
@@ -28,7 +28,11 @@ class LogReader:
             if a.started_at is None:
                 continue
             store = self._store_of(a.store_url)
-            keys = store.list(f"{prefix}/attempts/{a.n}/log/")
+            try:
+                keys = store.list(f"{prefix}/attempts/{a.n}/log/")
+            except StoreError:  # transient: read it at the next poll
+                self._pending = True
+                continue
             seen = self._seen.get(a.n)
             if seen is None:
                 seen = self._seen[a.n] = set()
@@ -40,7 +44,7 @@ class LogReader:
                     continue
                 try:
                     text = store.get_bytes(key).decode("utf-8", errors="replace")
-                except NotFound:
+                except (NotFound, StoreError):
                     self._pending = True
                     continue
                 seen.add(key)

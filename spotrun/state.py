@@ -338,14 +338,24 @@ class State:
             if row is None:
                 raise KeyError(job_id)
             holder, seen = row["controller_pid"], row["controller_seen"]
-            if holder and holder != pid and seen is not None and now - seen < stale_after and pid_alive(holder):
-                return False
+            if holder and holder != pid and pid_alive(holder):
+                # A live holder keeps the job while it checks in; one that has gone quiet keeps it too
+                # while its pid still runs spotrun (a long launch or upload, not a death): taking over
+                # from a busy controller would start a second instance. Only a pid reused by some
+                # other program after a quiet spell is taken over.
+                fresh = seen is not None and now - seen < stale_after
+                if fresh or pid_alive(holder, cmd_hint="spotrun"):
+                    return False
             db.execute("UPDATE jobs SET controller_pid = ?, controller_seen = ? WHERE id = ?", (pid, now, job_id))
             return True
 
-    def touch_controller(self, job_id: str, pid: int, now: float) -> None:
+    def touch_controller(self, job_id: str, pid: int, now: float) -> bool:
+        """Check in as the job's controller; False when another controller has taken the job over."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET controller_seen = ? WHERE id = ? AND controller_pid = ?", (now, job_id, pid))
+            cur = db.execute(
+                "UPDATE jobs SET controller_seen = ? WHERE id = ? AND controller_pid = ?", (now, job_id, pid)
+            )
+            return cur.rowcount == 1
 
     def release_controller(self, job_id: str, pid: int) -> None:
         with self._tx() as db:

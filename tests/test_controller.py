@@ -22,6 +22,7 @@ from spotrun.providers.base import (
     NoCapacity,
     Provider,
     QuotaExceeded,
+    Throttled,
 )
 from spotrun.spec import load_spec
 from spotrun.state import JobStatus, State
@@ -65,6 +66,7 @@ class ScriptedProvider(Provider):
     tokens: dict[str, FakeInstance] = field(default_factory=dict)
     calls: int = 0
     fate: dict[str, object] = field(default_factory=dict)
+    refuse_terminations: int = 0
 
     def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
         self.calls += 1
@@ -98,7 +100,7 @@ class ScriptedProvider(Provider):
             return InstanceState(InstanceStatus.PREEMPTED, reason="spot interruption")
         if isinstance(outcome, tuple) and outcome[0] == "exit":
             code = outcome[1]
-            reason = "completed" if code == 0 else "failed"
+            reason = outcome[2] if len(outcome) > 2 else "completed" if code == 0 else "failed"
             self.store.put_bytes(
                 f"jobs/{boot.job_id}/attempts/{boot.attempt}/exit",
                 json.dumps({"code": code, "reason": reason}).encode(),
@@ -110,6 +112,9 @@ class ScriptedProvider(Provider):
         return InstanceState(InstanceStatus.RUNNING)
 
     def terminate(self, instance: Instance) -> None:
+        if self.refuse_terminations > 0:
+            self.refuse_terminations -= 1
+            raise Throttled("RequestLimitExceeded", code="RequestLimitExceeded")
         self._find(instance.instance_id).alive = False
 
     def list_owned(self, job_id: str) -> list[Instance]:
@@ -269,3 +274,32 @@ def test_nothing_fits_gives_exit_3_without_launching(env):
     result = controller.run(job)
     assert (result.status, result.exit_code) == (JobStatus.NO_CAPACITY, 3)
     assert provider.calls == 0
+
+
+def test_an_agent_error_after_a_zero_exit_is_not_a_success(env):
+    # The workload exited 0 but its outputs could not be uploaded: retried, never called done.
+    controller, _, job = make(env, {"a": [("exit", 0, "agent-error"), ("exit", 0)]}, [offer("a", 1.0)])
+    result = controller.run(job)
+    assert result.exit_code == 0
+    assert [a.end_reason for a in env[0].attempts(job)] == ["failed", "completed"]
+
+
+def test_a_refused_termination_is_retried_before_the_attempt_ends(env):
+    controller, provider, job = make(env, {"a": ["preempt"], "b": [("exit", 0)]}, [offer("a", 1.0), offer("b", 1.5)])
+    provider.refuse_terminations = 2
+    assert controller.run(job).exit_code == 0
+    assert not any(f.alive for f in provider.launched)
+    assert sum(e.kind == "terminate_error" for e in env[0].events(job)) == 2
+
+
+def test_a_job_can_be_rebuilt_from_state_without_its_secrets(monkeypatch, tmp_path):
+    from spotrun.controller import planning_spec, stored_spec
+    from spotrun.spec import parse_spec_text
+
+    monkeypatch.setenv("MY_TOKEN", "s3cret")
+    spec = parse_spec_text("name: x\nrun: t\nenv:\n  TOKEN: ${MY_TOKEN}\n", "job.yaml", base_dir=tmp_path)
+    saved = stored_spec(spec)
+    assert "s3cret" not in str(saved)
+    monkeypatch.delenv("MY_TOKEN")
+    rebuilt = planning_spec(saved)  # a cancel from a shell without the secret still works
+    assert rebuilt.env["TOKEN"] == "" and "TOKEN" in rebuilt.secret_env_keys

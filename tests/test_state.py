@@ -89,14 +89,46 @@ def test_find_job_by_prefix_and_name(tmp_path):
 
 def test_controller_claim_excludes_a_second_live_controller(tmp_path):
     import os
+    import subprocess
 
     state = State(tmp_path / "s.db")
     make_job(state)
     assert state.claim_controller("j1", os.getpid(), 100.0, stale_after=10)
-    assert not state.claim_controller("j1", 1, 105.0, stale_after=10)  # pid 1 is not us; we are alive
-    assert state.claim_controller("j1", 1, 200.0, stale_after=10)  # stale lease: taken over
-    state.release_controller("j1", 1)
+    assert not state.claim_controller("j1", 1, 105.0, stale_after=10)  # the holder (us) is alive and fresh
+    assert not state.touch_controller("j1", 1, 106.0)  # pid 1 does not hold the job
+    assert state.touch_controller("j1", os.getpid(), 106.0)
+    state.release_controller("j1", os.getpid())
     assert state.job("j1").controller_pid is None
+
+    other = subprocess.Popen(["sleep", "30"])  # a live process that is not spotrun: a reused pid
+    try:
+        assert state.claim_controller("j1", other.pid, 200.0, stale_after=10)
+        assert not state.claim_controller("j1", 1, 205.0, stale_after=10)  # fresh: kept
+        assert state.claim_controller("j1", 1, 300.0, stale_after=10)  # quiet and not spotrun: taken over
+    finally:
+        other.kill()
+        other.wait()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    state.release_controller("j1", 1)
+    assert state.claim_controller("j1", dead.pid, 400.0, stale_after=10)
+    assert state.claim_controller("j1", os.getpid(), 401.0, stale_after=10)  # its holder is dead: taken over
+
+
+def test_a_busy_spotrun_controller_keeps_the_job_even_when_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    state = State(tmp_path / "s.db")
+    make_job(state)
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "spotrun-controller-stand-in"])
+    try:
+        assert state.claim_controller("j1", busy.pid, 100.0, stale_after=10)
+        assert not state.claim_controller("j1", 1, 1000.0, stale_after=10)  # quiet, but still spotrun
+    finally:
+        busy.kill()
+        busy.wait()
+    assert state.claim_controller("j1", 1, 1001.0, stale_after=10)
 
 
 def _writer(path: str, job: str, count: int) -> None:

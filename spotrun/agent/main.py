@@ -271,8 +271,11 @@ class Agent:
                 count = upload_outputs(self.store, self.prefix, self.paths.output)
                 self.log.note(f"{count} output file(s) uploaded")
             except Exception as e:
+                # The job's results are lost if this is called a success: report an agent error.
                 self.log.note(f"output upload failed: {type(e).__name__}: {e}")
-                outcome = Outcome(code, "agent-error", f"output upload failed: {e}")
+                return self._finish(
+                    Outcome(EXIT_AGENT_ERROR, "agent-error", f"output upload failed: {e}"), EXIT_AGENT_ERROR
+                )
         else:
             self.log.note(f"the workload failed with exit code {code} during {ended_in}")
         return self._finish(outcome, code if code is not None else EXIT_AGENT_ERROR)
@@ -286,7 +289,7 @@ class Agent:
 
     def _final_checkpoint(self) -> None:
         try:
-            self.uploader.sync_once()
+            self.uploader.sync_once(final=True)
         except Exception as e:
             self.log.note(f"final checkpoint upload failed: {type(e).__name__}: {e}")
 

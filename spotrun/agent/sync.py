@@ -267,7 +267,8 @@ class CheckpointUploader:
         if self._periodic is not None:
             self._periodic.stop()
             self._periodic = None
-        self._abort.clear()
+        # The abort stays set until the final `sync_once(final=True)` holds the lock: an upload of a
+        # big file may outlive the join above, and must still give up at its next file boundary.
 
     def _committed(self) -> list[int]:
         try:
@@ -281,9 +282,12 @@ class CheckpointUploader:
                 steps.append(step)
         return sorted(steps, reverse=True)
 
-    def sync_once(self) -> int | None:
-        """Upload the newest committed local checkpoint not yet in the store; its step or None."""
+    def sync_once(self, *, final: bool = False) -> int | None:
+        """Upload the newest committed local checkpoint not yet in the store; its step or None.
+        `final` is the last upload after `stop()`: it clears an abort once the old upload let go."""
         with self._lock:
+            if final:
+                self._abort.clear()
             for step in self._committed():
                 if self.uploaded_step is not None and step <= self.uploaded_step:
                     return None
