@@ -230,13 +230,20 @@ class S3Store(Store):
         keys = self.list(prefix)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-            self._call(
+            resp = self._call(
                 "delete",
                 prefix,
                 self.client.delete_objects,
                 Bucket=self.bucket,
                 Delete={"Objects": batch, "Quiet": True},
             )
+            errors = (resp or {}).get("Errors") or []
+            if errors:  # a quiet DeleteObjects answers 200 and lists only the keys it could not delete
+                first = errors[0]
+                raise StoreError(
+                    f"S3 delete of s3://{self.bucket}/{first.get('Key')} failed: {first.get('Code')} "
+                    f"({len(errors)} key(s) not deleted)"
+                )
 
 
 _SESSION: list[Any] = []

@@ -182,10 +182,14 @@ def test_errors_translate_by_code_and_leave_nothing(
 
 
 def test_restricted_sku_is_no_capacity_before_anything_is_made(provider: AzureProvider, arm: FakeARM) -> None:
-    arm.restrict_sku("westus2", "Standard_NC6s_v3")
-    with pytest.raises(NoCapacity, match="NotAvailableForSubscription"):
+    arm.restrict_sku("westus2", "Standard_NC6s_v3", reason="QuotaId")
+    arm.restrict_sku("westus2", "Standard_NC4as_T4_v3")  # NotAvailableForSubscription
+    with pytest.raises(NoCapacity, match="SkuNotAvailable.*QuotaId"):
         provider.launch(offer("westus2", "Standard_NC6s_v3"), spot=True, boot=boot(), client_token="r")
     assert not arm.requests_to("PUT", r"/networkInterfaces/|/virtualMachines/")
+    # A size this subscription may never use is a bad offer, not a shortage to wait out.
+    with pytest.raises(BadRequest, match="not available for this subscription"):
+        provider.launch(offer("westus2", "Standard_NC4as_T4_v3"), spot=True, boot=boot(), client_token="q")
     with pytest.raises(BadRequest, match="not offered"):
         provider.launch(offer("westus2", "Standard_ND96_nope"), spot=True, boot=boot(), client_token="s")
     inst = provider.launch(offer("westus2", "Standard_NC24ads_A100_v4"), spot=True, boot=boot(), client_token="u")
@@ -313,3 +317,18 @@ def test_an_unreachable_endpoint_is_a_provider_error() -> None:
     with pytest.raises(ProviderError, match="unreachable"):
         dead.list_owned("job")
     assert dead.check()["usable"] is False
+
+
+def test_the_vm_learns_the_storage_account_name_never_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotrun.providers.azure import storage_account_env
+
+    for var in ("AZURE_STORAGE_ACCOUNT_URL", "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_CONNECTION_STRING"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING", "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=c2VjcmV0=="
+    )
+    assert storage_account_env("az://ckpt/jobs") == {"AZURE_STORAGE_ACCOUNT": "acme"}
+    assert storage_account_env("az://ckpt@other/jobs") == {}  # named in the URL already
+    assert storage_account_env("s3://b/p") == {}
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT", "named")
+    assert storage_account_env("az://ckpt/jobs") == {"AZURE_STORAGE_ACCOUNT": "named"}

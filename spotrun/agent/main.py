@@ -95,6 +95,8 @@ class Agent:
     ) -> None:
         self.boot = boot
         self.paths = AgentPaths(Path(root).resolve())
+        for key, value in boot.env.items():  # e.g. the storage account the store lives in
+            os.environ.setdefault(key, value)
         self.store = store or open_store(boot.store_url)
         self.clock = clock
         self.watcher = watcher if watcher is not None else make_watcher(boot.notice)

@@ -30,9 +30,10 @@ from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
-from spotrun.providers.aws_api import AWSApi, redact
+from spotrun.providers.aws_api import PERMISSION_CODES, AWSApi, redact
 from spotrun.providers.aws_resources import DLAMI_NAME_PATTERNS, DLAMI_PARAMETER, TAG_JOB, LaunchResources
 from spotrun.providers.base import (
+    AuthError,
     BadRequest,
     Boot,
     Instance,
@@ -130,6 +131,7 @@ class AWSProvider(Provider):
             ami_name_patterns=ami_name_patterns,
         )
         self._regions: set[str] = {r for r in [region, *(regions or [])] if r}
+        self._launched_regions: set[str] = set()
         self._discover_regions = regions is None  # sweep every enabled region once, on the first list_owned
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()
@@ -244,6 +246,7 @@ class AWSProvider(Provider):
         token = _ec2_token(client_token)
         with self._lock:
             self._regions.add(region)
+            self._launched_regions.add(region)
         extra = {"store_url": boot.store_url, "job_prefix": boot.job_prefix}
         existing = self._by_token(region, token)
         if existing is not None:
@@ -387,7 +390,18 @@ class AWSProvider(Provider):
                     for i in r["Instances"]
                 ]
 
-            owned.extend(self._to_instance(raw, region) for raw in self.api.call(pages))
+            try:
+                raws = self.api.call(pages)
+            except AuthError as e:
+                # A region an organisation policy denies (found by discovery, never launched in) must
+                # not blind the sweep to every other region.
+                if e.code not in PERMISSION_CODES or region in self._launched_regions:
+                    raise
+                log.info("not sweeping %s: %s", region, e)
+                with self._lock:
+                    self._regions.discard(region)
+                continue
+            owned.extend(self._to_instance(raw, region) for raw in raws)
         return owned
 
     def release_job(self, job_id: str) -> None:

@@ -169,10 +169,14 @@ class LaunchResources:
             log.info("SSM parameter %s not usable in %s (%s): searching images", self.ami_parameter, region, exc.code)
             return None
 
+    def _home_region(self) -> str | None:
+        """The region the configured subnet and security group live in (ids are per region)."""
+        return self.region or self.api.default_region()
+
     def network(self, region: str, zone: str) -> tuple[str, str | None]:
         """(VPC id, subnet id or None: let EC2 pick the default subnet of the zone)."""
         ec2 = self.api.client("ec2", region)
-        if self.subnet_id and (self.region is None or region == self.region):
+        if self.subnet_id and region == self._home_region():
             subnet = self.api.call(ec2.describe_subnets, SubnetIds=[self.subnet_id])["Subnets"][0]
             if not zone or subnet["AvailabilityZone"] == zone:
                 return subnet["VpcId"], subnet["SubnetId"]
@@ -204,7 +208,7 @@ class LaunchResources:
 
     def security_group(self, region: str, vpc_id: str) -> str:
         """The VPC's no-ingress group: found by name or created, stripped of any inbound rule."""
-        if self.security_group_id and (self.region is None or region == self.region):
+        if self.security_group_id and region == self._home_region():
             return self.security_group_id
         with self._lock:
             if (region, vpc_id) in self._groups:

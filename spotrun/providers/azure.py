@@ -27,6 +27,7 @@ import base64
 import dataclasses
 import functools
 import json
+import os
 import re
 import threading
 import uuid
@@ -90,6 +91,23 @@ NOT_FOUND_CODES = {"ResourceNotFound", "NotFound", "ResourceGroupNotFound"}
 # ------------------------------------------------------------------ naming
 
 
+def storage_account_env(store_url: str) -> dict[str, str]:
+    """Where an `az://container/prefix` store lives, for the VM's Agent (which signs in with its
+    managed identity): the account name or URL the controller uses. Never a key: a connection
+    string is read only for its AccountName."""
+    if not store_url.startswith("az://") or "@" in store_url.split("/", 3)[2]:
+        return {}
+    if os.environ.get("AZURE_STORAGE_ACCOUNT_URL"):
+        return {"AZURE_STORAGE_ACCOUNT_URL": os.environ["AZURE_STORAGE_ACCOUNT_URL"]}
+    account = os.environ.get("AZURE_STORAGE_ACCOUNT")
+    if not account:
+        parts = dict(
+            p.split("=", 1) for p in os.environ.get("AZURE_STORAGE_CONNECTION_STRING", "").split(";") if "=" in p
+        )
+        account = parts.get("AccountName")
+    return {"AZURE_STORAGE_ACCOUNT": account} if account else {}
+
+
 def vm_name(job_id: str, attempt: int, client_token: str) -> str:
     """`spotrun-<job>-<attempt>-<8 hex>`: letters, digits and '-', at most 64 characters."""
     slug = re.sub(r"[^a-z0-9-]", "-", job_id.lower()).strip("-")[:36].rstrip("-") or "job"
@@ -131,6 +149,8 @@ def classify(code: str, message: str, *, status: int | None = None) -> ProviderE
         return PriceTooLow(text, code=code)
     if code == "QuotaExceeded" or (code in QUOTA_CODES and "quota" in lowered):
         return QuotaExceeded(text, code=code, scope="region")  # Azure's vCPU quotas are per region
+    if code == "RequestDisallowedByPolicy":  # an Azure Policy forbids this size/region: skip the offer
+        return BadRequest(text, code=code)
     if code in AUTH_CODES or status in (401, 403):
         return AuthError(text, code=code or str(status))
     if code in THROTTLE_CODES or status == 429:
@@ -315,7 +335,7 @@ class AzureProvider(Provider):
         self._check_sku(location, offer.instance_type, zones_for(offer))
         subnet_id, nsg_id = self._ensure_network(location)
         notice = {"kind": "azure", "endpoint": self.imds_endpoint.replace("{instance}", name), "vm_name": name}
-        boot = dataclasses.replace(boot, notice=notice)
+        boot = dataclasses.replace(boot, notice=notice, env={**boot.env, **storage_account_env(boot.store_url)})
         try:
             nic_id = self._create_nic(name, location, subnet_id, nsg_id, boot)
             body = self.vm_body(offer, spot=spot, boot=boot, name=name, nic_id=nic_id, token=client_token)
@@ -399,6 +419,11 @@ class AzureProvider(Provider):
         for restriction in sku.get("restrictions") or []:
             values = set(restriction.get("restrictionInfo", {}).get("zones") or [])
             blocked = restriction.get("type") == "Location" or (zones and set(zones) <= values)
+            if blocked and restriction.get("reasonCode") == "NotAvailableForSubscription":
+                raise BadRequest(  # never launchable for this subscription: not worth a cooldown and retry
+                    f"SkuNotAvailable: {size} in {location} is not available for this subscription",
+                    code="SkuNotAvailable",
+                )
             if blocked:
                 raise NoCapacity(
                     f"SkuNotAvailable: {size} in {location}: {restriction.get('reasonCode', 'restricted')}",
@@ -497,8 +522,10 @@ class AzureProvider(Provider):
         if vm is None:
             if name in self._terminated:
                 return InstanceState(InstanceStatus.TERMINATED, reason="deleted")
-            # Spot VMs are created with evictionPolicy=Delete: a VM we did not delete was evicted.
-            return InstanceState(InstanceStatus.PREEMPTED, reason="spot VM evicted (deleted)")
+            # Spot VMs are created with evictionPolicy=Delete: a spot VM we did not delete was evicted.
+            if instance.spot:
+                return InstanceState(InstanceStatus.PREEMPTED, reason="spot VM evicted (deleted)")
+            return InstanceState(InstanceStatus.TERMINATED, reason="VM deleted outside spotrun")
         props = _wire(vm).get("properties", {})
         if instance.details.get("vm_id") and props.get("vmId") not in (None, "", instance.details["vm_id"]):
             return InstanceState(InstanceStatus.TERMINATED, reason="VM replaced by another of the same name")

@@ -150,13 +150,14 @@ def render_bootstrap_script(boot: Boot) -> str:
             "#!/bin/bash",
             "# spotrun bootstrap: installs the Agent and starts it. Contains no credentials.",
             "set -euo pipefail",
+            "# Whatever happens (a failed install included), the VM powers off when this script ends, so",
+            "# it stops billing even before the controller's sweep (AWS and GCP instances are launched to",
+            "# be deleted on shutdown; an Azure VM stops billing only once the controller deletes it).",
+            "trap 'shutdown -h now' EXIT",
             f"export {BOOT_MARKER}{boot.to_b64()}",
             "python3 -m venv /opt/spotrun || true",
             f"/opt/spotrun/bin/pip install -q {shlex.quote(requirement)}",
-            "/opt/spotrun/bin/python -m spotrun.agent || true",
-            "# The job is over for this VM: power off so it stops billing even before the controller's sweep",
-            "# (instances are launched to terminate, not stop, on shutdown).",
-            "shutdown -h now",
+            "/opt/spotrun/bin/python -m spotrun.agent",
             "",
         ]
     )

@@ -55,6 +55,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# Machine series whose boot disk must be Hyperdisk (they take no Persistent Disk).
+HYPERDISK_ONLY = ("a3-ultragpu-", "a4-", "a4x-")
+
+
+def boot_disk_type(machine_type: str) -> str:
+    return "hyperdisk-balanced" if machine_type.startswith(HYPERDISK_ONLY) else "pd-balanced"
+
+
 DEFAULT_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
 DEFAULT_IMDS = "http://metadata.google.internal"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
@@ -331,7 +339,9 @@ class GCPProvider(Provider):
             boot=True,
             auto_delete=True,
             initialize_params=compute_v1.AttachedDiskInitializeParams(
-                source_image=self.image, disk_size_gb=self.disk_gb, disk_type=f"zones/{zone}/diskTypes/pd-balanced"
+                source_image=self.image,
+                disk_size_gb=self.disk_gb,
+                disk_type=f"zones/{zone}/diskTypes/{boot_disk_type(offer.instance_type)}",
             ),
         )
         instance = compute_v1.Instance(
