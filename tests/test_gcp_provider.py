@@ -343,3 +343,15 @@ def test_an_unreachable_endpoint_is_a_provider_error() -> None:
     with pytest.raises(ProviderError, match="unreachable"):
         dead.list_owned("job")
     assert dead.check()["usable"] is False
+
+
+def test_a_launch_retried_after_a_failed_insert_is_not_answered_with_the_old_failure(
+    provider: GCPProvider, gce: FakeGCE
+) -> None:
+    gce.fail_next_insert("rateLimitExceeded", http_status=429, message="rate limited in the operation")
+    with pytest.raises(Throttled):
+        provider.launch(offer(), spot=True, boot=boot(), client_token="t")
+    # Same client token (the controller's retry): GCE would replay the failed operation for the same
+    # request id, so the retry must carry a new one, and it launches.
+    inst = provider.launch(offer(), spot=True, boot=boot(), client_token="t")
+    assert inst.zone == "us-central1-a" and len(gce.instances) == 1

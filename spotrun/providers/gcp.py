@@ -207,6 +207,7 @@ class GCPProvider(Provider):
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._accelerators: dict[tuple[str, str], bool] = {}
+        self._failed_inserts: dict[str, int] = {}  # client token -> inserts that failed (fresh request ids)
 
     # -------------------------------------------------------------- clients
 
@@ -292,8 +293,12 @@ class GCPProvider(Provider):
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1
 
+        # GCE answers a repeated request_id with the earlier operation: after a failed insert (e.g.
+        # rate limited) a retry must send a new one, or it only gets the old failure back.
+        tries = self._failed_inserts.get(client_token, 0)
+        rid = request_id(client_token if tries == 0 else f"{client_token}:retry{tries}")
         request = compute_v1.InsertInstanceRequest(
-            project=self.project, zone=zone, instance_resource=body, request_id=request_id(client_token)
+            project=self.project, zone=zone, instance_resource=body, request_id=rid
         )
         try:
             op = self._call(lambda: instances.insert(request=request))
@@ -305,6 +310,7 @@ class GCPProvider(Provider):
         failure = from_operation_error(done)
         if failure is not None:
             self._delete_quietly(zone, name)  # never leave half of a failed insert behind
+            self._failed_inserts[client_token] = tries + 1
             raise failure
         return self._adopt(zone, name, client_token, spot)
 
