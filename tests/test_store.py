@@ -73,3 +73,19 @@ def test_open_store_by_url(tmp_path):
     assert isinstance(open_store((tmp_path / "b").as_uri()), LocalStore)
     with pytest.raises(StoreError, match="unsupported store URL"):
         open_store("ftp://x/y")
+
+
+def test_the_local_store_keeps_the_same_contract_as_the_bucket_stores(tmp_path):
+    from tests.fakes import store_contract as contract
+
+    root = tmp_path / "s"
+    contract.check_put_get_exists_size_delete(LocalStore(root / "a"))
+    contract.check_list_is_recursive_sorted_relative(LocalStore(root / "b"))
+    work = tmp_path / "work"
+    work.mkdir()
+    contract.check_large_file_round_trip(LocalStore(root / "c"), work, 9 * 1024 * 1024 + 123)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    contract.check_get_file_missing(LocalStore(root / "d"), empty)
+    contract.check_if_absent_writes_once(LocalStore(root / "e"))
+    contract.check_if_absent_race(lambda: LocalStore(root / "f"))

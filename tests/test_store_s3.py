@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from spotrun.store import NotFound, StoreError, open_store
+from spotrun.store import StoreError, open_store
 from spotrun.store_s3 import S3Store
+from tests.fakes import store_contract as contract
 from tests.fakes.moto_server import ACCOUNT_ID, MotoServer, aws, moto_server  # noqa: F401
 
 BUCKET = "spotrun-test-bucket"
@@ -35,19 +35,7 @@ def test_from_url_and_url_round_trip() -> None:
 
 
 def test_put_get_exists_size_delete(store: S3Store) -> None:
-    assert not store.exists("jobs/j1/job.json")
-    store.put_bytes("jobs/j1/job.json", b'{"a": 1}')
-    assert store.exists("jobs/j1/job.json")
-    assert store.get_bytes("jobs/j1/job.json") == b'{"a": 1}'
-    assert store.size("jobs/j1/job.json") == 8
-    store.put_bytes("jobs/j1/job.json", b"{}")  # plain puts overwrite
-    assert store.get_bytes("jobs/j1/job.json") == b"{}"
-    store.delete("jobs/j1/job.json")
-    store.delete("jobs/j1/job.json")  # idempotent
-    with pytest.raises(NotFound):
-        store.get_bytes("jobs/j1/job.json")
-    with pytest.raises(NotFound):
-        store.size("jobs/j1/job.json")
+    contract.check_put_get_exists_size_delete(store)
 
 
 def test_keys_live_under_the_prefix(store: S3Store) -> None:
@@ -61,14 +49,7 @@ def test_keys_live_under_the_prefix(store: S3Store) -> None:
 
 
 def test_list_is_recursive_sorted_and_relative(store: S3Store) -> None:
-    for key in ["jobs/j1/b", "jobs/j1/a/x", "jobs/j10/c", "jobs/j2/d"]:
-        store.put_bytes(key, b"-")
-    assert store.list("jobs/j1/") == ["jobs/j1/a/x", "jobs/j1/b"]
-    assert store.list("jobs/j1") == ["jobs/j1/a/x", "jobs/j1/b", "jobs/j10/c"]  # a prefix, as LocalStore
-    assert store.list("") == ["jobs/j1/a/x", "jobs/j1/b", "jobs/j10/c", "jobs/j2/d"]
-    assert store.list("nothing/") == []
-    store.delete_prefix("jobs/j1/")
-    assert store.list("") == ["jobs/j10/c", "jobs/j2/d"]
+    contract.check_list_is_recursive_sorted_relative(store)
 
 
 def test_list_pages_past_1000_keys(store: S3Store) -> None:
@@ -86,20 +67,9 @@ def test_list_pages_past_1000_keys(store: S3Store) -> None:
 def test_large_file_goes_up_in_parts_and_comes_back_identical(store: S3Store, tmp_path: Path) -> None:
     import boto3
 
-    src = tmp_path / "model.pt"
-    data = os.urandom(9 * 1024 * 1024 + 123)  # above the 8 MiB multipart threshold
-    src.write_bytes(data)
-    moved: list[int] = []
-    store.put_file("jobs/j1/checkpoints/000000000010/model.pt", src, progress=moved.append)
-    assert sum(moved) == len(data)
+    contract.check_large_file_round_trip(store, tmp_path, 9 * 1024 * 1024 + 123)  # above the 8 MiB threshold
     head = boto3.client("s3").head_object(Bucket=BUCKET, Key="team/runs/jobs/j1/checkpoints/000000000010/model.pt")
     assert head["ETag"].strip('"').endswith("-2")  # a multipart ETag: two 8 MiB parts
-    dest = tmp_path / "back" / "model.pt"
-    got: list[int] = []
-    store.get_file("jobs/j1/checkpoints/000000000010/model.pt", dest, progress=got.append)
-    assert hashlib.sha256(dest.read_bytes()).digest() == hashlib.sha256(data).digest()
-    assert sum(got) == len(data)
-    assert [p.name for p in dest.parent.iterdir()] == ["model.pt"]  # no temp file left
 
 
 def test_small_file_is_one_put(store: S3Store, tmp_path: Path) -> None:
@@ -113,43 +83,16 @@ def test_small_file_is_one_put(store: S3Store, tmp_path: Path) -> None:
 
 
 def test_get_file_missing_raises_not_found_and_writes_nothing(store: S3Store, tmp_path: Path) -> None:
-    with pytest.raises(NotFound):
-        store.get_file("missing", tmp_path / "x")
-    assert list(tmp_path.iterdir()) == []
+    contract.check_get_file_missing(store, tmp_path)
 
 
 def test_if_absent_writes_once(store: S3Store) -> None:
-    assert store.put_bytes("jobs/j1/attempts/1/exit", b'{"code": 0}', if_absent=True) is True
-    assert store.put_bytes("jobs/j1/attempts/1/exit", b'{"code": 9}', if_absent=True) is False
-    assert store.get_bytes("jobs/j1/attempts/1/exit") == b'{"code": 0}'
+    contract.check_if_absent_writes_once(store)
 
 
 def test_if_absent_race_has_exactly_one_winner(store: S3Store) -> None:
     """Racing writers through separate clients: S3's If-None-Match decides, one wins."""
-    rounds, writers = 5, 6
-    stores = [S3Store(BUCKET, "team/runs") for _ in range(writers)]
-    for s in stores:
-        s.client  # noqa: B018 -- build each client before the race starts
-    for r in range(rounds):
-        key = f"race/{r}"
-        barrier = threading.Barrier(writers)
-        results: dict[int, bool] = {}
-
-        def write(
-            i: int, key: str = key, barrier: threading.Barrier = barrier, results: dict[int, bool] = results
-        ) -> None:
-            barrier.wait()
-            results[i] = stores[i].put_bytes(key, f"writer {i}".encode(), if_absent=True)
-
-        threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        winners = [i for i, won in results.items() if won]
-        assert len(results) == writers
-        assert len(winners) == 1, results
-        assert store.get_bytes(key) == f"writer {winners[0]}".encode()
+    contract.check_if_absent_race(lambda: S3Store(BUCKET, "team/runs"), rounds=5, writers=6)
 
 
 def test_manifest_last_is_visible_in_order(store: S3Store, tmp_path: Path) -> None:
