@@ -161,6 +161,7 @@ class Controller:
         self.pid = os.getpid()
         self._stores: dict[str, Store] = {}
         self._policies: dict[str, Policy] = {}
+        self._agent_packed: Any = None  # spotrun.bundle.Packed of the Agent package, built on first cloud launch
         self._draining: dict[str, int] = {}  # job id -> attempt we asked to stop (a policy move)
         self._last_policy_check: dict[str, float] = {}
 
@@ -379,12 +380,15 @@ class Controller:
         except Exception as e:  # noqa: BLE001 - any failure to move the state makes this offer unusable now
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"store move: {e}")
             return ProviderError(str(e))
+        cloud = offer.provider in CLOUDS
         boot = Boot(
             job_id=job.id,
             attempt=attempt.n,
             store_url=store_url,
             job_prefix=job_prefix(job.id),
-            spotrun_spec=_spotrun_requirement(),
+            spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
+            spotrun_package=self._agent_package(store_url) if cloud else "",
+            extra=offer.provider if cloud else "",
         )
         try:
             instance = self._with_retries(
@@ -442,6 +446,18 @@ class Controller:
                 "skipped": report.objects_skipped,
             },
         )
+
+    def _agent_package(self, store_url: str) -> str:
+        """The store URL of this spotrun packed for a VM to install (uploaded once per code version)."""
+        from spotrun import agent_package
+
+        if self._agent_packed is None:
+            self._agent_packed = agent_package.build()
+        key = agent_package.package_key(self._agent_packed.sha256)
+        store = self._store(store_url)
+        if not store.exists(key):
+            store.put_file(key, self._agent_packed.path)
+        return f"{store_url.rstrip('/')}/{key}"
 
     def _with_retries(self, call: Callable[[], Instance]) -> Instance:
         delay = 1.0
@@ -914,10 +930,11 @@ def _read_json(store: Store, key: str) -> dict[str, Any] | None:
         return None
 
 
-def _spotrun_requirement() -> str:
+def _spotrun_requirement(extra: str = "") -> str:
+    """What a VM installs when it cannot fetch the Agent package from the store."""
     from spotrun import __version__
 
-    return os.environ.get("SPOTRUN_PIP_SPEC", f"spotrun=={__version__}")
+    return os.environ.get("SPOTRUN_PIP_SPEC", f"spotrun{f'[{extra}]' if extra else ''}=={__version__}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -343,7 +343,10 @@ def test_instance_profile_reaches_only_the_job_prefix(provider: AWSProvider, ses
     assert policy == store_policy(STORE, "jobs/job-1")
     objects, data, listing = policy["Statement"]
     assert objects["Resource"] == f"arn:aws:s3:::{BUCKET}/runs/jobs/job-1/*"
-    assert (data["Action"], data["Resource"]) == ("s3:GetObject", f"arn:aws:s3:::{BUCKET}/runs/data/*")
+    assert (data["Action"], data["Resource"]) == (
+        "s3:GetObject",
+        [f"arn:aws:s3:::{BUCKET}/runs/data/*", f"arn:aws:s3:::{BUCKET}/runs/agent/*"],
+    )
     assert listing["Condition"]["StringLike"]["s3:prefix"] == ["runs/jobs/job-1", "runs/jobs/job-1/*"]
     # a second attempt of the same job reuses it; release_job removes it
     provider.launch(offer(), spot=True, boot=boot(attempt=2), client_token="t-iam-2")

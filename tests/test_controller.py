@@ -303,3 +303,17 @@ def test_a_job_can_be_rebuilt_from_state_without_its_secrets(monkeypatch, tmp_pa
     monkeypatch.delenv("MY_TOKEN")
     rebuilt = planning_spec(saved)  # a cancel from a shell without the secret still works
     assert rebuilt.env["TOKEN"] == "" and "TOKEN" in rebuilt.secret_env_keys
+
+
+def test_a_cloud_instance_is_told_where_the_agent_package_is(env):
+    from dataclasses import replace
+
+    state, store, clock = env
+    aws_offer = replace(offer("us-east-1a", 1.0), provider="aws")
+    controller, provider, job = make(env, {"us-east-1a": [("exit", 0)]}, [aws_offer])
+    controller.providers = {"aws": provider}
+    assert controller.run(job).exit_code == 0
+    _, boot = provider.fate["i-1"]
+    assert boot.extra == "aws" and boot.spotrun_spec.startswith("spotrun[aws]==")
+    key = boot.spotrun_package.removeprefix(store.url + "/")
+    assert key.startswith("agent/spotrun-") and store.exists(key)  # uploaded to the job's store

@@ -41,13 +41,15 @@ ROLE_POLICY_NAME = "spotrun-store"
 
 def store_policy(store_url: str, job_prefix: str) -> dict[str, Any]:
     """The IAM policy of a job's instance profile: its own prefix of the S3 store, and read-only
-    the store's content-addressed `data/` (datasets uploaded once, shared by jobs); nothing else."""
+    the store's content-addressed `data/` (datasets uploaded once, shared by jobs) and `agent/`
+    (the spotrun package the VM installs); nothing else."""
     from urllib.parse import urlparse
 
     parsed = urlparse(store_url)
     root = parsed.path.strip("/")
     prefix = f"{root}/{job_prefix.strip('/')}" if root else job_prefix.strip("/")
     data = f"{root}/data" if root else "data"
+    agent = f"{root}/agent" if root else "agent"
     bucket = parsed.netloc
     return {
         "Version": "2012-10-17",
@@ -68,7 +70,7 @@ def store_policy(store_url: str, job_prefix: str) -> dict[str, Any]:
                 "Sid": "SharedData",
                 "Effect": "Allow",
                 "Action": "s3:GetObject",
-                "Resource": f"arn:aws:s3:::{bucket}/{data}/*",
+                "Resource": [f"arn:aws:s3:::{bucket}/{data}/*", f"arn:aws:s3:::{bucket}/{agent}/*"],
             },
             {
                 "Sid": "ListJobPrefix",

@@ -125,7 +125,9 @@ class Boot:
     job_prefix: str  # "jobs/<job_id>" inside the store
     notice: dict[str, Any] = field(default_factory=dict)  # {"kind": "local"|"aws"|"gcp"|"azure", ...}
     env: dict[str, str] = field(default_factory=dict)  # extra non-secret env for the Agent
-    spotrun_spec: str = ""  # pip requirement to install spotrun on a fresh VM, e.g. "spotrun==0.1.0"
+    spotrun_spec: str = ""  # pip requirement to install spotrun on a fresh VM, e.g. "spotrun[aws]==0.1.0"
+    spotrun_package: str = ""  # store URL of the Agent package (spotrun/agent_package.py), tried first
+    extra: str = ""  # the pip extra the VM needs for its cloud's store: "aws", "gcp" or "azure"
 
     def to_b64(self) -> str:
         return base64.b64encode(json.dumps(asdict(self), sort_keys=True).encode()).decode()
@@ -145,6 +147,7 @@ def render_bootstrap_script(boot: Boot) -> str:
     with `extract_boot`, and run the same Agent.
     """
     requirement = boot.spotrun_spec or "spotrun"
+    extra = f"[{boot.extra}]" if boot.extra else ""
     return "\n".join(
         [
             "#!/bin/bash",
@@ -155,8 +158,28 @@ def render_bootstrap_script(boot: Boot) -> str:
             "# be deleted on shutdown; an Azure VM stops billing only once the controller deletes it).",
             "trap 'shutdown -h now' EXIT",
             f"export {BOOT_MARKER}{boot.to_b64()}",
+            *(f"export {k}={shlex.quote(v)}" for k, v in sorted(boot.env.items())),
+            f"PKG={shlex.quote(boot.spotrun_package)}",
+            "AGENT=/tmp/spotrun-agent.tar.gz",
+            "# The Agent package from the job's store, read with this VM's own identity (the same code",
+            "# as the controller that launched it); else the package index.",
+            "fetch_agent() {",
+            '  case "$PKG" in',
+            '    s3://*) aws s3 cp --only-show-errors "$PKG" "$AGENT" ;;',
+            '    gs://*) gcloud storage cp "$PKG" "$AGENT" || gsutil -q cp "$PKG" "$AGENT" ;;',
+            "    az://*) rest=${PKG#az://}; first=${rest%%/*}; blob=${rest#*/}; container=${first%%@*}",
+            '      account=${first#*@}; [ "$account" = "$first" ] && account=${AZURE_STORAGE_ACCOUNT:-}',
+            "      az login --identity >/dev/null && az storage blob download --auth-mode login \\",
+            '        --account-name "$account" -c "$container" -n "$blob" -f "$AGENT" >/dev/null ;;',
+            "    *) return 1 ;;",
+            "  esac",
+            "}",
             "python3 -m venv /opt/spotrun || true",
-            f"/opt/spotrun/bin/pip install -q {shlex.quote(requirement)}",
+            'if [ -n "$PKG" ] && fetch_agent; then',
+            f'  /opt/spotrun/bin/pip install -q "$AGENT{extra}"',
+            "else",
+            f"  /opt/spotrun/bin/pip install -q {shlex.quote(requirement)}",
+            "fi",
             "/opt/spotrun/bin/python -m spotrun.agent",
             "",
         ]
