@@ -70,7 +70,7 @@ def jobs_table(rows: list[dict[str, Any]]) -> Table:
 
 def attempts_table(attempts: list[Attempt], now: float) -> Table:
     table = Table(title="attempts")
-    for col in ("#", "WHERE", "TYPE", "MARKET", "$/H", "RAN", "ENDED", "COST", "DETAIL"):
+    for col in ("#", "WHERE", "TYPE", "MARKET", "$/H", "RAN", "OUTCOME", "COST", "DETAIL"):
         table.add_column(col)
     for a in attempts:
         ran = None if a.started_at is None else (a.ended_at or now) - a.started_at
