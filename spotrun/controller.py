@@ -554,15 +554,15 @@ class Controller:
         now = self.clock.now()
         attempts = self.state.attempts(job.id)
         scale = attempts[-1].time_scale if attempts else self._time_scale(spec)
+        cooling = self._cooling_keys(spec, attempts, now)
         obs = observation(
             candidates,
-            now_h=self._job_hours(job, now),
+            now_h=self._elapsed_job_seconds(job, attempts, now) / 3600.0,
             progress=self._progress(job, attempts),
             deadline_h=None if spec.deadline is None else spec.deadline / 3600.0,
             current=current,
-            cooling=self._cooling_keys(spec, attempts, now),
-            unavailable={a.offer_key for a in attempts if a.end_reason == "launch_failed"}
-            & self._cooling_keys(spec, attempts, now),
+            cooling=cooling,
+            unavailable={a.offer_key for a in attempts if a.end_reason == "launch_failed"} & cooling,
             step_h=self.options.poll_interval * scale / 3600.0,
         )
         return self._policy(job, spec).decide(obs)
