@@ -88,7 +88,7 @@ def time_hash(nbytes: int) -> float:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    from spotrun.checkpoint_io import SHARD_BYTES, writer_threads
+    from spotrun.checkpoint.io import SHARD_BYTES, writer_threads
 
     blob = memoryview(bytearray(nbytes))
     shards = [blob[i : i + SHARD_BYTES] for i in range(0, nbytes, SHARD_BYTES)]
@@ -101,7 +101,7 @@ def time_hash(nbytes: int) -> float:
 def run(mb: int = 384, repeats: int = 5, directory: str | Path = ".") -> dict[str, Any]:
     """Measure; return the figures (seconds, MB/s, ratios) as a dict."""
     from spotrun.checkpoint import Checkpointer
-    from spotrun.checkpoint_io import writer_threads
+    from spotrun.checkpoint.io import writer_threads
 
     model, opt = make_state(mb)
     base = Path(tempfile.mkdtemp(prefix=".spotrun-bench-", dir=directory))

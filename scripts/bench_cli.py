@@ -29,7 +29,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 def imported_modules(args: list[str], env: dict[str, str]) -> list[str]:
     code = (
         "import sys, json\n"
-        "from spotrun.cli import app\n"
+        "from spotrun.cli.app import app\n"
         f"sys.argv = ['spotrun'] + {args!r}\n"
         "try:\n    app()\nexcept SystemExit:\n    pass\n"
         f"print(json.dumps([m for m in sys.modules if m.split('.')[0] in {list({h.split('.')[0] for h in HEAVY})!r}]),"

@@ -1,3 +1,3 @@
-from spotrun.cli import main
+from spotrun.cli.app import main
 
 main()

@@ -14,15 +14,15 @@ import pytest
 
 from spotrun.agent import jobfile
 from spotrun.agent.jobfile import AgentJob, DataItem
-from spotrun.agent.launcher import agent_processes, kill_agent, spawn_agent
 from spotrun.agent.main import EXIT_PREEMPTED, Agent, load_boot
-from spotrun.agent.notice_local import LocalNotice
 from spotrun.agent.sync import CheckpointUploader, LogShipper, restore_latest
 from spotrun.agent.workload import Workload
 from spotrun.bundle import pack_dir, pack_path
 from spotrun.clock import FakeClock
-from spotrun.providers.base import Boot
-from spotrun.store import LocalStore, Store
+from spotrun.clouds.base import Boot
+from spotrun.clouds.local.launcher import agent_processes, kill_agent, spawn_agent
+from spotrun.clouds.local.notice import LocalNotice
+from spotrun.clouds.store import LocalStore, Store
 
 COUNTER = Path(__file__).parent / "fixtures" / "counter.py"
 PREFIX = "jobs/j1"
@@ -120,7 +120,7 @@ def test_jobfile_round_trip_and_validation() -> None:
 
 
 def test_boot_can_be_given_as_json_b64_or_script() -> None:
-    from spotrun.providers.base import render_bootstrap_script
+    from spotrun.clouds.base import render_bootstrap_script
 
     boot = Boot(job_id="j", attempt=3, store_url="file:///s", job_prefix="jobs/j")
     for text in (json.dumps(boot.__dict__), boot.to_b64(), render_bootstrap_script(boot)):

@@ -9,8 +9,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from spotrun import __version__, agent_package
-from spotrun.providers.base import Boot, render_bootstrap_script
+from spotrun import __version__
+from spotrun.agent import package as agent_package
+from spotrun.clouds.base import Boot, render_bootstrap_script
 
 
 def test_the_package_is_deterministic_and_carries_its_metadata() -> None:

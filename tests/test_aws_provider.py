@@ -18,10 +18,10 @@ import pytest
 
 from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
-from spotrun.providers.aws import AWSProvider
-from spotrun.providers.aws_api import AWSApi, translate_error
-from spotrun.providers.aws_resources import SECURITY_GROUP_NAME, profile_name, store_policy
-from spotrun.providers.base import (
+from spotrun.clouds.aws.api import AWSApi, translate_error
+from spotrun.clouds.aws.provider import AWSProvider
+from spotrun.clouds.aws.resources import SECURITY_GROUP_NAME, profile_name, store_policy
+from spotrun.clouds.base import (
     AuthError,
     BadRequest,
     Boot,

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from spotrun.agent.notice_azure import AzureNotice
 from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
-from spotrun.providers.azure import AzureProvider
-from spotrun.providers.base import (
+from spotrun.clouds.azure.notice import AzureNotice
+from spotrun.clouds.azure.provider import AzureProvider
+from spotrun.clouds.base import (
     AuthError,
     BadRequest,
     Boot,
@@ -284,7 +284,7 @@ def test_notice_watcher_treats_an_unreachable_endpoint_as_no_notice() -> None:
 
 def test_nothing_imports_the_sdk_until_used() -> None:
     code = (
-        "import sys, spotrun.providers.azure, spotrun.store_azure, spotrun.agent.notice_azure;"
+        "import sys, spotrun.clouds.azure.provider, spotrun.clouds.azure.store, spotrun.clouds.azure.notice;"
         "bad = [m for m in sys.modules if m.startswith('azure')]; print(bad); assert not bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
@@ -301,7 +301,7 @@ def test_nothing_imports_the_sdk_until_used() -> None:
     ],
 )
 def test_classify_table(code: str, status: int, message: str, expected: type) -> None:
-    from spotrun.providers.azure import classify
+    from spotrun.clouds.azure.provider import classify
 
     assert type(classify(code, message, status=status)) is expected
 
@@ -320,7 +320,7 @@ def test_an_unreachable_endpoint_is_a_provider_error() -> None:
 
 
 def test_the_vm_learns_the_storage_account_name_never_its_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from spotrun.providers.azure import storage_account_env
+    from spotrun.clouds.azure.provider import storage_account_env
 
     for var in ("AZURE_STORAGE_ACCOUNT_URL", "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_CONNECTION_STRING"):
         monkeypatch.delenv(var, raising=False)

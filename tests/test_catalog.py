@@ -129,7 +129,7 @@ def test_cluster_removal_rate() -> None:
 
 @pytest.fixture
 def cli() -> typer.Typer:
-    from spotrun import cli_market
+    from spotrun.cli import market as cli_market
 
     app = typer.Typer()
     app.command()(cli_market.offers)

@@ -225,7 +225,7 @@ def test_refresh_command(
     import typer
     from typer.testing import CliRunner
 
-    from spotrun.cli_market import catalog_app
+    from spotrun.cli.market import catalog_app
 
     app = typer.Typer()
     app.add_typer(catalog_app, name="catalog")

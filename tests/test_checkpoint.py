@@ -22,7 +22,6 @@ from helpers_train import ROOT, child_env
 from torch.utils.data import DataLoader, TensorDataset
 
 import spotrun.checkpoint as ckpt
-from spotrun import checkpoint_io
 from spotrun.checkpoint import (
     MANIFEST_NAME,
     Checkpointer,
@@ -34,7 +33,8 @@ from spotrun.checkpoint import (
     state_hash,
     verify_checkpoint,
 )
-from spotrun.checkpoint_format import TMP_PREFIX, step_dirname
+from spotrun.checkpoint import io as checkpoint_io
+from spotrun.checkpoint.format import TMP_PREFIX, step_dirname
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,7 @@
 """The spec's checkpoint settings reach the library through SPOTRUN_CHECKPOINT_{KEEP,INTERVAL}."""
 
 from spotrun.checkpoint import Checkpointer
-from spotrun.controller import checkpoint_env
+from spotrun.control.controller import checkpoint_env
 from spotrun.spec import parse_spec_text
 
 

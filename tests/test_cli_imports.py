@@ -10,7 +10,7 @@ HEAVY = ("torch", "boto3", "botocore", "google", "azure", "numpy", "moto")
 
 PROBE = """
 import json, sys
-from spotrun.cli import app
+from spotrun.cli.app import app
 sys.argv = ["spotrun"] + {args!r}
 try:
     app()

@@ -19,8 +19,8 @@ from spotrun.agent.jobfile import AgentJob
 from spotrun.agent.main import EXIT_PREEMPTED, Agent
 from spotrun.agent.workload import AgentPaths, ContainerWorkload
 from spotrun.bundle import pack_dir, pack_path
-from spotrun.providers.base import Boot
-from spotrun.store import LocalStore
+from spotrun.clouds.base import Boot
+from spotrun.clouds.store import LocalStore
 
 PREFIX = "jobs/c1"
 IMAGE = "localhost/spotrun-test-busybox:latest"

@@ -12,8 +12,7 @@ import pytest
 
 from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
-from spotrun.controller import Controller, ControllerOptions
-from spotrun.providers.base import (
+from spotrun.clouds.base import (
     AuthError,
     Boot,
     Instance,
@@ -24,9 +23,10 @@ from spotrun.providers.base import (
     QuotaExceeded,
     Throttled,
 )
+from spotrun.clouds.store import LocalStore
+from spotrun.control.controller import Controller, ControllerOptions
+from spotrun.control.state import JobStatus, State
 from spotrun.spec import load_spec
-from spotrun.state import JobStatus, State
-from spotrun.store import LocalStore
 
 
 def offer(zone: str, spot: float, od: float = 4.0, rate: float = 0.01) -> Offer:
@@ -293,7 +293,7 @@ def test_a_refused_termination_is_retried_before_the_attempt_ends(env):
 
 
 def test_a_job_can_be_rebuilt_from_state_without_its_secrets(monkeypatch, tmp_path):
-    from spotrun.controller import planning_spec, stored_spec
+    from spotrun.control.controller import planning_spec, stored_spec
     from spotrun.spec import parse_spec_text
 
     monkeypatch.setenv("MY_TOKEN", "s3cret")

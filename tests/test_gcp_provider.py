@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from spotrun.agent.notice_gcp import GCPNotice
 from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
-from spotrun.providers.base import (
+from spotrun.clouds.base import (
     AuthError,
     BadRequest,
     Boot,
@@ -23,7 +22,8 @@ from spotrun.providers.base import (
     Throttled,
     extract_boot,
 )
-from spotrun.providers.gcp import DEFAULT_IMAGE, STORAGE_SCOPE, GCPProvider, request_id
+from spotrun.clouds.gcp.notice import GCPNotice
+from spotrun.clouds.gcp.provider import DEFAULT_IMAGE, STORAGE_SCOPE, GCPProvider, request_id
 from tests.fakes.gce_server import PROJECT, FakeGCE, gce_credentials, gce_fixture, gce_server_fixture  # noqa: F401  (fixtures)
 
 SA = "spotrun-runner@spotrun-test.iam.gserviceaccount.com"
@@ -313,7 +313,7 @@ def test_notice_watcher_treats_an_unreachable_server_as_no_notice() -> None:
 
 def test_nothing_imports_the_sdk_until_used() -> None:
     code = (
-        "import sys, spotrun.providers.gcp, spotrun.store_gcs, spotrun.agent.notice_gcp;"
+        "import sys, spotrun.clouds.gcp.provider, spotrun.clouds.gcp.store, spotrun.clouds.gcp.notice;"
         "bad = [m for m in sys.modules if m.startswith('google')]; print(bad); assert not bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
@@ -332,7 +332,7 @@ def test_nothing_imports_the_sdk_until_used() -> None:
     ],
 )
 def test_classify_table(code: str, status: int | None, metric: str, expected: type) -> None:
-    from spotrun.providers.gcp import classify
+    from spotrun.clouds.gcp.provider import classify
 
     err = classify(code, "message", http_status=status, quota_metric=metric)
     assert type(err) is expected

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from spotrun.clock import FakeClock
-from spotrun.providers.base import BadRequest, Boot, Instance, InstanceState, InstanceStatus, NoCapacity
-from spotrun.providers.local import LocalProvider
-from spotrun.providers.local_host import marked_processes
-from spotrun.store import LocalStore
+from spotrun.clouds.base import BadRequest, Boot, Instance, InstanceState, InstanceStatus, NoCapacity
+from spotrun.clouds.local.host import marked_processes
+from spotrun.clouds.local.provider import LocalProvider
+from spotrun.clouds.store import LocalStore
 
 FAKE_AGENT = str(Path(__file__).parent / "fixtures_local" / "fake_agent.py")
 
@@ -139,8 +139,8 @@ def test_launch_is_idempotent_on_the_client_token_across_objects_and_processes(
     assert p2.launch(offer(p2, "calm"), spot=True, boot=boot(), client_token="same") == first
     code = textwrap.dedent(f"""
         import json, sys
-        from spotrun.providers.local import LocalProvider
-        from spotrun.providers.base import Boot
+        from spotrun.clouds.local.provider import LocalProvider
+        from spotrun.clouds.base import Boot
         p = LocalProvider({str(market_file)!r}, root={str(p1.root)!r})
         o = p.market_offers()[0]
         i = p.launch(o, spot=True, boot=Boot("job1", 1, "file:///nowhere", "jobs/job1"), client_token="same")
@@ -311,8 +311,8 @@ def test_instances_survive_the_controller_being_killed(make: Callable[..., Local
     p = make()
     code = textwrap.dedent(f"""
         import json, sys, time
-        from spotrun.providers.local import LocalProvider
-        from spotrun.providers.base import Boot
+        from spotrun.clouds.local.provider import LocalProvider
+        from spotrun.clouds.base import Boot
         p = LocalProvider({str(market_file)!r}, root={str(p.root)!r}, agent_command=[sys.executable, {FAKE_AGENT!r}])
         o = next(o for o in p.market_offers() if o.zone == "calm")
         i = p.launch(o, spot=True, boot=Boot("job1", 1, "file:///nowhere", "jobs/job1"), client_token="x")

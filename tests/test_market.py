@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.providers.market import (
+from spotrun.clouds.local.market import (
     Market,
     MarketError,
     load_market,

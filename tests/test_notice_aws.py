@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from spotrun.agent.notice import make_watcher
-from spotrun.agent.notice_aws import AWSNotice
 from spotrun.clock import FakeClock
+from spotrun.clouds.aws.notice import AWSNotice
 from tests.fakes.imds import FakeIMDS
 
 

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from spotrun.policies import POLICIES, make_policy
+from spotrun.policies.base import Decision, Observation, Policy, ZoneView, ondemand_needed, slack_h
 from spotrun.policies.spotrun_policy import SpotrunPolicy, ondemand_share
-from spotrun.policy import Decision, Observation, Policy, ZoneView, ondemand_needed, slack_h
 from spotrun.simulate.engine import SimResult, run
 from spotrun.simulate.model import JobModel, Market
 

@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from spotrun.policies import POLICIES, make_policy
-from spotrun.policy import Decision, Observation
+from spotrun.policies.base import Decision, Observation
 from spotrun.simulate.engine import run, simulate_one
 from spotrun.simulate.model import JobModel, Market
 from spotrun.simulate.offline import offline_bound
@@ -207,7 +207,7 @@ def test_simulate_one_matches_run() -> None:
 
 
 def _app() -> typer.Typer:
-    from spotrun.cli_simulate import simulate
+    from spotrun.cli.simulate import simulate
 
     app = typer.Typer()
     app.command()(simulate)
@@ -288,7 +288,7 @@ def test_cli_with_spec_table_and_plot(tmp_path: Path) -> None:
 
 def test_cli_module_is_cheap_to_import() -> None:
     code = (
-        "import sys, spotrun.cli_simulate, spotrun.simulate.traces; "
+        "import sys, spotrun.cli.simulate, spotrun.simulate.traces; "
         "bad = [m for m in ('numpy', 'matplotlib', 'torch', 'spotrun.simulate.engine') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

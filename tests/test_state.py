@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from spotrun.state import SCHEMA_VERSION, AttemptStatus, JobStatus, State, StateError
+from spotrun.control.state import SCHEMA_VERSION, AttemptStatus, JobStatus, State, StateError
 
 
 def make_job(state: State, job_id: str = "j1", now: float = 1000.0) -> None:
@@ -154,7 +154,7 @@ def test_two_processes_write_at_once(tmp_path):
 
 
 def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
-    from spotrun.state import MIGRATIONS
+    from spotrun.control.state import MIGRATIONS
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)

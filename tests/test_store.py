@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from spotrun.store import LocalStore, NotFound, StoreError, open_store
+from spotrun.clouds.store import LocalStore, NotFound, StoreError, open_store
 
 
 def test_put_get_list_delete(tmp_path):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.store import StoreError, open_store
-from spotrun.store_azure import AzureBlobStore
+from spotrun.clouds.azure.store import AzureBlobStore
+from spotrun.clouds.store import StoreError, open_store
 from tests.fakes import store_contract as contract
 from tests.fakes.storage_emulators import Azurite, azurite_fixture, azurite_server_fixture, make_azure_container, unique  # noqa: F401  (fixtures)
 
@@ -56,7 +56,7 @@ def test_list_is_recursive_sorted_and_relative(store: AzureBlobStore) -> None:
 
 
 def test_large_file_goes_up_in_blocks_and_comes_back_identical(store: AzureBlobStore, tmp_path: Path) -> None:
-    from spotrun.store_azure import TRANSFER_OPTIONS
+    from spotrun.clouds.azure.store import TRANSFER_OPTIONS
 
     contract.check_large_file_round_trip(store, tmp_path, TRANSFER_OPTIONS["max_block_size"] + 4321)
     blob = store.container.get_blob_client("team/runs/jobs/j1/checkpoints/000000000010/model.pt")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.store import StoreError, open_store
-from spotrun.store_gcs import RESUMABLE_THRESHOLD, GCSStore
+from spotrun.clouds.gcp.store import RESUMABLE_THRESHOLD, GCSStore
+from spotrun.clouds.store import StoreError, open_store
 from tests.fakes import store_contract as contract
 from tests.fakes.storage_emulators import (  # noqa: F401  (fixtures)
     GCSEmulator,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.store import StoreError, open_store
-from spotrun.store_s3 import S3Store
+from spotrun.clouds.aws.store import S3Store
+from spotrun.clouds.store import StoreError, open_store
 from tests.fakes import store_contract as contract
 from tests.fakes.moto_server import ACCOUNT_ID, MotoServer, aws, moto_server  # noqa: F401
 

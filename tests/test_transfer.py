@@ -1,4 +1,4 @@
-"""Moving a job between stores (spotrun.transfer): what moves, verification, fallback, failures.
+"""Moving a job between stores (spotrun.control.transfer): what moves, verification, fallback, failures.
 
 Local and S3 (moto server) always run; GCS and Azure Blob run against fake-gcs-server and Azurite
 when they are installed (scripts/install_test_services.sh) and are skipped with that reason if not.
@@ -15,9 +15,9 @@ import pytest
 
 from spotrun.agent.jobfile import AgentJob, DataItem
 from spotrun.agent.sync import restore_latest
-from spotrun.checkpoint_format import MANIFEST_NAME, verify_checkpoint, write_manifest
-from spotrun.store import LocalStore, NotFound, Progress, Store, StoreError, open_store
-from spotrun.transfer import MoveReport, TornCheckpoint, TransferError, copy_checkpoint, move_job
+from spotrun.checkpoint.format import MANIFEST_NAME, verify_checkpoint, write_manifest
+from spotrun.clouds.store import LocalStore, NotFound, Progress, Store, StoreError, open_store
+from spotrun.control.transfer import MoveReport, TornCheckpoint, TransferError, copy_checkpoint, move_job
 from tests.fakes.moto_server import MotoServer, aws, moto_server  # noqa: F401  (fixtures)
 from tests.fakes.storage_emulators import (  # noqa: F401  (fixtures)
     Azurite,

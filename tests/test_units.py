@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spotrun.units import (
+from spotrun.spec.units import (
     format_duration,
     format_money,
     format_size_gb,

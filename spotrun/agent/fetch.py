@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 
 from spotrun.agent.jobfile import DataItem
 from spotrun.bundle import sha256_file, unpack
-from spotrun.store import Store, open_store
+from spotrun.clouds.store import Store, open_store
 
 
 def fetch_bundle(store: Store, key: str, work: Path, tmp: Path) -> None:

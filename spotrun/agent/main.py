@@ -50,8 +50,8 @@ from spotrun.agent.workload import (
     ensure_image,
 )
 from spotrun.clock import SYSTEM_CLOCK, Clock
-from spotrun.providers.base import BOOT_MARKER, Boot, extract_boot
-from spotrun.store import Store, open_store
+from spotrun.clouds.base import BOOT_MARKER, Boot, extract_boot
+from spotrun.clouds.store import Store, open_store
 
 DEFAULT_ROOT = "/var/lib/spotrun"
 EXIT_PREEMPTED = 75  # the Agent's own exit code after a notice (the record has the details)

@@ -1,7 +1,7 @@
 """What the Agent ships to the Store while the workload runs: logs, heartbeats, checkpoints,
 outputs; and the newest valid checkpoint it brings back at start.
 
-Checkpoints travel in the on-disk format of `spotrun.checkpoint_format`: a folder per step named
+Checkpoints travel in the on-disk format of `spotrun.checkpoint.format`: a folder per step named
 `%012d`, files first, `MANIFEST.json` last, both on disk and in the store, so a reader that
 finds a manifest knows every file it lists was written before it. A download is verified
 against its manifest before it is used; a torn or corrupt one is skipped for an older one.
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from spotrun.agent import jobfile
-from spotrun.checkpoint_format import MANIFEST_NAME, verify_checkpoint
+from spotrun.checkpoint.format import MANIFEST_NAME, verify_checkpoint
 from spotrun.clock import Clock
-from spotrun.store import NotFound, Store
+from spotrun.clouds.store import NotFound, Store
 
 STEP_DIGITS = 12
 MAX_LOG_CHUNK = 1024 * 1024

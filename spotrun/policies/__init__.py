@@ -1,13 +1,13 @@
-"""Relaunch policies, by name. The interface is in :mod:`spotrun.policy`."""
+"""Relaunch policies, by name. The interface is in :mod:`spotrun.policies.base`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from spotrun.policies.base import Policy
 from spotrun.policies.baseline import FailoverPolicy, GreedyPolicy, OnDemandPolicy
 from spotrun.policies.spotrun_policy import SpotrunPolicy
 from spotrun.policies.uniform_progress import UniformProgressPolicy
-from spotrun.policy import Policy
 
 DEFAULT_POLICY = "spotrun"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
-from spotrun.policy import Decision, Observation, ZoneView, ondemand_needed
+from spotrun.policies.base import Decision, Observation, ZoneView, ondemand_needed
 
 
 def spot_candidates(obs: Observation, *, allow_unknown: bool = True) -> list[ZoneView]:

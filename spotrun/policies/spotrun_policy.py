@@ -27,7 +27,7 @@ left, and keeps a hard floor that never lets a deadline slip:
   a proven zone is really cheaper (price and expected cost both lower by ``move_gain``).
 * **Hard floor.** When even the worst case (preempted before the next decision, losing the
   work at risk) would leave too little time, it commits to on-demand to the end
-  (:func:`spotrun.policy.ondemand_needed`), so it meets every deadline that on-demand can.
+  (:func:`spotrun.policies.base.ondemand_needed`), so it meets every deadline that on-demand can.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from spotrun.policies.base import Decision, Observation, ZoneView, ondemand_needed, slack_h
 from spotrun.policies.baseline import BasePolicy, ondemand_decision
-from spotrun.policy import Decision, Observation, ZoneView, ondemand_needed, slack_h
 
 INF = float("inf")
 # Ages (hours since a zone's capacity came back) at which the preemption hazard is learned

@@ -13,14 +13,14 @@ a job moving at a uniform rate would have made:
 
 The paper's policy is for one zone; given several, it settles on the zone with the cheapest
 spot price at its first decision and only ever uses that one. Like every deadline-aware
-policy here it also honours :func:`spotrun.policy.ondemand_needed`, so the simulator's
+policy here it also honours :func:`spotrun.policies.base.ondemand_needed`, so the simulator's
 decision step can never make it late.
 """
 
 from __future__ import annotations
 
+from spotrun.policies.base import Decision, Observation, ondemand_needed
 from spotrun.policies.baseline import BasePolicy, ondemand_decision
-from spotrun.policy import Decision, Observation, ondemand_needed
 
 
 class UniformProgressPolicy(BasePolicy):

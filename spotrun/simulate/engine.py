@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from spotrun.policy import Decision, Observation, Policy
+from spotrun.policies.base import Decision, Observation, Policy
 from spotrun.simulate.model import JobModel, Market
 from spotrun.simulate.traces import ZoneTrace
 

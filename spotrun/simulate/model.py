@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from spotrun.policy import ZoneView
+from spotrun.policies.base import ZoneView
 from spotrun.simulate.traces import ZoneTrace, region_of
 
 # When a trace has no price and the caller gives none: spot at 30% of on-demand, the

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from spotrun.catalog.model import Offer
-from spotrun.controller import EXIT_BAD_INPUT
-from spotrun.providers.aws import AWSProvider
-from spotrun.store import open_store
+from spotrun.clouds.aws.provider import AWSProvider
+from spotrun.clouds.store import open_store
+from spotrun.control.controller import EXIT_BAD_INPUT
 from tests.fakes.aws_emulator import SPOT_TERMINATION, AWSEmulator
 from tests.fakes.cloud_e2e import (
     ROOT,

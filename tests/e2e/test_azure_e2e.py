@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from spotrun.catalog.model import Offer
-from spotrun.providers.azure import AzureProvider
-from spotrun.store import open_store
+from spotrun.clouds.azure.provider import AzureProvider
+from spotrun.clouds.store import open_store
 from tests.fakes.azure_emulator import AzureEmulator
 from tests.fakes.azure_server import RESOURCE_GROUP, SUBSCRIPTION, FakeARM, StaticToken, arm_fixture, arm_server_fixture  # noqa: F401  (fixtures)
 from tests.fakes.cloud_e2e import (

@@ -5,7 +5,7 @@ for bit, as a run that was never interrupted.
 The controller picks the cheapest offer (a GCP zone); after the preemption that zone cools down and
 the next-best offer is on Azure. Each cloud keeps the job in its own store (the spec's `gcp.store`,
 a GCS emulator; `azure.store`, Azurite): before the Azure VM starts, the controller moves the job's
-files and its newest verified checkpoint from gs:// to az:// (spotrun.transfer). Both fakes, both
+files and its newest verified checkpoint from gs:// to az:// (spotrun.control.transfer). Both fakes, both
 instance emulators and both storage emulators run at once; each VM's Agent reaches its own cloud's
 store only, as the VMs' identities would allow.
 """
@@ -21,10 +21,10 @@ import pytest
 
 from spotrun.catalog.model import Offer
 from spotrun.checkpoint import verify_checkpoint
-from spotrun.providers.azure import AzureProvider
-from spotrun.providers.gcp import GCPProvider
+from spotrun.clouds.azure.provider import AzureProvider
+from spotrun.clouds.gcp.provider import GCPProvider
+from spotrun.clouds.store import Store, open_store
 from spotrun.spec import load_spec
-from spotrun.store import Store, open_store
 from tests.fakes.azure_emulator import AzureEmulator
 from tests.fakes.azure_server import RESOURCE_GROUP, SUBSCRIPTION, FakeARM, StaticToken, arm_fixture, arm_server_fixture  # noqa: F401  (fixtures)
 from tests.fakes.cloud_e2e import (

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from spotrun.catalog.model import Offer
-from spotrun.providers.gcp import GCPProvider
-from spotrun.store import open_store
+from spotrun.clouds.gcp.provider import GCPProvider
+from spotrun.clouds.store import open_store
 from tests.fakes.cloud_e2e import (
     ControllerRun,
     Reference,

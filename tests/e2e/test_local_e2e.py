@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.controller import Controller, ControllerOptions, JobResult
-from spotrun.providers.base import Instance
-from spotrun.providers.local import LocalProvider
-from spotrun.providers.local_host import marked_processes
+from spotrun.clouds.base import Instance
+from spotrun.clouds.local.host import marked_processes
+from spotrun.clouds.local.provider import LocalProvider
+from spotrun.clouds.store import open_store
+from spotrun.control.controller import Controller, ControllerOptions, JobResult
+from spotrun.control.state import JobStatus, State
 from spotrun.spec import load_spec
-from spotrun.state import JobStatus, State
-from spotrun.store import open_store
 
 pytestmark = pytest.mark.e2e
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.controller import Controller, ControllerOptions
+from spotrun.control.controller import Controller, ControllerOptions
+from spotrun.control.state import State
 from spotrun.simulate.engine import simulate_one
 from spotrun.simulate.traces import ZoneTrace
 from spotrun.spec import load_spec
-from spotrun.state import State
 
 pytestmark = pytest.mark.e2e
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from spotrun.providers.base import Boot, extract_boot
+from spotrun.clouds.base import Boot, extract_boot
 from tests.fakes.emulator import EmulatedInstance, InstanceEmulator
 from tests.fakes.imds import FakeIMDS
 from tests.fakes.moto_server import ec2_backend

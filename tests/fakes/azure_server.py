@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from spotrun.providers.base import Boot, extract_boot
+from spotrun.clouds.base import Boot, extract_boot
 from tests.fakes.rest_fake import Request, Response, RestFake
 
 SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"

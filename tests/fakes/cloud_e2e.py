@@ -24,10 +24,10 @@ from typing import Any
 
 from spotrun.catalog.model import Offer
 from spotrun.clock import SYSTEM_CLOCK
-from spotrun.controller import Controller, ControllerOptions, JobResult
+from spotrun.clouds.store import NotFound, Store, job_prefix
+from spotrun.control.controller import Controller, ControllerOptions, JobResult
+from spotrun.control.state import State
 from spotrun.spec import load_spec
-from spotrun.state import State
-from spotrun.store import NotFound, Store, job_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ preempt it, at full speed once resumed. The weights never depend on it."""
 import hashlib, json, math, os, signal, struct, sys, time
 from pathlib import Path
 
-from spotrun.checkpoint_format import commit, latest_checkpoint, new_temp_dir, prune, sha256_file, write_manifest
+from spotrun.checkpoint.format import commit, latest_checkpoint, new_temp_dir, prune, sha256_file, write_manifest
 
 steps, every, pause = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 pause = pause if os.environ.get("SPOTRUN_ATTEMPT", "1") == "1" else 0.0

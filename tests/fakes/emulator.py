@@ -4,7 +4,7 @@ A fake cloud (moto, the GCE or ARM fakes) only keeps records of instances. `Inst
 turns each record into a running machine: it polls `list_instances()` (the ids of live instances),
 and for every new one reads its boot record (`boot_of`, e.g. from user-data), lets the cloud part
 `prepare` it (start a metadata server, point the notice watcher at it), and starts the real Agent
-with `spotrun.agent.launcher.spawn_agent` in a folder of its own. When an id disappears from the
+with `spotrun.clouds.local.launcher.spawn_agent` in a folder of its own. When an id disappears from the
 listing (terminated, preempted) the Agent's whole session is SIGKILLed at once, as a VM that is
 switched off, and the cloud part may `release` what it prepared.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spotrun.providers.base import Boot
+from spotrun.clouds.base import Boot
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class InstanceEmulator:
                 self._switch_off(inst)
 
     def _boot(self, instance_id: str) -> None:
-        from spotrun.agent.launcher import spawn_agent
+        from spotrun.clouds.local.launcher import spawn_agent
 
         boot = self.boot_of(instance_id)
         handle = None
@@ -179,7 +179,7 @@ class InstanceEmulator:
 
     def _switch_off(self, inst: EmulatedInstance) -> None:
         """The VM is gone: every process of it dies at once (SIGKILL), its metadata server too."""
-        from spotrun.agent.launcher import kill_agent
+        from spotrun.clouds.local.launcher import kill_agent
 
         kill_agent(inst.process.pid, inst.root)
         try:

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from spotrun.providers.base import Boot, extract_boot
+from spotrun.clouds.base import Boot, extract_boot
 from tests.fakes.rest_fake import Request, Response, RestFake
 
 PROJECT = "spotrun-test"

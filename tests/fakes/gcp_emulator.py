@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from spotrun.providers.base import Boot
+from spotrun.clouds.base import Boot
 from tests.fakes.emulator import EmulatedInstance, InstanceEmulator
 from tests.fakes.gce_server import FakeGCE
 

@@ -1,7 +1,7 @@
 """The Store contract, as checks any cloud store's tests run against their emulator.
 
 Each function takes a fresh, empty store (rooted at a prefix of a fresh bucket/container) and
-asserts one part of what `spotrun.store.Store` promises the controller and the Agent.
+asserts one part of what `spotrun.clouds.store.Store` promises the controller and the Agent.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from spotrun.store import NotFound, Store, StoreError
+from spotrun.clouds.store import NotFound, Store, StoreError
 
 
 def check_put_get_exists_size_delete(store: Store) -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from spotrun.providers.base import Boot
+from spotrun.clouds.base import Boot
 
 
 def log(event: str, **data: object) -> None:

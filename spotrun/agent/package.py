@@ -1,0 +1,85 @@
+"""The Agent a cloud VM installs: this very spotrun, packed as a pip-installable source archive
+and put in the job's store, so a VM runs the same code as the controller that launched it —
+whether or not spotrun is on a package index the VM can reach.
+
+The archive holds a generated `pyproject.toml` (name, version, dependencies and extras read from
+the installed package's own metadata) and the `spotrun/` package files. It is content-addressed
+(`agent/spotrun-<version>-<sha>.tar.gz` at the store's root), so it is uploaded once per code
+version and shared by every job in the store. The VM's bootstrap fetches it with its own cloud
+identity (`aws s3 cp`, `gcloud storage cp`, `az storage blob download`) and falls back to
+`pip install spotrun==<version>` where that fails.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from spotrun import __version__
+
+AGENT_PREFIX = "agent"
+SKIPPED = {"__pycache__"}
+EXTRAS = ("aws", "gcp", "azure")  # what a VM may need; never the dev or train extras
+
+
+def _requirements() -> tuple[list[str], dict[str, list[str]]]:
+    """(core dependencies, {extra: dependencies}) of the installed spotrun."""
+    core: list[str] = []
+    extras: dict[str, list[str]] = {name: [] for name in EXTRAS}
+    for req in metadata.requires("spotrun") or []:
+        spec, _, marker = req.partition(";")
+        found = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        if not found:
+            core.append(spec.strip())
+        elif found.group(1) in extras:
+            extras[found.group(1)].append(spec.strip())
+    return core, extras
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+def pyproject_text() -> str:
+    core, extras = _requirements()
+    lines = [
+        "[build-system]",
+        'requires = ["setuptools>=68"]',
+        'build-backend = "setuptools.build_meta"',
+        "",
+        "[project]",
+        'name = "spotrun"',
+        f'version = "{__version__}"',
+        'requires-python = ">=3.10"',
+        f"dependencies = {_toml_list(core)}",
+        "",
+        "[project.optional-dependencies]",
+        *(f"{name} = {_toml_list(deps)}" for name, deps in extras.items()),
+        "",
+        "[tool.setuptools.packages.find]",
+        'include = ["spotrun*"]',
+        "",
+        "[tool.setuptools.package-data]",
+        'spotrun = ["catalog/data/*", "markets/*.yaml", "py.typed"]',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build(dest: Path | None = None):  # -> spotrun.bundle.Packed
+    """Pack the running spotrun as an installable source archive; same code → same sha256."""
+    from spotrun.bundle import pack_path
+
+    package = Path(__file__).resolve().parent.parent  # spotrun/
+    with tempfile.TemporaryDirectory(prefix="spotrun-agent-") as tmp:
+        staging = Path(tmp) / "src"
+        shutil.copytree(package, staging / "spotrun", ignore=shutil.ignore_patterns(*SKIPPED, "*.pyc"))
+        (staging / "pyproject.toml").write_text(pyproject_text())
+        return pack_path(staging, dest=dest)
+
+
+def package_key(sha256: str) -> str:
+    return f"{AGENT_PREFIX}/spotrun-{__version__}-{sha256[:16]}.tar.gz"

@@ -1,0 +1,321 @@
+"""What an EC2 launch needs before RunInstances: image, network, firewall, instance profile.
+
+Each is found or created once and cached per region (or VPC, or job), and each step is
+idempotent, so two launches racing, or a launch retried after a crash, end up sharing the same
+resources instead of duplicating them.
+
+* image: the configured AMI, else the Deep Learning AMI's SSM public parameter, else the newest
+  Amazon-owned image whose name matches a Deep Learning AMI pattern (x86_64).
+* network: the configured subnet (in the provider's home region), or another subnet of its VPC in
+  the offer's zone; else the default VPC's default subnet of the zone (none: EC2 picks).
+* security group `spotrun-no-ingress` per VPC: created once, tagged `spotrun:managed`, with no
+  inbound rule at all (a rule someone added is revoked); outbound stays open for S3 and pip.
+* instance profile: the configured one, else one role + profile per job, `spotrun-<job>`, whose
+  only permissions are the job's prefix of the S3 store (`store_policy`). Deleted by `release_job`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from typing import Any
+
+from spotrun.clouds.aws.api import AWSApi
+from spotrun.clouds.base import AuthError, BadRequest, Boot
+
+log = logging.getLogger(__name__)
+
+DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+DLAMI_NAME_PATTERNS = (
+    "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *",
+    "Deep Learning*",
+)
+SECURITY_GROUP_NAME = "spotrun-no-ingress"
+TAG_JOB = "spotrun:job"
+TAG_MANAGED = "spotrun:managed"
+ROLE_POLICY_NAME = "spotrun-store"
+
+
+def store_policy(store_url: str, job_prefix: str) -> dict[str, Any]:
+    """The IAM policy of a job's instance profile: its own prefix of the S3 store, and read-only
+    the store's content-addressed `data/` (datasets uploaded once, shared by jobs) and `agent/`
+    (the spotrun package the VM installs); nothing else."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(store_url)
+    root = parsed.path.strip("/")
+    prefix = f"{root}/{job_prefix.strip('/')}" if root else job_prefix.strip("/")
+    data = f"{root}/data" if root else "data"
+    agent = f"{root}/agent" if root else "agent"
+    bucket = parsed.netloc
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "JobObjects",
+                "Effect": "Allow",
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:DeleteObject",
+                    "s3:AbortMultipartUpload",
+                    "s3:ListMultipartUploadParts",
+                ],
+                "Resource": f"arn:aws:s3:::{bucket}/{prefix}/*",
+            },
+            {
+                "Sid": "SharedData",
+                "Effect": "Allow",
+                "Action": "s3:GetObject",
+                "Resource": [f"arn:aws:s3:::{bucket}/{data}/*", f"arn:aws:s3:::{bucket}/{agent}/*"],
+            },
+            {
+                "Sid": "ListJobPrefix",
+                "Effect": "Allow",
+                "Action": "s3:ListBucket",
+                "Resource": f"arn:aws:s3:::{bucket}",
+                "Condition": {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}},
+            },
+        ],
+    }
+
+
+EC2_TRUST_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+}
+
+
+def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in items or []}
+
+
+def profile_name(job_id: str) -> str:
+    """The job's role and instance profile name (IAM allows [A-Za-z0-9+=,.@_-], 64 characters)."""
+    clean = re.sub(r"[^A-Za-z0-9+=,.@_-]", "-", job_id)
+    name = f"spotrun-{clean}"
+    return name if len(name) <= 64 else f"spotrun-{hashlib.sha256(job_id.encode()).hexdigest()[:40]}"
+
+
+class LaunchResources:
+    def __init__(
+        self,
+        api: AWSApi,
+        *,
+        ami: str | None = None,
+        instance_profile: str | None = None,
+        subnet_id: str | None = None,
+        security_group_id: str | None = None,
+        ami_parameter: str = DLAMI_PARAMETER,
+        ami_name_patterns: tuple[str, ...] = DLAMI_NAME_PATTERNS,
+    ) -> None:
+        """`subnet_id` and `security_group_id` belong to the api's home region: used only there."""
+        self.api = api
+        self.region = api.region
+        self.ami = ami
+        self.instance_profile_name = instance_profile
+        self.subnet_id = subnet_id
+        self.security_group_id = security_group_id
+        self.ami_parameter = ami_parameter
+        self.ami_name_patterns = tuple(ami_name_patterns)
+        self._images: dict[str, tuple[str, str]] = {}
+        self._groups: dict[tuple[str, str], str] = {}
+        self._profiles: dict[str, dict[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def image(self, region: str) -> tuple[str, str]:
+        """(image id, root device name) for `region`."""
+        with self._lock:
+            if region in self._images:
+                return self._images[region]
+        ec2 = self.api.client("ec2", region)
+        image_id = self.ami or self._ami_from_parameter(region)
+        if image_id:
+            images = self.api.call(ec2.describe_images, ImageIds=[image_id])["Images"]
+            if not images:
+                raise BadRequest(f"AMI {image_id} not found in {region}", code="InvalidAMIID.NotFound")
+        else:
+            images = []
+            for pattern in self.ami_name_patterns:
+                images = self.api.call(
+                    ec2.describe_images,
+                    Owners=["amazon"],
+                    Filters=[
+                        {"Name": "name", "Values": [pattern]},
+                        {"Name": "state", "Values": ["available"]},
+                        {"Name": "architecture", "Values": ["x86_64"]},
+                    ],
+                )["Images"]
+                if images:
+                    break
+            if not images:
+                raise BadRequest(
+                    f"no Deep Learning AMI found in {region}: name one with `ami` in the AWS config",
+                    code="NoImage",
+                )
+            images.sort(key=lambda i: (i.get("CreationDate", ""), i.get("Name", "")))
+        image = images[-1]
+        found = (image["ImageId"], image.get("RootDeviceName") or "/dev/sda1")
+        with self._lock:
+            self._images[region] = found
+        return found
+
+    def _ami_from_parameter(self, region: str) -> str | None:
+        ssm = self.api.client("ssm", region)
+        try:
+            return str(self.api.call(ssm.get_parameter, Name=self.ami_parameter)["Parameter"]["Value"])
+        except (BadRequest, AuthError) as exc:  # not published here, or not allowed to read it
+            log.info("SSM parameter %s not usable in %s (%s): searching images", self.ami_parameter, region, exc.code)
+            return None
+
+    def _home_region(self) -> str | None:
+        """The region the configured subnet and security group live in (ids are per region)."""
+        return self.region or self.api.default_region()
+
+    def network(self, region: str, zone: str) -> tuple[str, str | None]:
+        """(VPC id, subnet id or None: let EC2 pick the default subnet of the zone)."""
+        ec2 = self.api.client("ec2", region)
+        if self.subnet_id and region == self._home_region():
+            subnet = self.api.call(ec2.describe_subnets, SubnetIds=[self.subnet_id])["Subnets"][0]
+            if not zone or subnet["AvailabilityZone"] == zone:
+                return subnet["VpcId"], subnet["SubnetId"]
+            others = self.api.call(
+                ec2.describe_subnets,
+                Filters=[
+                    {"Name": "vpc-id", "Values": [subnet["VpcId"]]},
+                    {"Name": "availability-zone", "Values": [zone]},
+                ],
+            )["Subnets"]
+            if not others:
+                raise BadRequest(f"VPC {subnet['VpcId']} has no subnet in {zone}", code="NoSubnetInZone")
+            return subnet["VpcId"], sorted(s["SubnetId"] for s in others)[0]
+        vpcs = self.api.call(ec2.describe_vpcs, Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise BadRequest(f"no default VPC in {region}: set `subnet_id` in the AWS config", code="NoDefaultVpc")
+        vpc_id = vpcs[0]["VpcId"]
+        if not zone:
+            return vpc_id, None
+        subnets = self.api.call(
+            ec2.describe_subnets,
+            Filters=[
+                {"Name": "vpc-id", "Values": [vpc_id]},
+                {"Name": "availability-zone", "Values": [zone]},
+                {"Name": "default-for-az", "Values": ["true"]},
+            ],
+        )["Subnets"]
+        return vpc_id, (subnets[0]["SubnetId"] if subnets else None)
+
+    def security_group(self, region: str, vpc_id: str) -> str:
+        """The VPC's no-ingress group: found by name or created, stripped of any inbound rule."""
+        if self.security_group_id and region == self._home_region():
+            return self.security_group_id
+        with self._lock:
+            if (region, vpc_id) in self._groups:
+                return self._groups[(region, vpc_id)]
+        ec2 = self.api.client("ec2", region)
+        filters = [
+            {"Name": "vpc-id", "Values": [vpc_id]},
+            {"Name": "group-name", "Values": [SECURITY_GROUP_NAME]},
+        ]
+        groups = self.api.call(ec2.describe_security_groups, Filters=filters)["SecurityGroups"]
+        if groups:
+            group = groups[0]
+            if group.get("IpPermissions"):
+                log.warning("removing inbound rules someone added to %s", group["GroupId"])
+                self.api.call(
+                    ec2.revoke_security_group_ingress, GroupId=group["GroupId"], IpPermissions=group["IpPermissions"]
+                )
+            group_id = group["GroupId"]
+        else:
+            try:
+                group_id = self.api.call(
+                    ec2.create_security_group,
+                    GroupName=SECURITY_GROUP_NAME,
+                    Description="spotrun instances: no inbound traffic at all",
+                    VpcId=vpc_id,
+                    TagSpecifications=[
+                        {"ResourceType": "security-group", "Tags": [{"Key": TAG_MANAGED, "Value": "true"}]}
+                    ],
+                )["GroupId"]
+            except BadRequest as exc:  # created meanwhile by another launch
+                if exc.code != "InvalidGroup.Duplicate":
+                    raise
+                group_id = self.api.call(ec2.describe_security_groups, Filters=filters)["SecurityGroups"][0]["GroupId"]
+        with self._lock:
+            self._groups[(region, vpc_id)] = group_id
+        return group_id
+
+    def instance_profile(self, boot: Boot) -> tuple[dict[str, str] | None, bool]:
+        """(IamInstanceProfile spec or None, whether it was just created)."""
+        if self.instance_profile_name:
+            key = "Arn" if self.instance_profile_name.startswith("arn:") else "Name"
+            return {key: self.instance_profile_name}, False
+        if not boot.store_url.startswith("s3://"):
+            return None, False
+        name = profile_name(boot.job_id)
+        with self._lock:
+            if name in self._profiles:
+                return self._profiles[name], False
+        iam = self.api.client("iam")
+        created = False
+        try:
+            profile = self.api.call(iam.get_instance_profile, InstanceProfileName=name)["InstanceProfile"]
+            has_role = bool(profile.get("Roles"))
+        except BadRequest as exc:
+            if exc.code != "NoSuchEntity":
+                raise
+            has_role = False
+            tags = [{"Key": TAG_JOB, "Value": boot.job_id}]
+            self._ignore_exists(
+                iam.create_role,
+                RoleName=name,
+                AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
+                Description=f"spotrun job {boot.job_id}: its own prefix of the store",
+                Tags=tags,
+            )
+            self._ignore_exists(iam.create_instance_profile, InstanceProfileName=name, Tags=tags)
+            created = True
+        self.api.call(
+            iam.put_role_policy,
+            RoleName=name,
+            PolicyName=ROLE_POLICY_NAME,
+            PolicyDocument=json.dumps(store_policy(boot.store_url, boot.job_prefix)),
+        )
+        if not has_role:
+            self._ignore_exists(iam.add_role_to_instance_profile, InstanceProfileName=name, RoleName=name)
+        spec = {"Name": name}
+        with self._lock:
+            self._profiles[name] = spec
+        return spec, created
+
+    def _ignore_exists(self, fn: Any, **kwargs: Any) -> None:
+        try:
+            self.api.call(fn, **kwargs)
+        except BadRequest as exc:
+            # EntityAlreadyExists; LimitExceeded when the profile already holds its one role
+            if exc.code not in ("EntityAlreadyExists", "LimitExceeded"):
+                raise
+
+    def release_job(self, job_id: str) -> None:
+        """Delete the job's role and instance profile (once no instance of the job is left)."""
+        if self.instance_profile_name:
+            return
+        iam = self.api.client("iam")
+        name = profile_name(job_id)
+        steps = [
+            (iam.remove_role_from_instance_profile, {"InstanceProfileName": name, "RoleName": name}),
+            (iam.delete_instance_profile, {"InstanceProfileName": name}),
+            (iam.delete_role_policy, {"RoleName": name, "PolicyName": ROLE_POLICY_NAME}),
+            (iam.delete_role, {"RoleName": name}),
+        ]
+        for fn, kwargs in steps:
+            try:
+                self.api.call(fn, **kwargs)
+            except BadRequest as exc:
+                if exc.code != "NoSuchEntity":
+                    raise
+        with self._lock:
+            self._profiles.pop(name, None)

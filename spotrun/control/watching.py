@@ -1,0 +1,183 @@
+"""Watching a running attempt: poll the instance and the Agent's exit record and heartbeat, tell a
+preemption from a completion, a workload failure or a lost instance, enforce the job's limits, and
+re-ask the relaunch policy now and then whether the running instance is still the right one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from spotrun.clouds.base import (
+    Instance,
+    InstanceState,
+    InstanceStatus,
+    Provider,
+    ProviderError,
+)
+from spotrun.clouds.store import job_prefix
+from spotrun.control.core import ControllerCore, read_json
+from spotrun.control.decide import make_job_policy, observation
+from spotrun.control.outcome import (
+    EXIT_AGENT_ERROR,
+    EXIT_BUDGET,
+    EXIT_FAILED,
+    EXIT_OK,
+    JobFinished,
+    spend,
+)
+from spotrun.control.specs import allowed_providers
+from spotrun.control.state import Attempt, Job, JobStatus
+from spotrun.policies.base import Decision, Policy
+
+if TYPE_CHECKING:
+    from spotrun.planner import Candidate
+    from spotrun.spec import JobSpec
+
+
+class WatchingMixin(ControllerCore):
+    def _watch(self, job: Job, spec: JobSpec, attempt: Attempt) -> None:
+        assert attempt.instance is not None
+        instance = Instance.from_dict(attempt.instance)
+        provider = self._provider(attempt.provider, spec)
+        try:
+            st = provider.poll(instance)
+        except ProviderError as e:
+            self.state.add_event(job.id, self.clock.now(), "poll_error", f"poll failed: {e}")
+            st = InstanceState(InstanceStatus.RUNNING)
+        store = self._store(attempt.store_url or job.store_url)
+        exit_rec = read_json(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit")
+        now = self.clock.now()
+
+        # "terminated": the Agent itself was told to stop (the VM shutting down): like a preemption.
+        preempted = exit_rec is not None and exit_rec.get("reason") in ("preempted", "terminated")
+        draining = self._draining.get(job.id) == attempt.n
+        ended = st.status in (InstanceStatus.PREEMPTED, InstanceStatus.TERMINATED, InstanceStatus.FAILED)
+        if draining and (preempted or ended):  # we asked it to stop: the policy moved the job
+            self._end(provider, instance, job, attempt, "switched", exit_rec, st, detail="moved by the policy")
+            return
+        if preempted or st.status == InstanceStatus.PREEMPTED:
+            self._policy(job, spec).on_preempted(attempt.offer_key, self._job_hours(job, now))
+            self._end(provider, instance, job, attempt, "preempted", exit_rec, st)
+            return
+        if exit_rec is not None or st.status == InstanceStatus.EXITED:
+            code = exit_rec.get("code") if exit_rec else st.exit_code
+            code = 1 if code is None else int(code)
+            if exit_rec is not None and exit_rec.get("reason") not in (None, "completed") and code == 0:
+                code = EXIT_AGENT_ERROR  # e.g. the outputs could not be uploaded: not a success
+            if code == 0:
+                self._end(provider, instance, job, attempt, "completed", exit_rec, st, code=0)
+                raise JobFinished(JobStatus.SUCCEEDED, EXIT_OK, "completed", job_exit_code=0)
+            self._end(provider, instance, job, attempt, "failed", exit_rec, st, code=code)
+            failures = sum(1 for a in self.state.attempts(job.id) if a.end_reason == "failed")
+            if failures > spec.recovery.max_restarts:
+                limit = spec.recovery.max_restarts
+                reason = f"workload exited with code {code} ({failures} failures > max_restarts {limit})"
+                raise JobFinished(JobStatus.FAILED, EXIT_FAILED, reason, job_exit_code=code)
+            return
+        if st.status in (InstanceStatus.TERMINATED, InstanceStatus.FAILED):
+            self._end(provider, instance, job, attempt, "lost", exit_rec, st)
+            return
+
+        heartbeat = read_json(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/heartbeat")
+        self._check_heartbeat(provider, instance, job, attempt, st, heartbeat, now)
+        self._check_limits(job, spec, now)
+        self._reconsider(job, spec, attempt, provider, instance, st, now)
+        self._notify(job.id, heartbeat)
+        self.clock.sleep(self.options.poll_interval)
+
+    def _reconsider(
+        self,
+        job: Job,
+        spec: JobSpec,
+        attempt: Attempt,
+        provider: Provider,
+        instance: Instance,
+        st: InstanceState,
+        now: float,
+    ) -> None:
+        """Every `policy_interval`, ask the policy whether the running instance is still the right
+        one (e.g. on-demand is needed to make the deadline, or back to spot once a zone proves
+        stable). A different answer drains the instance: the Agent checkpoints as on a notice,
+        and the next launch follows the policy."""
+        if st.status != InstanceStatus.RUNNING or self._draining.get(job.id) == attempt.n:
+            return
+        if now - self._last_policy_check.get(job.id, 0.0) < self.options.policy_interval:
+            return
+        self._last_policy_check[job.id] = now
+        current = Decision("spot" if attempt.spot else "ondemand", attempt.offer_key)
+        decision = self._decide(job, spec, self._candidates(job, spec), current=current)
+        if decision == current or (decision.kind == current.kind and decision.zone is None):
+            return
+        self._draining[job.id] = attempt.n
+        self.state.add_event(
+            job.id, now, "policy", f"attempt {attempt.n}: policy {spec.recovery.policy} moves the job to {decision}"
+        )
+        provider.drain(instance, self.options.drain_grace)
+
+    def _decide(self, job: Job, spec: JobSpec, candidates: Sequence[Candidate], current: Decision | None) -> Decision:
+        now = self.clock.now()
+        attempts = self.state.attempts(job.id)
+        scale = attempts[-1].time_scale if attempts else self._time_scale(spec)
+        cooling = self._cooling_keys(spec, attempts, now)
+        obs = observation(
+            candidates,
+            now_h=self._elapsed_job_seconds(job, attempts, now) / 3600.0,
+            progress=self._progress(job, attempts),
+            deadline_h=None if spec.deadline is None else spec.deadline / 3600.0,
+            current=current,
+            cooling=cooling,
+            unavailable={a.offer_key for a in attempts if a.end_reason == "launch_failed"} & cooling,
+            step_h=self.options.poll_interval * scale / 3600.0,
+        )
+        return self._policy(job, spec).decide(obs)
+
+    def _policy(self, job: Job, spec: JobSpec) -> Policy:
+        if job.id not in self._policies:
+            attempts = self.state.attempts(job.id)
+            hours = {a.n: self._job_hours(job, a.ended_at or a.created_at) for a in attempts}
+            self._policies[job.id] = make_job_policy(spec.recovery.policy, attempts, hours)
+        return self._policies[job.id]
+
+    def _job_hours(self, job: Job, at: float) -> float:
+        attempts = self.state.attempts(job.id)
+        return self._elapsed_job_seconds(job, attempts, at) / 3600.0
+
+    def _time_scale(self, spec: JobSpec) -> float:
+        if allowed_providers(spec) == ["local"]:
+            return float(getattr(self._provider("local", spec), "time_scale", 1.0))
+        return 1.0
+
+    def _check_heartbeat(
+        self,
+        provider: Provider,
+        instance: Instance,
+        job: Job,
+        attempt: Attempt,
+        st: InstanceState,
+        heartbeat: dict[str, Any] | None,
+        now: float,
+    ) -> None:
+        if st.status != InstanceStatus.RUNNING or attempt.started_at is None:
+            return
+        last = float(heartbeat["at"]) if heartbeat and "at" in heartbeat else attempt.started_at
+        if now - last > self.options.heartbeat_timeout:
+            self._end(provider, instance, job, attempt, "lost", None, st, detail="no heartbeat")
+
+    def _check_limits(self, job: Job, spec: JobSpec, now: float) -> None:
+        attempts = self.state.attempts(job.id)
+        spent, _ = spend(attempts, now)
+        if spec.budget is not None and spent >= spec.budget:
+            raise JobFinished(
+                JobStatus.BUDGET_EXHAUSTED, EXIT_BUDGET, f"budget ${spec.budget:.2f} spent (${spent:.2f})"
+            )
+        if spec.deadline is not None and self._elapsed_job_seconds(job, attempts, now) >= spec.deadline:
+            raise JobFinished(JobStatus.DEADLINE_EXCEEDED, EXIT_BUDGET, f"deadline of {spec.deadline:.0f}s passed")
+        limit = spec.recovery.max_preemptions
+        preemptions = sum(1 for a in attempts if a.end_reason == "preempted")
+        if limit is not None and preemptions > limit:
+            raise JobFinished(JobStatus.FAILED, EXIT_FAILED, f"{preemptions} preemptions > max_preemptions {limit}")
+
+    def _elapsed_job_seconds(self, job: Job, attempts: list[Attempt], now: float) -> float:
+        """Wall time since submission, in the market's time (simulated for the local provider)."""
+        scale = attempts[-1].time_scale if attempts else 1.0
+        return (now - job.created_at) * scale
