@@ -31,6 +31,7 @@ from spotrun.clouds.secrets import SecretsError, decode_values, encode_values, s
 
 API = "https://secretmanager.googleapis.com"
 EMULATOR_ENV = "SECRET_MANAGER_EMULATOR_HOST"
+_MISSING = object()
 ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
 SECRETS_SCOPE = "https://www.googleapis.com/auth/cloud-platform"  # the only scope Secret Manager takes
 
@@ -71,19 +72,29 @@ class GCPSecrets:
     def path(self, job_id: str) -> str:
         return f"projects/{self.project}/secrets/{secret_name(job_id, limit=255)}"
 
-    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Any, *, conflict_ok: bool = False, missing_ok: bool = False, **kwargs: Any) -> Any:
+        """One API call; its failure as a SecretsError (permanent: credentials, rights, a bad request)."""
         from google.api_core import exceptions as gexc
+        from google.auth import exceptions as auth_exc
 
         try:
             return fn(**kwargs)
+        except gexc.NotFound:
+            if not missing_ok:
+                raise SecretsError(f"gcp: {what}: not found") from None
+            return _MISSING
+        except gexc.Conflict:  # 409 ALREADY_EXISTS (AlreadyExists over gRPC)
+            if not conflict_ok:
+                raise SecretsError(f"gcp: {what}: already exists") from None
+            return None
         except (gexc.PermissionDenied, gexc.Unauthenticated, gexc.InvalidArgument) as e:
             raise SecretsError(f"gcp: {what}: {e.message}", permanent=True) from None
         except gexc.GoogleAPICallError as e:
             raise SecretsError(f"gcp: {what}: {e.message}") from None
+        except auth_exc.GoogleAuthError as e:  # a 401 the credentials could not refresh past
+            raise SecretsError(f"gcp: {what}: credentials rejected ({type(e).__name__})", permanent=True) from None
 
     def put(self, job_id: str, values: dict[str, str]) -> dict[str, str]:
-        from google.api_core import exceptions as gexc
-
         if not self.service_account:
             raise SecretsError(
                 "gcp: a job with ${VAR} secrets needs gcp.service_account: the VM reads them as that account",
@@ -91,13 +102,12 @@ class GCPSecrets:
             )
         client, name = self.client(), self.path(job_id)
         secret = {"replication": {"automatic": {}}, "labels": {"spotrun-job": label_value(job_id)}}
-        try:
-            client.create_secret(parent=f"projects/{self.project}", secret_id=name.rsplit("/", 1)[-1], secret=secret)
-        except gexc.AlreadyExists:
-            pass
-        except gexc.GoogleAPICallError as e:
-            permanent = isinstance(e, (gexc.PermissionDenied, gexc.Unauthenticated, gexc.InvalidArgument))
-            raise SecretsError(f"gcp: creating the job's secret: {e.message}", permanent=permanent) from None
+        secret_id = name.rsplit("/", 1)[-1]
+        create = client.create_secret
+        parent = f"projects/{self.project}"
+        self._call(
+            "creating the job's secret", create, conflict_ok=True, parent=parent, secret_id=secret_id, secret=secret
+        )
         payload = {"data": encode_values(values).encode()}
         self._call("adding the secret's version", client.add_secret_version, parent=name, payload=payload)
         policy = {"bindings": [{"role": ACCESSOR_ROLE, "members": [f"serviceAccount:{self.service_account}"]}]}
@@ -108,26 +118,17 @@ class GCPSecrets:
 
     def find(self, job_id: str) -> dict[str, str] | None:
         """The reference to the job's secret if the store holds one (its value is not read)."""
-        from google.api_core import exceptions as gexc
-
-        try:
-            self.client().get_secret(name=self.path(job_id))
-        except gexc.NotFound:
-            return None
-        except gexc.GoogleAPICallError as e:
-            raise SecretsError(f"gcp: looking up the job's secret: {e.message}") from None
-        return {"cloud": self.cloud, "name": self.path(job_id)}
+        found = self._call(
+            "looking up the job's secret", self.client().get_secret, missing_ok=True, name=self.path(job_id)
+        )
+        return None if found is _MISSING else {"cloud": self.cloud, "name": self.path(job_id)}
 
     def delete(self, job_id: str) -> bool:
-        from google.api_core import exceptions as gexc
-
-        try:
-            self.client().delete_secret(name=self.path(job_id))
-            return True
-        except gexc.NotFound:
-            return False
-        except gexc.GoogleAPICallError as e:
-            raise SecretsError(f"gcp: deleting the job's secret: {e.message}") from None
+        """True when a secret (all its versions) was deleted, False when there was none."""
+        done = self._call(
+            "deleting the job's secret", self.client().delete_secret, missing_ok=True, name=self.path(job_id)
+        )
+        return done is not _MISSING
 
     # -------------------------------------------------------------- VM side
 
