@@ -69,7 +69,11 @@ class AzureSecrets:
             )
         self.vault_id = vault
         name = vault.rsplit("/", 1)[-1]
-        self.vault_url = (vault_url or os.environ.get(VAULT_URL_ENV) or f"https://{name}.vault.azure.net").rstrip("/")
+        url = vault_url or os.environ.get(VAULT_URL_ENV)
+        self.vault_url = (url or f"https://{name}.vault.azure.net").rstrip("/")
+        # A vault URL given explicitly (a test server, a sovereign cloud) need not be a *.vault.azure.net
+        # name, so the client cannot check the challenge's resource against it.
+        self._verify_resource = not url
         self.arm = (arm_endpoint or ARM).rstrip("/")
         self._client: Any = None
 
@@ -98,12 +102,10 @@ class AzureSecrets:
         if self._client is None:
             from azure.keyvault.secrets import SecretClient
 
-            plain = self.vault_url.startswith("http://")  # a test server: no TLS, no real tenant
-            self._client = SecretClient(self.vault_url, self.credential, verify_challenge_resource=not plain)
+            self._client = SecretClient(
+                self.vault_url, self.credential, verify_challenge_resource=self._verify_resource
+            )
         return self._client
-
-    def _kwargs(self) -> dict[str, Any]:
-        return {"enforce_https": False} if self.vault_url.startswith("http://") else {}
 
     def _check_config(self) -> None:
         if not self.vault_id:
@@ -123,7 +125,7 @@ class AzureSecrets:
         self._check_config()
         name = secret_name(job_id, limit=127)
         try:
-            self.client().set_secret(name, encode_values(values), tags={"spotrun-job": job_id}, **self._kwargs())
+            self.client().set_secret(name, encode_values(values), tags={"spotrun-job": job_id})
         except ClientAuthenticationError as e:
             raise SecretsError(f"azure: storing the job's secret: {_message(e)}", permanent=True) from None
         except HttpResponseError as e:
@@ -158,7 +160,9 @@ class AzureSecrets:
             if missing_ok and e.code in (204, 404):
                 return None
             detail = _arm_error(e)
-            raise SecretsError(f"azure: {what}: HTTP {e.code} {detail}", permanent=e.code in (400, 401, 403)) from None
+            raise SecretsError(
+                f"azure: {what}: HTTP {e.code} {detail}", permanent=e.code in (400, 401, 403, 404)
+            ) from None
         except OSError as e:
             raise SecretsError(f"azure: {what}: {type(e).__name__}: {e}") from None
         return json.loads(raw) if raw else None
@@ -171,7 +175,7 @@ class AzureSecrets:
             return None
         name = secret_name(job_id, limit=127)
         try:  # the versions' properties: never the value
-            if not any(True for _ in self.client().list_properties_of_secret_versions(name, **self._kwargs())):
+            if not any(True for _ in self.client().list_properties_of_secret_versions(name)):
                 return None
         except ResourceNotFoundError:
             return None
@@ -187,13 +191,13 @@ class AzureSecrets:
         self._arm("DELETE", self._assignment(job_id), "removing the VM identity's grant", missing_ok=True)
         name, client = secret_name(job_id, limit=127), self.client()
         try:
-            client.begin_delete_secret(name, polling_interval=0.2, **self._kwargs()).wait(timeout=60)
+            client.begin_delete_secret(name).wait(timeout=60)
         except ResourceNotFoundError:
             return False
         except HttpResponseError as e:
             raise SecretsError(f"azure: deleting the job's secret: {_message(e)}") from None
         try:
-            client.purge_deleted_secret(name, **self._kwargs())
+            client.purge_deleted_secret(name)
         except HttpResponseError as e:  # purge protection, or no purge right: it stays soft-deleted
             if e.status_code not in (403, 409):
                 raise SecretsError(f"azure: purging the job's deleted secret: {_message(e)}") from None
