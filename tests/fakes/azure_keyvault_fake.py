@@ -52,7 +52,8 @@ def _error(status: int, code: str, message: str, inner: str | None = None) -> Re
 class FakeKeyVault(RestFake):
     def __init__(self, *, subscription: str, resource_group: str, vault_name: str = VAULT_NAME) -> None:
         super().__init__()
-        self.vault_id = f"/subscriptions/{subscription}/resourceGroups/{resource_group}/providers/Microsoft.KeyVault/vaults/{vault_name}"
+        group = f"/subscriptions/{subscription}/resourceGroups/{resource_group}"
+        self.vault_id = f"{group}/providers/Microsoft.KeyVault/vaults/{vault_name}"
         self.identities: dict[str, str] = {}  # identity resource id (lower) -> principal id
         self.tokens: dict[str, str] = {CONTROLLER_TOKEN: "controller"}  # token -> principal id
         self.admins = {"controller"}
@@ -262,7 +263,8 @@ class FakeKeyVault(RestFake):
     def attach_arm(self, arm: Any) -> None:
         """Serve the identity and role-assignment calls on the fake ARM server `arm`."""
         assignment = r"(?P<scope>/subscriptions/.+)/providers/Microsoft\.Authorization/roleAssignments/(?P<id>[^/]+)"
-        identity = r"/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+"
+        group = r"/subscriptions/[^/]+/resourceGroups/[^/]+"
+        identity = group + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+"
 
         def guarded(handler: Any) -> Any:
             def serve(req: Request) -> Response:
