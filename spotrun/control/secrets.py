@@ -52,6 +52,17 @@ def boot_env(cloud: str, provider: Provider, job_id: str, spec: JobSpec, stored:
     permanent one naming the variables."""
     if not spec.secret_env_keys:
         return {}
+    try:
+        return _boot_env(cloud, provider, job_id, spec, stored)
+    except SecretsError:
+        raise
+    except ImportError as e:  # a cloud extra installed without its secret-store client
+        raise SecretsError(f"{cloud}: {e}: reinstall spotrun[{cloud}]", permanent=True) from None
+    except Exception as e:  # noqa: BLE001 -- an SDK's own error: try the launch again later
+        raise SecretsError(f"{cloud}: the secret store failed: {type(e).__name__}") from None
+
+
+def _boot_env(cloud: str, provider: Provider, job_id: str, spec: JobSpec, stored: dict[str, Any]) -> dict[str, str]:
     store = store_for(cloud, provider)
     if store is None:
         raise SecretsError(f"{cloud}: no secret store: ${{VAR}} env cannot reach its instances", permanent=True)

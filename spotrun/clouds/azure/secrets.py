@@ -140,7 +140,8 @@ class AzureSecrets:
                 "principalType": "ServicePrincipal",
             }
         }
-        self._arm("PUT", self._assignment(job_id), "granting the VM identity", body)
+        # 409 RoleAssignmentExists: the identity already holds the role on this secret (another name)
+        self._arm("PUT", self._assignment(job_id), "granting the VM identity", body, ok=(409,))
         return {"cloud": self.cloud, "vault": self.vault_url, "name": name, "identity": self.identity}
 
     def _assignment(self, job_id: str) -> str:
@@ -148,8 +149,12 @@ class AzureSecrets:
         scope = f"{self.vault_id}/secrets/{secret_name(job_id, limit=127)}"
         return f"{scope}/providers/Microsoft.Authorization/roleAssignments/{name}?api-version={ROLE_API}"
 
-    def _arm(self, method: str, path: str, what: str, body: Any = None, *, missing_ok: bool = False) -> Any:
-        token = self.credential.get_token(f"{ARM}/.default").token
+    def _arm(self, method: str, path: str, what: str, body: Any = None, *, ok: tuple[int, ...] = ()) -> Any:
+        """One ARM call with the controller's credential; an HTTP status in `ok` is no error."""
+        try:
+            token = self.credential.get_token(f"{ARM}/.default").token
+        except Exception as e:  # noqa: BLE001 -- azure-identity's ClientAuthenticationError and kin
+            raise SecretsError(f"azure: {what}: no usable credential ({type(e).__name__})", permanent=True) from None
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         request = urllib.request.Request(f"{self.arm}{path}", data=data, method=method, headers=headers)
@@ -157,7 +162,7 @@ class AzureSecrets:
             with urllib.request.urlopen(request, timeout=30) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
-            if missing_ok and e.code in (204, 404):
+            if e.code in ok:
                 return None
             detail = _arm_error(e)
             raise SecretsError(
@@ -188,7 +193,7 @@ class AzureSecrets:
 
         if not self.vault_id:
             return False
-        self._arm("DELETE", self._assignment(job_id), "removing the VM identity's grant", missing_ok=True)
+        self._arm("DELETE", self._assignment(job_id), "removing the VM identity's grant", ok=(404,))
         name, client = secret_name(job_id, limit=127), self.client()
         try:
             client.begin_delete_secret(name).wait(timeout=60)
