@@ -128,3 +128,28 @@ def test_a_cloud_that_cannot_hold_the_secret_ends_the_job_before_any_launch(
     assert (result.status, result.exit_code) == (JobStatus.FAILED, 2)
     assert "gcp.service_account" in (result.reason or "")
     assert gce.requests_to("POST", r"/instances$") == [] and secret_manager.secrets == {}
+
+
+def test_cancel_without_the_value_deletes_the_jobs_secret(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    aws: MotoServer,  # noqa: F811
+) -> None:
+    from spotrun.clouds.aws.provider import AWSProvider
+    from spotrun.clouds.aws.secrets import AWSSecrets
+
+    state, job = submit(tmp_path, monkeypatch, "aws")
+    store = AWSSecrets.from_provider(AWSProvider(region="us-east-1", session=fast_session(), regions=["us-east-1"]))
+    store.put(job, {"TOKEN": "s3cr3t-value"})  # a first launch stored it, then its attempt failed
+    attempt = state.begin_attempt(
+        job, provider="aws", region="us-east-1", zone="us-east-1a", instance_type="p3.2xlarge", spot=True,
+        offer_key="k", hourly_price=1.0, ondemand_price=3.0, time_scale=1.0, now=1.0, store_url=None,
+    )  # fmt: skip
+    state.end_attempt(job, attempt.n, "launch_failed", 2.0, detail="NoCapacity")
+    # what `spotrun cancel` does when no controller runs (the provider told its region: no region sweep)
+    state.request_cancel(job, 3.0)
+    provider = AWSProvider(region="us-east-1", session=fast_session(), regions=["us-east-1"])
+    Controller(state, providers={"aws": provider}).run(job)
+    assert state.job(job).status == JobStatus.CANCELLED
+    assert store.find(job) is None
+    assert any(e.kind == "secrets" and "deleted" in e.message for e in state.events(job))
