@@ -350,8 +350,12 @@ class ControllerToken:
 @pytest.fixture
 def keyvault(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKeyVault]:
     """The fake vault over HTTPS; this process trusts its certificate."""
+    import shutil
+
     from tests.fakes.azure_server import RESOURCE_GROUP, SUBSCRIPTION
 
+    if shutil.which("openssl") is None:
+        pytest.skip("the fake Key Vault needs `openssl` to make its TLS certificate (apt-get install openssl)")
     fake = FakeKeyVault(subscription=SUBSCRIPTION, resource_group=RESOURCE_GROUP)
     fake.start_tls(tmp_path_factory.mktemp("keyvault-tls"))
     for name, value in fake.trust_env().items():
