@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import sys
 from collections.abc import Callable, Iterator
@@ -60,10 +61,13 @@ BLANKED = {"WANDB_API_KEY": "", "SPOTRUN_E2E_SECRET": ""}  # what the VM does no
 
 
 @pytest.fixture
-def secret(monkeypatch: pytest.MonkeyPatch) -> str:
+def secret(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Iterator[str]:
+    """The value, in the launching shell; afterwards, no log record of this process holds it."""
     value = f"wandb-e2e-{secrets.token_hex(12)}"
     monkeypatch.setenv("SPOTRUN_E2E_SECRET", value)
-    return value
+    caplog.set_level(logging.INFO)
+    yield value
+    assert [r for r in caplog.records if value in r.getMessage()] == [], "the secret is in a log record"
 
 
 def job_spec(tmp_path: Path, cloud: str, gpu: str) -> Any:
