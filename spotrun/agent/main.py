@@ -106,6 +106,7 @@ class Agent:
         self.phase = "fetching"
         self.job: AgentJob | None = None
         self.restored_step: int | None = None
+        self._secrets: dict[str, str] = {}  # `${VAR}` values read from the cloud's secret store
         self._terminated = threading.Event()
         self._next_notice_check = 0.0
         self._periodic: list[Periodic] = []
@@ -126,6 +127,7 @@ class Agent:
             self.paths.prepare()
             self.job = AgentJob.from_json(self.store.get_bytes(jobfile.job_key(self.prefix)))
             self._restart_heartbeats()
+            self._read_secrets()
             self.uploader.keep = max(1, self.job.keep)
             self.uploader.interval = min(1.0, self.job.heartbeat_interval)
             self._fetch()
@@ -162,6 +164,15 @@ class Agent:
             self.log.note(f"restored checkpoint {self.restored_step}")
         self._check_notice()
 
+    def _read_secrets(self) -> None:
+        """`${VAR}` values from the cloud's secret store (spotrun/agent/secrets.py): memory only."""
+        from spotrun.agent.secrets import fetch_secrets
+
+        assert self.job is not None
+        self._secrets = fetch_secrets(self.boot.env, list(self.job.secret_env))
+        if self._secrets:
+            self.log.note(f"secret env read from the cloud's secret store: {', '.join(sorted(self._secrets))}")
+
     def _data_host_path(self, job: AgentJob, target: str) -> Path:
         """Where a data entry goes on this machine. A relative target lives under the data
         folder; an absolute one is that path itself, or (in a container) a folder mounted there."""
@@ -184,6 +195,7 @@ class Agent:
             dirs = (str(p.checkpoints), str(p.data), str(p.output), str(p.notice_file), str(p.progress_file))
         env.setdefault("PYTHONUNBUFFERED", "1")  # logs arrive as they are printed
         env.update(job.env)
+        env.update(self._secrets)
         names = ("CHECKPOINT_DIR", "DATA_DIR", "OUTPUT_DIR", "NOTICE_FILE", "PROGRESS_FILE")
         env.update({f"SPOTRUN_{n}": v for n, v in zip(names, dirs, strict=True)})
         env["SPOTRUN_JOB_ID"] = self.boot.job_id

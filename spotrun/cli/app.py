@@ -126,6 +126,7 @@ def launch(
     state = open_state()
     if resume:
         job_id = find_job_or_exit(state, resume).id
+        _refuse_resume_without_secrets(state, job_id)
     else:
         if spec is None:
             err.print("error: give a job spec, or --resume JOB")
@@ -153,6 +154,16 @@ def launch(
     if json_out:
         print_json(result.to_dict())
     raise typer.Exit(result.exit_code)
+
+
+def _refuse_resume_without_secrets(state: State, job_id: str) -> None:
+    """A `${VAR}` this shell lacks: exit 2 unless the clouds already hold the job's secret."""
+    from spotrun.control.secrets import resume_refusal
+
+    refusal = resume_refusal(state, job_id)
+    if refusal:
+        err.print(f"error: {refusal}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def _confirm_plan(controller: Any, job_spec: JobSpec, *, yes: bool, quiet: bool) -> bool:

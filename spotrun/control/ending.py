@@ -81,6 +81,7 @@ class EndingMixin(ControllerCore):
                 self._provider(name, spec).release_job(job_id)
             except ProviderError as e:
                 self.state.add_event(job_id, self.clock.now(), "release_error", f"{name}: {e}")
+        self._delete_secrets(job_id, spec)
         self.state.set_job_status(
             job_id,
             done.status,
@@ -90,6 +91,12 @@ class EndingMixin(ControllerCore):
             job_exit_code=done.job_exit_code,
         )
         self._notify(job_id, None)
+
+    def _delete_secrets(self, job_id: str, spec: JobSpec) -> None:
+        """The job's `${VAR}` values leave every cloud's secret store (spotrun/control/secrets.py)."""
+        from spotrun.control.secrets import delete_secrets
+
+        delete_secrets(self.state, job_id, spec, self._provider, self.clock.now())
 
     def _sweep(self, job_id: str, spec: JobSpec, keep: str | None) -> None:
         """Terminate every instance a provider holds for this job, except `keep` (an instance id)."""

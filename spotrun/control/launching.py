@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spotrun.clouds import remote_clouds
 from spotrun.clouds.base import (
@@ -97,6 +97,9 @@ class LaunchingMixin(ControllerCore):
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"store move: {e}")
             return ProviderError(str(e))
         cloud = offer.provider in remote_clouds()
+        secrets_env = self._secrets_env(job, spec, attempt, offer.provider, provider) if cloud else {}
+        if secrets_env is None:
+            return ProviderError("the job's secrets could not be stored")
         boot = Boot(
             job_id=job.id,
             attempt=attempt.n,
@@ -105,6 +108,7 @@ class LaunchingMixin(ControllerCore):
             spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
             spotrun_package=self._agent_package(store_url) if cloud else "",
             extra=offer.provider if cloud else "",
+            env=secrets_env,
         )
         try:
             instance = self._with_retries(
@@ -128,6 +132,22 @@ class LaunchingMixin(ControllerCore):
             return ProviderError(str(e))
         self.state.attempt_started(job.id, attempt.n, instance.instance_id, instance.to_dict(), self.clock.now())
         return True
+
+    def _secrets_env(
+        self, job: Job, spec: JobSpec, attempt: Attempt, cloud: str, provider: Any
+    ) -> dict[str, str] | None:
+        """The job's `${VAR}` values into the cloud's secret store (spotrun/control/secrets.py): the
+        boot env holding the reference; None (attempt ended) when the store failed for now."""
+        from spotrun.clouds.secrets import SecretsError
+        from spotrun.control.secrets import boot_env
+
+        try:
+            return boot_env(cloud, provider, job.id, spec, job.spec)
+        except SecretsError as e:
+            self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"secrets: {e}")
+            if e.permanent:
+                raise JobFinished(JobStatus.FAILED, EXIT_BAD_INPUT, f"secrets: {e}") from None
+            return None
 
     def _bring_checkpoint(self, job: Job, attempt: Attempt, target_url: str) -> None:
         """Relaunching on a cloud that keeps its own store: copy the job's files and its newest
