@@ -91,7 +91,7 @@ class LocalStore(Store):
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.url = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
@@ -103,8 +103,14 @@ class LocalStore(Store):
 
     def _write(self, key: str, writer: Callable[[object], None], *, if_absent: bool = False) -> bool:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        for again in (True, False):  # a delete may remove the emptied folder in between: once more
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)  # 0600: objects are private
+                break
+            except FileNotFoundError:
+                if not again:
+                    raise
         try:
             with os.fdopen(fd, "wb") as f:
                 writer(f)
@@ -150,9 +156,9 @@ class LocalStore(Store):
         if not src.is_file():
             raise NotFound(key)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{path.name}")
-        with open(src, "rb") as s, open(tmp, "wb") as d:
+        with open(src, "rb") as s, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as d:
             for chunk in iter(lambda: s.read(COPY_BUFFER), b""):
                 d.write(chunk)
                 if progress:
@@ -177,10 +183,19 @@ class LocalStore(Store):
         return sorted(k for k in self._walk(base) if k.startswith(prefix))
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
-            pass
+            return
+        # like an object store, no empty "folders" are left behind (e.g. pruned checkpoint steps)
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or racing a writer that just made it): stop here
+                break
+            parent = parent.parent
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
