@@ -65,6 +65,7 @@ class ControllerCore:
         self._last_policy_check: dict[str, float] = {}
         # job id -> (attempt asked for a last checkpoint, the stop it ends with, when asked)
         self._limit_stop: dict[str, tuple[int, Any, float]] = {}
+        self.submit_notes: list[str] = []  # what the last submit left out (credential files), for the CLI
 
     def _provider(self, name: str, spec: JobSpec) -> Provider:
         if name not in self.providers:

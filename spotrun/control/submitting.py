@@ -42,10 +42,15 @@ class SubmittingMixin(ControllerCore):
         prefix = job_prefix(job_id)
 
         bundle_key = None
+        notes: list[str] = []
         if spec.workdir is not None:
             packed = pack_dir(spec.workdir)
             bundle_key = f"{prefix}/bundle/{packed.sha256}.tar.gz"
-            _upload_once(store, bundle_key, packed.path, packed.size, "code", progress)
+            upload_verified(store, bundle_key, packed.path, packed.size, packed.sha256, "code", progress)
+            if packed.secrets:
+                from spotrun.bundle import secrets_message
+
+                notes.append(secrets_message(packed.secrets))
 
         data: list[DataItem] = []
         for source, target in spec.data.items():
@@ -54,7 +59,7 @@ class SubmittingMixin(ControllerCore):
                 continue
             packed = pack_path(_resolve(spec, source))
             key = f"data/{packed.sha256}.tar.gz"  # store-wide: an unchanged dataset is never sent twice
-            _upload_once(store, key, packed.path, packed.size, f"data {source}", progress)
+            upload_verified(store, key, packed.path, packed.size, packed.sha256, f"data {source}", progress)
             data.append(DataItem(source=key, target=target, kind="store"))
 
         agent_job = AgentJob(
@@ -85,6 +90,9 @@ class SubmittingMixin(ControllerCore):
             self.clock.now(),
             str(spec.source_path) if spec.source_path else None,
         )
+        for note in notes:  # shown by `status`: what was left out, and how to include it
+            self.state.add_event(job_id, self.clock.now(), "bundle", note)
+        self.submit_notes = notes
         return job_id
 
 
@@ -95,15 +103,37 @@ def _resolve(spec: JobSpec, source: str) -> Any:
     return p if p.is_absolute() else (spec.base_dir / p)
 
 
-def _upload_once(
+def same_object(store: Store, key: str, size: int, sha256: str) -> bool:
+    """Whether `key` exists and holds exactly these bytes (size, then sha256 of a download):
+    a content-addressed key is never trusted by its name alone."""
+    import tempfile
+    from pathlib import Path
+
+    from spotrun.bundle import sha256_file
+    from spotrun.clouds.store import NotFound, StoreError
+
+    try:
+        if not store.exists(key) or store.size(key) != size:
+            return False
+        with tempfile.TemporaryDirectory(prefix="spotrun-check-") as tmp:
+            local = Path(tmp) / "object"
+            store.get_file(key, local)
+            return sha256_file(local) == sha256
+    except (NotFound, StoreError, OSError):
+        return False
+
+
+def upload_verified(
     store: Store,
     key: str,
     path: Any,
     size: int,
+    sha256: str,
     label: str,
-    progress: Callable[[str, int], Callable[[int], None]] | None,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> None:
-    if store.exists(key):
+    """Upload `path` to the content-addressed `key` unless the store already holds the same bytes."""
+    if same_object(store, key, size, sha256):
         return
     callback = progress(label, size) if progress else None
     store.put_file(key, path, progress=callback)

@@ -32,6 +32,7 @@ from spotrun.spec.fields import (
     Flag,
     Hours,
     ParamCount,
+    PlainGB,
     Seconds,
     SizeGB,
     USDPerHour,
@@ -44,6 +45,7 @@ from spotrun.spec.fields import (
     _positive,
     _str_list,
     _text,
+    _unit_required,
     _whole,
     _word,
 )
@@ -82,7 +84,7 @@ class GpuRequest(_Model):
                     f"{describe(given)} contradicts name {data['name']!r}, which says {memory:g} GB; "
                     "give the memory once",
                 )
-        return {**data, "name": name, "memory": memory}
+        return {**data, "name": name, "memory": f"{memory:g}GB"}
 
     _name = field_validator("name", mode="before")(lambda v: None if v is None else _gpu_name(v))
     _count = field_validator("count", mode="before")(_whole(1, 16))
@@ -254,7 +256,9 @@ class RecoverySpec(_Model):
 
     _max_restarts = field_validator("max_restarts", mode="before")(_whole(0))
     _max_preemptions = field_validator("max_preemptions", mode="before")(lambda v: None if v is None else _whole(0)(v))
-    _zone_cooldown = field_validator("zone_cooldown", mode="before")(units.parse_duration_s)
+    _zone_cooldown = field_validator("zone_cooldown", mode="before")(
+        _unit_required(units.parse_duration_s, "duration", "m", "30m, 1h")
+    )
 
 
 class WorkloadHint(_Model):
@@ -265,8 +269,8 @@ class WorkloadHint(_Model):
     optimizer: Literal["adamw", "adam", "sgd", "adafactor", "lion"] = "adamw"
     hours: Hours | None = None  # runtime on the reference GPU (one A100)
     hours_on: dict[str, float] = Field(default_factory=dict)  # GPU name -> runtime hours on it
-    checkpoint_gb: SizeGB | None = None
-    data_gb: SizeGB | None = None
+    checkpoint_gb: PlainGB | None = None
+    data_gb: PlainGB | None = None
 
     _precision = field_validator("precision", mode="before")(_choice(PRECISIONS, "precision"))
     _optimizer = field_validator("optimizer", mode="before")(_choice(OPTIMIZERS, "optimizer"))
@@ -467,7 +471,11 @@ class JobSpec(_Model):
         uploaded bundle, not the files it came from. Raises SpecError."""
         from spotrun.spec.report import _issues_from  # report reads these models: imported here, not above
 
-        context = {"environ": environ if environ is not None else os.environ, "check_paths": False}
+        context = {
+            "environ": environ if environ is not None else os.environ,
+            "check_paths": False,
+            "units_implied": True,
+        }
         try:
             return cls.model_validate(dict(data), context=context)
         except ValidationError as exc:
