@@ -301,7 +301,10 @@ azure: {subscription_id: 0000-1111, resource_group: rg}
 def _project(tmp_path: Path) -> Path:
     (tmp_path / "src").mkdir()
     (tmp_path / "corpus").mkdir()
-    (tmp_path / "market.yaml").write_text("zones: []\n")
+    from spotrun.clouds.local.market import builtin_market_path
+
+    # a real market file: a broken one now fails validation (issue 13)
+    (tmp_path / "market.yaml").write_text(builtin_market_path("quickstart").read_text())
     path = tmp_path / "job.yaml"
     path.write_text(FULL)
     return path

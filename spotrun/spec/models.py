@@ -308,7 +308,18 @@ class LocalOptions(_Model):
     @field_validator("market", mode="before")
     @classmethod
     def _market(cls, value: object, info: ValidationInfo) -> object:
-        return None if value is None else _local_path(value, info, want_dir=False, what="market file")
+        if value is None:
+            return None
+        path = _local_path(value, info, want_dir=False, what="market file")
+        context = info.context if isinstance(info.context, Mapping) else {}
+        if context.get("check_paths", True):  # a broken market fails `validate`, not `plan` later
+            from spotrun.clouds.local.market import load_market  # the simulated market's own parser
+
+            try:
+                load_market(path)
+            except (ValueError, OSError, RecursionError) as e:  # MarketError names the market file's line
+                raise ValueError(f"market file {str(path)!r} is not usable: {e}") from None
+        return path
 
 
 def _store_uri(value: object) -> object:
