@@ -58,14 +58,19 @@ def _word(value: object) -> str:
     return text
 
 
+MAX_WHOLE = 10**9  # no count in a job spec is larger; a 400-digit one would overflow every float after it
+
+
 def _whole(low: int, high: int | None = None) -> typing.Callable[[object], int]:
     def check(value: object) -> int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected a whole number, got {describe(value)}")
+        if value > MAX_WHOLE and (high is None or high > MAX_WHOLE):
+            raise ValueError(f"must be at most {MAX_WHOLE}, got {describe(value)[:40]}")
         if value < low or (high is not None and value > high):
             allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
             raise ValueError(f"must be {allowed}, got {value}")
