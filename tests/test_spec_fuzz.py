@@ -76,6 +76,49 @@ def test_300_fuzzed_specs_never_crash_validate_or_plan(tmp_path: Path, monkeypat
     assert accepted >= 20  # the fuzzer also exercises the accepted path
 
 
+def test_accepted_fuzzed_specs_launch_or_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample of what `validate` accepts, launched for real (`run: "true"`): it runs, or stops
+    with 2/3/4; never a traceback after the job was created (cancel/status still work)."""
+    monkeypatch.setenv("SPOTRUN_HOME", str(tmp_path / "home"))
+    rng = random.Random(1313)
+    runner = CliRunner()
+    launched = 0
+    for i in range(200):
+        path = _spec(rng, tmp_path, i)
+        path.write_text(path.read_text().replace("run: python train.py", "run: 'true'"))
+        if runner.invoke(app, ["validate", str(path)]).exit_code != 0:
+            continue
+        result = runner.invoke(app, ["launch", str(path), "--yes", "--json"])
+        _check(result, {0, 2, 3, 4})
+        launched += 1
+        if launched == 5:
+            break
+    assert launched == 5
+    status = runner.invoke(app, ["status", "--json"])
+    _check(status, {0})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("deadline: 12\n", "did you mean 12h?"),
+        ("deadline: '1e400s'\n", "finite"),
+        ("budget: '1e309'\n", "finite"),
+        ("resources: {memory: '2e308GB'}\n", "finite"),
+        ("resources: {regions: [mars-east-1]}\n", "no cloud has a region 'mars-east-1'"),
+        ("resources: {zones: [mars-east-1a]}\n", "no cloud has a zone 'mars-east-1a'"),
+        ("local: {market: market.yaml}\n", "market.yaml:1"),
+    ],
+)
+def test_bad_input_is_refused_by_validate_with_exit_2(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "market.yaml").write_text("zones: []\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: bad\nrun: python train.py\n" + text)
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    _check(result, {2})
+    assert expected in " ".join(result.output.split()), result.output
+
+
 def test_a_fifo_a_device_and_a_huge_file_are_refused_without_hanging(tmp_path: Path) -> None:
     runner = CliRunner()
     fifo = tmp_path / "spec.fifo"

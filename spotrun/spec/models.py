@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
@@ -49,7 +50,7 @@ from spotrun.spec.fields import (
     _whole,
     _word,
 )
-from spotrun.spec.issues import SpecError, _problem, _Problems
+from spotrun.spec.issues import SpecError, _did_you_mean, _problem, _Problems
 from spotrun.spec.units import describe
 from spotrun.spec.yamlpos import KeyPath
 
@@ -129,6 +130,23 @@ def _gpu_request(value: object) -> object:
     if not 1 <= int(count) <= 16:
         raise ValueError(f"GPU count must be from 1 to 16, got {int(count)} in {describe(value)}")
     return {"name": name, "count": int(count)}
+
+
+def _known_places(market: Path | None) -> tuple[set[str], set[str]]:
+    """(regions, zones) of every offer in the bundled catalog and of the local market."""
+    from spotrun.catalog import bundled_offers
+    from spotrun.clouds.local.market import load_market
+
+    offers = bundled_offers()
+    regions = {o.region for o in offers if o.region}
+    zones = {o.zone for o in offers if o.zone}
+    try:
+        local = load_market(market)
+        regions |= {z.region for z in local.spec.zones}
+        zones |= {z.zone for z in local.spec.zones}
+    except (ValueError, OSError):  # a broken market file is reported by its own field
+        pass
+    return regions, zones
 
 
 def _zone_in_region(zone: str, region: str) -> bool:
@@ -508,6 +526,34 @@ class JobSpec(_Model):
         spec = handler(data)
         spec._env_templates = templates
         return spec
+
+    @model_validator(mode="after")
+    def _places_exist(self, info: ValidationInfo) -> JobSpec:
+        """Regions and zones (names or globs) must name a place some cloud in the catalog, or the
+        local market, has: `mars-east-1` is refused at `validate`, not found missing at launch."""
+        context = info.context if isinstance(info.context, Mapping) else {}
+        r = self.resources
+        if not context.get("check_paths", True) or not (r.regions or r.zones):
+            return self
+        regions, zones = _known_places(self.local.market if self.local else None)
+        problems = []
+        for i, region in enumerate(r.regions or []):
+            if not fnmatch.filter(regions, region):
+                hint = _did_you_mean(region, sorted(regions))
+                problems.append(((("resources", "regions", i)), f"no cloud has a region {region!r}{hint}", False))
+        for i, zone in enumerate(r.zones or []):
+            if zone.isdigit() or fnmatch.filter(zones, zone) or any(_zone_in_region(zone, g) for g in regions):
+                continue
+            problems.append(
+                (
+                    (("resources", "zones", i)),
+                    f"no cloud has a zone {zone!r}{_did_you_mean(zone, sorted(zones))}",
+                    False,
+                )
+            )
+        if problems:
+            raise _Problems(problems)
+        return self
 
     @field_validator("name", mode="before")
     @classmethod
