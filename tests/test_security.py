@@ -171,3 +171,44 @@ def test_credential_files_are_not_packed_by_default_and_can_be_included_delibera
     with tarfile.open(pack_dir(root).path) as tar:
         assert "certs/server.pem" in tar.getnames()
     assert ".env" in SECRET_PATTERNS
+
+
+def test_spotrun_home_state_and_store_objects_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotrun.clouds.store import LocalStore
+    from spotrun.control.state import State
+    from spotrun.paths import home
+
+    monkeypatch.setenv("SPOTRUN_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir(mode=0o755)
+    State.open_default()
+    assert stat.S_IMODE(home().stat().st_mode) == 0o700  # tightened even when it existed already
+    assert stat.S_IMODE((home() / "state.db").stat().st_mode) == 0o600
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("jobs/j/exit", b"{}")
+    store.get_file("jobs/j/exit", tmp_path / "copy")
+    assert stat.S_IMODE((store.root / "jobs" / "j" / "exit").stat().st_mode) == 0o600
+    assert stat.S_IMODE((store.root / "jobs").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o600
+
+
+def test_a_local_instance_gets_a_minimal_environment_and_secrets_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotrun.clouds.store import open_store
+    from spotrun.control.controller import Controller
+    from spotrun.control.state import JobStatus, State
+    from spotrun.spec import load_spec
+
+    monkeypatch.setenv("CONTROLLER_ONLY_CREDENTIAL", "do-not-leak")
+    monkeypatch.setenv("MY_TOKEN", "t0ken")
+    (tmp_path / "job.yaml").write_text(
+        "name: envcheck\nresources: {providers: [local]}\n"
+        'run: env > "$SPOTRUN_OUTPUT_DIR/env.txt"\nenv: {TOKEN: "${MY_TOKEN}"}\n'
+    )
+    state = State.open_default()
+    controller = Controller(state)
+    job = controller.submit(load_spec(tmp_path / "job.yaml"))
+    assert controller.run(job).status == JobStatus.SUCCEEDED
+    seen = open_store(state.job(job).store_url).get_bytes(f"jobs/{job}/outputs/env.txt").decode()
+    assert "TOKEN=t0ken" in seen  # the secret, by name
+    assert "CONTROLLER_ONLY_CREDENTIAL" not in seen and "do-not-leak" not in seen

@@ -86,6 +86,19 @@ def _fsync_dir(path: Path) -> None:
 COPY_BUFFER = 8 * 1024 * 1024
 
 
+def _private_dirs(path: Path) -> None:
+    """mkdir -p with every folder it creates 0700 (Path.mkdir gives the parents the umask's mode)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+
+
 class LocalStore(Store):
     """A directory. Writes go to a temp file in the same folder, are fsynced, then renamed."""
 
@@ -104,7 +117,7 @@ class LocalStore(Store):
     def _write(self, key: str, writer: Callable[[object], None], *, if_absent: bool = False) -> bool:
         dest = self._path(key)
         for again in (True, False):  # a delete may remove the emptied folder in between: once more
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_dirs(dest.parent)
             try:
                 fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)  # 0600: objects are private
                 break
@@ -156,7 +169,7 @@ class LocalStore(Store):
         if not src.is_file():
             raise NotFound(key)
         path = Path(path)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_dirs(path.parent)
         tmp = path.with_name(f".tmp-{path.name}")
         with open(src, "rb") as s, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as d:
             for chunk in iter(lambda: s.read(COPY_BUFFER), b""):
