@@ -240,3 +240,26 @@ def test_controller_sigkilled_anywhere_resumes_to_the_same_result(
     )
     assert f"resumes at {TOTAL}\n" not in log  # the workload never started again once done
     assert provider.list_owned(job) == []
+
+
+def test_a_deadline_stop_asks_for_a_last_checkpoint_first(tmp_path: Path) -> None:
+    """No periodic checkpoint at all (--every 100000): whatever the store holds at the end was saved
+    because the controller drained the instance before stopping the job at its deadline."""
+    from spotrun.control.controller import ControllerOptions
+
+    spec = _job(tmp_path)
+    spec.write_text(
+        SPEC.replace(
+            f"--total {TOTAL} --step-time 0.03 --every 5", "--total 100000 --step-time 0.02 --every 100000"
+        ).replace("hours: 0.1", "hours: 0.01")
+        + "deadline: 3m\n"
+    )
+    state = State.open_default()
+    controller = Controller(state, options=ControllerOptions(poll_interval=0.1, drain_grace=1.5))
+    job = controller.submit(load_spec(spec))
+    result = controller.run(job)
+    assert result.status == JobStatus.DEADLINE_EXCEEDED
+    assert [a.end_reason for a in state.attempts(job)] == ["stopped"]
+    steps = {k.split("/checkpoints/")[1].split("/")[0] for k in _store(state, job).list(f"jobs/{job}/checkpoints/")}
+    assert steps and max(int(s) for s in steps) > 0  # the old code stopped it with nothing saved
+    assert any(e.kind == "limit" for e in state.events(job))
