@@ -284,3 +284,36 @@ def test_old_saved_specs_the_validator_now_refuses_are_still_readable() -> None:
 
     spec = planning_spec({"name": "x", "run": "t", "deadline": float("inf"), "resources": {"memory": "1e400GB"}})
     assert spec.deadline is None and spec.name == "x"  # cancel/resume/status can still rebuild it
+
+
+def test_submitting_to_a_read_only_store_names_the_store(env, tmp_path: Path) -> None:
+    from spotrun.clouds.store import StoreError
+    from spotrun.control.controller import Controller
+    from spotrun.spec import load_spec
+
+    state, store, clock = env
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "train.py").write_text("print(1)\n")
+    (tmp_path / "job.yaml").write_text("name: ro\nrun: python train.py\nworkdir: w\n")
+    controller = Controller(state, store_url=store.url, clock=clock)
+    controller._stores[store.url] = FailingStore(store.root, errno.EROFS, 0)
+    with pytest.raises(StoreError, match=f"store {store.url}"):
+        controller.submit(load_spec(tmp_path / "job.yaml"))
+    assert state.jobs() == []  # nothing half-recorded
+
+
+def test_an_agent_that_could_not_write_its_record_is_an_infrastructure_failure(env) -> None:
+    class NoRecord(ScriptedProvider):
+        def poll(self, instance):  # type: ignore[no-untyped-def]
+            from spotrun.clouds.base import InstanceState, InstanceStatus
+
+            outcome, _ = self.fate[instance.instance_id]
+            if self._find(instance.instance_id).alive and outcome == "ro":
+                return InstanceState(InstanceStatus.EXITED, exit_code=70)  # the store refused the record
+            return super().poll(instance)
+
+    controller, provider, job = make(env, {"a": ["ro", ("exit", 0)]}, [offer("a", 1.0)], restarts=0)
+    controller.providers["scripted"] = NoRecord(provider.store, provider.script, provider.clock)
+    assert controller.run(job).status == JobStatus.SUCCEEDED  # not "workload exited with code 70"
+    assert env[0].attempts(job)[0].end_reason == "agent_error"
+    assert "read-only or full" in env[0].attempts(job)[0].detail

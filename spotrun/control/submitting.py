@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from spotrun.clouds.store import Store, job_prefix
+from spotrun.clouds.store import Store, StoreError, job_prefix
 from spotrun.control.core import ControllerCore
 from spotrun.control.specs import checkpoint_env, stored_spec
 
@@ -81,7 +81,10 @@ class SubmittingMixin(ControllerCore):
             heartbeat_interval=self.options.heartbeat_interval,
             log_flush_interval=self.options.log_flush_interval,
         )
-        store.put_bytes(f"{prefix}/job.json", agent_job.to_json().encode())
+        try:
+            store.put_bytes(f"{prefix}/job.json", agent_job.to_json().encode())
+        except (OSError, StoreError) as e:  # read-only, full, unreachable: say which store
+            raise StoreError(f"store {store.url}: cannot write the job file: {type(e).__name__}: {e}") from e
         self.state.create_job(
             job_id,
             spec.name,
@@ -110,7 +113,7 @@ def same_object(store: Store, key: str, size: int, sha256: str) -> bool:
     from pathlib import Path
 
     from spotrun.bundle import sha256_file
-    from spotrun.clouds.store import NotFound, StoreError
+    from spotrun.clouds.store import NotFound
 
     try:
         if not store.exists(key) or store.size(key) != size:
@@ -136,4 +139,7 @@ def upload_verified(
     if same_object(store, key, size, sha256):
         return
     callback = progress(label, size) if progress else None
-    store.put_file(key, path, progress=callback)
+    try:
+        store.put_file(key, path, progress=callback)
+    except (OSError, StoreError) as e:  # read-only, full, unreachable: say which store
+        raise StoreError(f"store {store.url}: cannot upload the {label}: {type(e).__name__}: {e}") from e

@@ -69,8 +69,16 @@ class WatchingMixin(ControllerCore):
             self._policy(job, spec).on_preempted(attempt.offer_key, self._job_hours(job, now))
             self._end(provider, instance, job, attempt, "preempted", exit_rec, st)
             return
-        if exit_rec is None and st.status == InstanceStatus.EXITED and st.exit_code is None:
-            exit_rec = ExitRecord(None, "agent-error", error="the Agent exited without an exit record", kind="agent")
+        if exit_rec is None and st.status == InstanceStatus.EXITED and st.exit_code in (None, EXIT_AGENT_ERROR):
+            # The Agent always writes its record last; without one, it could not (a read-only or full
+            # store when it says 70) or it died: neither is the workload's doing.
+            exit_rec = ExitRecord(
+                None,
+                "agent-error",
+                error=f"the Agent exited ({st.exit_code}) without writing its exit record "
+                "(is the store read-only or full?)",
+                kind="store" if st.exit_code == EXIT_AGENT_ERROR else "agent",
+            )
         if exit_rec is not None and exit_rec.infrastructure:
             self._infra_failure(provider, instance, job, spec, attempt, exit_rec, st, store.url)
             return
