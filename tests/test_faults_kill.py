@@ -263,3 +263,24 @@ def test_a_deadline_stop_asks_for_a_last_checkpoint_first(tmp_path: Path) -> Non
     steps = {k.split("/checkpoints/")[1].split("/")[0] for k in _store(state, job).list(f"jobs/{job}/checkpoints/")}
     assert steps and max(int(s) for s in steps) > 0  # the old code stopped it with nothing saved
     assert any(e.kind == "limit" for e in state.events(job))
+
+
+def test_a_corrupt_bundle_fails_the_job_with_a_reason_naming_the_bundle(tmp_path: Path) -> None:
+    """Real Agents on the local provider: the code bundle in the store is swapped after submit. Each
+    attempt ends as an infrastructure failure (never "workload exited with code 1"), retried with
+    backoff, and the job's reason, shown by `status`, says it was the bundle."""
+    from spotrun.control.controller import ControllerOptions
+
+    spec = _job(tmp_path)
+    state = State.open_default()
+    controller = Controller(state, options=ControllerOptions(poll_interval=0.1, launch_retry_backoff=0.05))
+    job = controller.submit(load_spec(spec))
+    store = _store(state, job)
+    (key,) = store.list(f"jobs/{job}/bundle/")
+    store.put_bytes(key, b"\x1f\x8b not a bundle")
+    result = controller.run(job)
+    assert result.status == JobStatus.FAILED
+    assert "code bundle" in result.reason and "sha256" in result.reason, result.reason
+    assert "workload exited" not in result.reason
+    assert {a.end_reason for a in state.attempts(job)} == {"agent_error"}
+    assert state.job(job).reason == result.reason  # what `status` shows

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from spotrun.agent import jobfile
-from spotrun.checkpoint.format import MANIFEST_NAME, read_manifest, verify_checkpoint
+from spotrun.checkpoint.format import MANIFEST_NAME, loads_bounded, read_manifest, verify_checkpoint
 from spotrun.clock import Clock
 from spotrun.clouds.store import NotFound, Store, StoreError
 
@@ -148,10 +148,12 @@ class LogShipper:
 
 
 def read_progress(path: Path) -> Any:
+    """The workload's progress file (the workload writes it: bounded, and a dict or nothing)."""
     try:
-        return json.loads(path.read_text())
+        progress = loads_bounded(path.read_bytes(), max_bytes=64 * 1024, max_depth=8)
     except (OSError, ValueError):
         return None
+    return progress if isinstance(progress, dict) else None
 
 
 def heartbeat(phase: str, progress_file: Path, checkpoint_step: int | None, clock: Clock) -> bytes:

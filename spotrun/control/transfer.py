@@ -28,7 +28,6 @@ and falling back past them would silently throw work away.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import threading
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from spotrun.checkpoint.format import MANIFEST_NAME, read_manifest, sha256_file, step_dirname
+from spotrun.checkpoint.format import MANIFEST_NAME, loads_bounded, read_manifest, sha256_file, step_dirname
 from spotrun.clouds.store import NotFound, Progress, Store, StoreError, job_prefix
 
 DEFAULT_WORKERS = 4  # files in flight at once (each store also parallelizes within a big file)
@@ -331,7 +330,7 @@ class _Mover:
         """dst already holds this checkpoint: the same manifest entries and every file at its size
         (and, with deep_verify, its sha256)."""
         try:
-            theirs = json.loads(self.dst.get_bytes(base + MANIFEST_NAME)).get("files")
+            theirs = loads_bounded(self.dst.get_bytes(base + MANIFEST_NAME)).get("files")  # type: ignore[attr-defined]
         except NotFound:
             return False
         except (ValueError, AttributeError):
