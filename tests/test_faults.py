@@ -317,3 +317,15 @@ def test_an_agent_that_could_not_write_its_record_is_an_infrastructure_failure(e
     assert controller.run(job).status == JobStatus.SUCCEEDED  # not "workload exited with code 70"
     assert env[0].attempts(job)[0].end_reason == "agent_error"
     assert "read-only or full" in env[0].attempts(job)[0].detail
+
+
+def test_a_job_saved_with_a_spec_this_version_refuses_can_still_be_cancelled(env) -> None:
+    state, store, clock = env
+    controller, provider, job = make(env, {"a": ["run"]}, [offer("a", 1.0)])
+    saved = state.job(job).spec
+    saved["deadline"] = float("inf")  # what an older spotrun stored for `deadline: "1e400s"`
+    saved["resources"] = {**(saved.get("resources") or {}), "memory": "1e400GB"}
+    state._db.execute("UPDATE jobs SET spec_json = ? WHERE id = ?", (json.dumps(saved), job))
+    state.request_cancel(job, clock.now())
+    result = controller.run(job)  # the old code raised SpecError here, for cancel and resume alike
+    assert result.status == JobStatus.CANCELLED
