@@ -329,3 +329,20 @@ def test_a_job_saved_with_a_spec_this_version_refuses_can_still_be_cancelled(env
     state.request_cancel(job, clock.now())
     result = controller.run(job)  # the old code raised SpecError here, for cancel and resume alike
     assert result.status == JobStatus.CANCELLED
+
+
+def test_a_store_move_recopies_a_blob_the_target_holds_with_other_bytes(tmp_path: Path) -> None:
+    from spotrun.control.transfer import move_job
+
+    src, dst = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "train.py").write_text("print(1)\n")
+    packed = pack_dir(tmp_path / "w")
+    key = f"jobs/j/bundle/{packed.sha256}.tar.gz"
+    src.put_file(key, packed.path)
+    from spotrun.agent.jobfile import AgentJob
+
+    src.put_bytes("jobs/j/job.json", AgentJob(job_id="j", name="j", run="t", bundle=key).to_json().encode())
+    dst.put_bytes(key, bytes(packed.size))  # same size, other bytes: the old code skipped it
+    move_job(src, dst, "j")
+    assert dst.get_bytes(key) == packed.path.read_bytes()

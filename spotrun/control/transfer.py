@@ -264,24 +264,27 @@ class _Mover:
             path.unlink(missing_ok=True)
 
     def copy_blob(self, key: str) -> None:
-        """A content-addressed blob (bundle, store data): skipped when dst has it at the same size,
-        else copied and checked against the sha256 in its name (when it has one)."""
+        """A content-addressed blob (bundle, store data): skipped when dst holds the same bytes (size,
+        and the sha256 in its name), else copied and checked against that sha256."""
         try:
             size = self.src.size(key)
         except NotFound:
             raise TransferError(key, f"{key} is missing in {self.src.url}") from None
         except Exception as e:
             raise TransferError(key, f"reading {key} from {self.src.url} failed: {e}") from e
+        stem = key.rsplit("/", 1)[-1].removesuffix(".tar.gz")
+        expected = stem if _SHA256_NAME.match(stem) else None
         try:
-            if self.dst.size(key) == size:
+            # never trusted by its name alone: the same size and (named by it) the same sha256
+            if self.dst.size(key) == size and (expected is None or self._dst_hash_matches(key, expected)):
                 self._skipped()
                 return
         except NotFound:
             pass
+        except TransferError:
+            raise
         except Exception as e:
             raise TransferError(key, f"reading {key} from {self.dst.url} failed: {e}") from e
-        stem = key.rsplit("/", 1)[-1].removesuffix(".tar.gz")
-        expected = stem if _SHA256_NAME.match(stem) else None
 
         def corrupt(why: str) -> Exception:
             return TransferError(key, f"{key} in {self.src.url} is corrupt: {why}")
