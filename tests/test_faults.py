@@ -346,3 +346,25 @@ def test_a_store_move_recopies_a_blob_the_target_holds_with_other_bytes(tmp_path
     dst.put_bytes(key, bytes(packed.size))  # same size, other bytes: the old code skipped it
     move_job(src, dst, "j")
     assert dst.get_bytes(key) == packed.path.read_bytes()
+
+
+def test_a_workload_that_completed_as_its_instance_was_preempted_is_not_run_again(env) -> None:
+    """Found by the SIGKILL suite: the exit record said "completed", the instance was gone by the
+    next poll (its notice ran out), and the old controller relaunched it as a preemption."""
+
+    class CompletedThenPreempted(ScriptedProvider):
+        def poll(self, instance):  # type: ignore[no-untyped-def]
+            from spotrun.clouds.base import InstanceState, InstanceStatus
+
+            outcome, boot = self.fate[instance.instance_id]
+            if self._find(instance.instance_id).alive and outcome == "late-notice":
+                record = b'{"code": 0, "reason": "completed", "checkpoint_step": 30}'
+                self.store.put_bytes(f"jobs/{boot.job_id}/attempts/{boot.attempt}/exit", record)
+                return InstanceState(InstanceStatus.PREEMPTED, reason="spot interruption")
+            return super().poll(instance)
+
+    controller, provider, job = make(env, {"a": ["late-notice", ("exit", 0)]}, [offer("a", 1.0)])
+    controller.providers["scripted"] = CompletedThenPreempted(provider.store, provider.script, provider.clock)
+    result = controller.run(job)
+    assert result.status == JobStatus.SUCCEEDED
+    assert [a.end_reason for a in env[0].attempts(job)] == ["completed"]  # old: ["preempted", "completed"]

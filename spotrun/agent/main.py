@@ -225,12 +225,14 @@ class Agent:
         self.uploader.start()
         self._next_notice_check = 0.0  # a notice that came while starting is seen at once
         while True:
-            left = self._poll_notice()
-            if left is not None:
-                return self._preempted(workload, *left)
+            # The exit first: a workload that already finished when a notice arrives has completed
+            # (treating it as preempted would lose its outputs and run it again elsewhere).
             code = workload.exit_code()
             if code is not None:
                 return self._completed(workload, _shell_code(code))
+            left = self._poll_notice()
+            if left is not None:
+                return self._preempted(workload, *left)
             self._follow_phase()
             self.clock.sleep(self.tick)
 

@@ -53,8 +53,11 @@ class WatchingMixin(ControllerCore):
         # "terminated": the Agent itself was told to stop (the VM shutting down): like a preemption.
         preempted = exit_rec is not None and exit_rec.preempted
         ended = st.status in (InstanceStatus.PREEMPTED, InstanceStatus.TERMINATED, InstanceStatus.FAILED)
+        # The Agent's own word wins over the instance's state: a workload that completed just as
+        # its instance was preempted (or drained) has completed, and must never run again.
+        finished = exit_rec is not None and not exit_rec.preempted
         stopping = self._limit_stop.get(job.id)
-        if stopping is not None and stopping[0] == attempt.n:
+        if stopping is not None and stopping[0] == attempt.n and not finished:
             # a budget/deadline stop: the Agent was asked for a last checkpoint; stop once it is done
             done, since = stopping[1], stopping[2]
             if preempted or ended or exit_rec is not None or now - since >= self.options.drain_grace:
@@ -62,10 +65,10 @@ class WatchingMixin(ControllerCore):
                 self._limit_stop.pop(job.id, None)
                 raise done
         draining = self._draining.get(job.id) == attempt.n
-        if draining and (preempted or ended):  # we asked it to stop: the policy moved the job
+        if draining and not finished and (preempted or ended):  # we asked it to stop: the policy moved it
             self._end(provider, instance, job, attempt, "switched", exit_rec, st, detail="moved by the policy")
             return
-        if preempted or st.status == InstanceStatus.PREEMPTED:
+        if preempted or (st.status == InstanceStatus.PREEMPTED and not finished):
             self._policy(job, spec).on_preempted(attempt.offer_key, self._job_hours(job, now))
             self._end(provider, instance, job, attempt, "preempted", exit_rec, st)
             return
