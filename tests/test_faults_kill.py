@@ -36,7 +36,7 @@ pytestmark = pytest.mark.faults
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTER = ROOT / "tests" / "fixtures" / "counter.py"
-TOTAL = 30
+TOTAL = 40
 MARKET = """
 name: kill
 time_scale: 60
@@ -53,7 +53,7 @@ SPEC = f"""
 name: kill
 resources: {{gpu: "A100:1", providers: [local]}}
 workdir: work
-run: python counter.py --total {TOTAL} --step-time 0.03 --every 5 --blob 4096
+run: python counter.py --total {TOTAL} --step-time 0.05 --every 5 --blob 4096
 recovery: {{max_restarts: 0, zone_cooldown: 30m}}
 workload: {{hours: 0.1}}
 local: {{market: market.yaml}}
@@ -154,7 +154,7 @@ def _kill_at(phase: str, rng: random.Random, state: State, job: str, provider: L
         at = rng.randint(1, TOTAL - 5)
         return _wait(lambda: _progress(state, job) >= at)
     if phase in ("notice", "relaunch"):
-        at = rng.randint(3, TOTAL // 2)
+        at = rng.randint(1, 8)  # early: the preemption must land before the workload is done
         if not _wait(lambda: _progress(state, job) >= at):
             return False
         _preempt(state, job, provider, notice=2.0)
@@ -248,9 +248,10 @@ def test_a_deadline_stop_asks_for_a_last_checkpoint_first(tmp_path: Path) -> Non
     from spotrun.control.controller import ControllerOptions
 
     spec = _job(tmp_path)
+    assert f"--total {TOTAL} --step-time 0.05 --every 5" in SPEC
     spec.write_text(
         SPEC.replace(
-            f"--total {TOTAL} --step-time 0.03 --every 5", "--total 100000 --step-time 0.02 --every 100000"
+            f"--total {TOTAL} --step-time 0.05 --every 5", "--total 100000 --step-time 0.02 --every 100000"
         ).replace("hours: 0.1", "hours: 0.01")
         + "deadline: 3m\n"
     )
