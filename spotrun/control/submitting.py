@@ -106,9 +106,14 @@ def _resolve(spec: JobSpec, source: str) -> Any:
     return p if p.is_absolute() else (spec.base_dir / p)
 
 
+HASH_CHECK_LIMIT = 1 << 30  # bytes: objects up to 1 GiB are re-hashed before an upload is skipped
+
+
 def same_object(store: Store, key: str, size: int, sha256: str) -> bool:
     """Whether `key` exists and holds exactly these bytes (size, then sha256 of a download):
-    a content-addressed key is never trusted by its name alone."""
+    a content-addressed key is never trusted by its name alone. Above HASH_CHECK_LIMIT the
+    download would cost more than it saves: the size must match, and the Agent's own sha256
+    check before use (agent/fetch.py) refuses a swapped object with a reason naming it."""
     import tempfile
     from pathlib import Path
 
@@ -118,6 +123,8 @@ def same_object(store: Store, key: str, size: int, sha256: str) -> bool:
     try:
         if not store.exists(key) or store.size(key) != size:
             return False
+        if size > HASH_CHECK_LIMIT:
+            return True
         with tempfile.TemporaryDirectory(prefix="spotrun-check-") as tmp:
             local = Path(tmp) / "object"
             store.get_file(key, local)
