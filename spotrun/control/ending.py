@@ -4,7 +4,7 @@ provider holds for the job that State does not know as the current one."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from spotrun.clouds.base import (
     Instance,
@@ -17,6 +17,7 @@ from spotrun.control.outcome import (
     FINISH_TERMINATE_TRIES,
     JobFinished,
 )
+from spotrun.control.records import ExitRecord
 from spotrun.control.state import Attempt, Job, JobStatus
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class EndingMixin(ControllerCore):
         job: Job,
         attempt: Attempt,
         reason: str,
-        exit_rec: dict[str, Any] | None,
+        exit_rec: ExitRecord | None,
         st: InstanceState,
         *,
         code: int | None = None,
@@ -42,7 +43,7 @@ class EndingMixin(ControllerCore):
         if not self._terminate(provider, instance, job.id):
             return
         if not detail:
-            detail = st.reason or (f"checkpoint step {exit_rec.get('checkpoint_step')}" if exit_rec else "")
+            detail = st.reason or (f"checkpoint step {exit_rec.checkpoint_step}" if exit_rec else "")
         self.state.end_attempt(job.id, attempt.n, reason, self.clock.now(), exit_code=code, detail=detail)
 
     def _terminate(self, provider: Provider, instance: Instance, job_id: str) -> bool:

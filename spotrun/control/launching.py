@@ -107,6 +107,7 @@ class LaunchingMixin(ControllerCore):
             job_prefix=job_prefix(job.id),
             spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
             spotrun_package=self._agent_package(store_url) if cloud else "",
+            spotrun_package_sha256=self._agent_packed.sha256 if cloud else "",
             extra=offer.provider if cloud else "",
             env=secrets_env,
         )
@@ -189,10 +190,11 @@ class LaunchingMixin(ControllerCore):
 
         if self._agent_packed is None:
             self._agent_packed = agent_package.build()
-        key = agent_package.package_key(self._agent_packed.sha256)
-        store = self._store(store_url)
-        if not store.exists(key):
-            store.put_file(key, self._agent_packed.path)
+        from spotrun.control.submitting import upload_verified
+
+        packed = self._agent_packed
+        key = agent_package.package_key(packed.sha256)
+        upload_verified(self._store(store_url), key, packed.path, packed.size, packed.sha256, "agent")
         return f"{store_url.rstrip('/')}/{key}"
 
     def _with_retries(self, call: Callable[[], Instance]) -> Instance:

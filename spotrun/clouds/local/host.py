@@ -213,7 +213,7 @@ class Host:
                 )
         from spotrun.clouds.local.launcher import spawn_agent
 
-        return spawn_agent(boot, root, env=env, log_path=log_path)
+        return spawn_agent(boot, root, env=env, log_path=log_path, minimal_env=True)
 
     # ---------------------------------------------------------------- the life of an instance
 
