@@ -136,8 +136,15 @@ app.command("simulate")(cli_simulate.simulate)
 
 def main() -> None:
     """Run the app; a usage error under --json comes out in the JSON error shape (exit 2)."""
+    import signal
+
     from typer._click.exceptions import ClickException  # typer's own click (typer >= 0.29 vendors it)
 
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (CI cancel, `timeout`) and SIGHUP act like Ctrl-C: exit 130
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     try:
         code = app(standalone_mode=False)
     except typer.Abort:  # Ctrl-C or end of input at a prompt

@@ -144,7 +144,7 @@ def offers(
     sort: Annotated[SortBy, typer.Option("--sort", help="price, expected (cost of work) or interruption.")] = (
         SortBy.price
     ),
-    limit: Annotated[int, typer.Option("--limit", help="Rows to show (0: all).", min=0)] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Rows to show (0: all).", min=0)] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """The market: spot and on-demand prices and interruption rates, per zone and instance type."""
@@ -281,7 +281,7 @@ def _spec_offers(spec: Any) -> list[Offer]:
 
 def plan(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The job spec (YAML).")],
-    limit: Annotated[int, typer.Option("--limit", help="Candidates to show.", min=1)] = 5,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Candidates to show.", min=1)] = 5,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """What spotrun would run the job on, and what it expects that to cost, before spending a cent."""
