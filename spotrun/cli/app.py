@@ -157,7 +157,12 @@ def main() -> None:
             e.show()
         raise SystemExit(e.exit_code) from None
     except typer.Exit as e:
-        raise SystemExit(e.exit_code) from None
+        code = e.exit_code
+    except KeyboardInterrupt:  # a signal between commands' own handling and here
+        code = 130
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # the work is done: a late signal must not turn into a traceback
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -165,7 +165,7 @@ def _list_jobs(state: State, json_out: bool, limit: int | None, labels: dict[str
         jobs = jobs[:shown_limit] if shown_limit else jobs
     rows = [job_row(state, j) for j in jobs]
     if json_out:
-        print_json({"total": total, "shown": len(rows), "jobs": rows})
+        print_json(rows)  # every job unless -n says otherwise
         return
     if not rows:
         say("no jobs yet: try `spotrun launch configs/quickstart.yaml`" if not total else "no jobs match")

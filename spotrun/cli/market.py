@@ -4,7 +4,8 @@ The lead's cli.py registers these: `app.command()(offers)`, `app.command("plan")
 `app.add_typer(catalog_app, name="catalog")`. Importing this module is cheap (typer only);
 rich, the catalog, the planner and the spec parser are imported inside the commands.
 
-Exit codes: 0 ok; 2 bad input (spec, flags); 3 nothing fits (plan); 1 a refresh that updated nothing.
+Exit codes: 0 ok; 2 bad input (spec, flags); 3 nothing fits (plan); 4 only the budget or deadline rules
+every offer out; 1 a refresh that updated nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_NOTHING_FITS = 3
+EXIT_BUDGET = 4  # offers fit, but every one misses the budget or deadline
 EXIT_REFRESH_FAILED = 1  # no provider could be refreshed (each kept its previous data)
 
 catalog_app = typer.Typer(help="The offline price and interruption catalog: refresh it, see what it holds.")
@@ -304,7 +306,29 @@ def plan(
     else:
         _render_plan(result, limit, spec_path)
     if not result.candidates:
-        raise typer.Exit(EXIT_NOTHING_FITS)
+        raise typer.Exit(_nothing_fits_code(spec, result, json_out))
+
+
+def _nothing_fits_code(spec: Any, result: Plan, json_out: bool) -> int:
+    """3 when no offer has the resources; 4 when offers fit but every one misses the budget or
+    deadline. Without a runtime in the spec the estimate is a guess: 0, the launch is not refused
+    (the limits are enforced while the job runs)."""
+    from spotrun.control.planning import runtime_known
+
+    if not result.near_misses:
+        return EXIT_NOTHING_FITS
+    if runtime_known(spec):
+        return EXIT_BUDGET
+    if not json_out:
+        _, err = _consoles()
+        err.print(
+            "the spec gives no runtime (workload.hours), so these estimates are guesses: "
+            "`spotrun launch` runs it and enforces the budget and deadline as it goes",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    return 0
 
 
 def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
