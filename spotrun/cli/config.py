@@ -1,5 +1,5 @@
 """`spotrun config`: show, get and set your defaults (store, providers, regions, budget) in
-`~/.config/spotrun/config.yaml` (`SPOTRUN_CONFIG` names another file). See spotrun/config.py."""
+`~/.config/spotrun/config.yaml` (`SPOTRUN_CONFIG` names another file). See spotrun/cli/defaults.py."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _show_by_default(ctx: typer.Context, json_out: JSON = False) -> None:
 @config_app.command()
 def show(json_out: JSON = False) -> None:
     """The config file's path and every value in it."""
-    from spotrun.config import ConfigError, config_path, load_config
+    from spotrun.cli.defaults import ConfigError, config_path, load_config
 
     try:
         data = load_config()
@@ -43,7 +43,7 @@ def get(
     key: Annotated[str, typer.Argument(help="store, providers, regions or budget.")], json_out: JSON = False
 ) -> None:
     """One value (exit 1 when it is not set)."""
-    from spotrun.config import KEYS, ConfigError, load_config
+    from spotrun.cli.defaults import KEYS, ConfigError, load_config
 
     if key not in KEYS:
         raise fail(f"unknown key {key!r}; allowed: {', '.join(KEYS)}", json_out=json_out)
@@ -68,7 +68,7 @@ def set_(
     json_out: JSON = False,
 ) -> None:
     """Set (or --unset) one default."""
-    from spotrun.config import ConfigError, load_config, parse_cli_value, save_config
+    from spotrun.cli.defaults import ConfigError, load_config, parse_cli_value, save_config
 
     try:
         data = load_config()

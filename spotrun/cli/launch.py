@@ -167,7 +167,7 @@ def _config_store(spec: JobSpec, json_out: bool) -> str | None:
     """The config file's store, when neither the spec nor --store names one."""
     if spec.store is not None:
         return None
-    from spotrun.config import ConfigError, load_config
+    from spotrun.cli.defaults import ConfigError, load_config
 
     try:
         return load_config().get("store")

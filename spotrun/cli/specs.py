@@ -80,7 +80,7 @@ def _env_pairs(items: list[str]) -> dict[str, str]:
 
 def load_spec_or_exit(path: Path, *, json_out: bool = False, overrides: Overrides | None = None) -> JobSpec:
     """The spec with config defaults and overrides applied, or exit 2 with every problem."""
-    from spotrun.config import ConfigError, load_config
+    from spotrun.cli.defaults import ConfigError, load_config
     from spotrun.spec import SpecError, load_spec
 
     try:
