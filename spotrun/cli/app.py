@@ -24,6 +24,9 @@ from spotrun.cli import launch as cli_launch
 from spotrun.cli import market as cli_market
 from spotrun.cli import simulate as cli_simulate
 from spotrun.cli.output import EXIT_BAD_INPUT, console, fail, print_json, say_plain
+from spotrun.cli.params import install as _light_params
+
+_light_params()  # plain str/int/float/Path options without pydantic (start-up; see params.py)
 
 app = typer.Typer(
     name="spotrun",
@@ -135,35 +138,47 @@ app.command("simulate")(cli_simulate.simulate)
 
 
 def main() -> None:
-    """Run the app; a usage error under --json comes out in the JSON error shape (exit 2)."""
+    """Run the app. SIGTERM (CI cancel, `timeout`) and SIGHUP act like Ctrl-C (exit 130; a
+    foreground launch cancels its job first); a usage error under --json comes out in the JSON
+    error shape (exit 2)."""
     import signal
 
-    from typer._click.exceptions import ClickException  # typer's own click (typer >= 0.29 vendors it)
+    raised = [False]
 
     def interrupted(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (CI cancel, `timeout`) and SIGHUP act like Ctrl-C: exit 130
+        if not raised[0]:  # once: a second signal must not interrupt the handling of the first
+            raised[0] = True
+            raise KeyboardInterrupt
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
     try:
+        code = _run()
+    except KeyboardInterrupt:  # a signal outside a command's own handling
+        code = 130
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # the work is done: a late signal must not become a traceback
+    raise SystemExit(code)
+
+
+def _run() -> int:
+    from typer._click.exceptions import ClickException  # typer's own click (typer >= 0.29 vendors it)
+
+    try:
         code = app(standalone_mode=False)
     except typer.Abort:  # Ctrl-C or end of input at a prompt
         say_plain("aborted", stderr=True)
-        raise SystemExit(130) from None
+        return 130
     except ClickException as e:
         if "--json" in sys.argv[1:]:
             print_json({"error": {"code": e.exit_code, "message": e.format_message(), "issues": []}})
         else:
             e.show()
-        raise SystemExit(e.exit_code) from None
+        return e.exit_code
     except typer.Exit as e:
-        code = e.exit_code
-    except KeyboardInterrupt:  # a signal between commands' own handling and here
-        code = 130
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)  # the work is done: a late signal must not turn into a traceback
-    raise SystemExit(code if isinstance(code, int) else 0)
+        return e.exit_code
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

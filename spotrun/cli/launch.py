@@ -49,6 +49,7 @@ class Stop:
     def __init__(self) -> None:
         self.held = False
         self.pending: int | None = None
+        self.raised = False
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -56,15 +57,17 @@ class Stop:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.held:
+        if self.held or self.raised:  # held: act once the job is recorded; raised: the cleanup is under way
             self.pending = signum
             return
+        self.raised = True
         raise KeyboardInterrupt
 
     def release(self) -> None:
         """Leave the held section; raise now if a signal came in meanwhile."""
         self.held = False
-        if self.pending is not None:
+        if self.pending is not None and not self.raised:
+            self.raised = True
             raise KeyboardInterrupt
 
     def ignore_all(self) -> None:
