@@ -120,6 +120,7 @@ class LaunchingMixin(ControllerCore):
             spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
             spotrun_package=self._agent_package(store_url) if cloud else "",
             extra=offer.provider if cloud else "",
+            labels=dict(spec.labels),
         )
         try:
             instance = self._with_retries(
