@@ -224,3 +224,45 @@ def env_controller(tmp_path: Path) -> tuple[object, list[object]]:
     job_id = controller.submit(load_spec(spec_path))
     result = controller.run(job_id)
     return result, state.attempts(job_id)
+
+
+# ---------------------------------------------------------------------------- no controller left
+
+
+def test_wait_and_logs_follow_give_up_when_no_controller_drives_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from spotrun.cli import jobs
+
+    monkeypatch.setattr(jobs, "CONTROLLER_GONE_GRACE", 0.3)
+    state = State.open_default()
+    state.create_job("orphan-1", "orphan", {}, (Path(state.path).parent / "store").as_uri(), time.time(), None)
+    state.set_job_status("orphan-1", JobStatus.RUNNING, time.time())
+    started = time.monotonic()
+    waited = invoke("wait", "orphan-1")
+    assert waited.exit_code == 1 and "launch --resume orphan-1" in waited.output
+    followed = invoke("logs", "orphan-1", "-f", "--json")
+    assert followed.exit_code == 0  # --json is a snapshot, never a follow
+    followed = invoke("logs", "orphan-1", "-f")
+    assert followed.exit_code == 1 and "no controller" in followed.output
+    assert time.monotonic() - started < 30
+    as_json = json.loads(invoke("wait", "orphan-1", "--json").output)
+    assert as_json["error"]["code"] == 1
+    assert invoke("rm", "orphan-1").exit_code == 2  # not finished: refused
+    assert json.loads(invoke("status", "orphan-1", "--json").output)["controller_alive"] is False
+
+
+def test_rm_and_gc_forget_finished_jobs_and_their_files() -> None:
+    from spotrun.clouds.store import open_store
+
+    state = State.open_default()
+    store_url = (Path(state.path).parent / "store").as_uri()
+    for name in ("old", "new"):
+        state.create_job(f"{name}-1", name, {}, store_url, time.time(), None)
+        open_store(store_url).put_bytes(f"jobs/{name}-1/job.json", b"{}")
+        state.set_job_status(f"{name}-1", JobStatus.SUCCEEDED, time.time(), exit_code=0)
+    assert json.loads(invoke("gc", "--older-than", "1h", "--json").output)["removed"] == []
+    removed = json.loads(invoke("rm", "old-1", "--json").output)["removed"]
+    assert removed == [{"job_id": "old-1", "files_deleted": True}]
+    assert open_store(store_url).list("jobs/old-1/") == [] and open_store(store_url).list("jobs/new-1/")
+    assert json.loads(invoke("gc", "--older-than", "0s", "--json").output)["removed"][0]["job_id"] == "new-1"
+    assert state.jobs(None) == []
+    assert invoke("gc", "--older-than", "soon").exit_code == 2
