@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -21,16 +22,20 @@ HEAVY = ("torch", "boto3", "botocore", "google.cloud", "azure", "numpy", "pydant
 TARGETS = {"--help": 6.0, "status": 8.0}
 
 
-def once(cmd: list[str], env: dict[str, str]) -> float:
+def once(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system) of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def paired(cmds: dict[str, list[str]], env: dict[str, str]) -> dict[str, list[float]]:
-    """Wall seconds of every command, REPEATS rounds, all commands once per round."""
+def paired(cmds: dict[str, list[str]], env: dict[str, str]) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of every command, REPEATS rounds, all commands once per round."""
     names = list(cmds)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for i in range(REPEATS):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             samples[name].append(once(cmds[name], env))
@@ -58,23 +63,27 @@ def main() -> None:
     for cmd in cmds.values():  # warm the page cache and the .pyc files
         once(cmd, env)
     samples = paired(cmds, env)
-    base = statistics.median(samples["pass"])
+    base = statistics.median(w for w, _ in samples["pass"])
+    base_cpu = statistics.median(c for _, c in samples["pass"])
     print("## CLI start-up")
     print()
     print(
         f"Command: `python scripts/bench_cli.py` ({REPEATS} paired rounds: each round runs all three "
-        "back to back; ratio = median of the per-round ratios)."
+        "back to back; a ratio is the median of the per-round ratios, wall and CPU (user + system) time)."
     )
     print()
-    print("| command | median | beyond `python -c pass` | ratio to `python -c pass` | target | heavy imports |")
-    print("|---|---|---|---|---|---|")
-    print(f"| `python -c pass` | {base * 1000:.0f} ms | — | 1.00 | — | — |")
+    print("| command | median wall | median CPU | ratio (wall) | ratio (CPU) | target | heavy imports |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| `python -c pass` | {base * 1000:.0f} ms | {base_cpu * 1000:.0f} ms | 1.00 | 1.00 | — | — |")
     for args in ("--help", "status"):
-        t = statistics.median(samples[args])
-        ratio = statistics.median(c / b for c, b in zip(samples[args], samples["pass"], strict=True))
+        wall = statistics.median(w for w, _ in samples[args])
+        cpu = statistics.median(c for _, c in samples[args])
+        pairs = list(zip(samples[args], samples["pass"], strict=True))
+        ratio = statistics.median(w / b for (w, _), (b, _) in pairs)
+        ratio_cpu = statistics.median(c / max(b, 1e-6) for (_, c), (_, b) in pairs)
         heavy = [m for m in imported_modules([args], env) if any(m == h or m.startswith(h + ".") for h in HEAVY)]
         print(
-            f"| `spotrun {args}` | {t * 1000:.0f} ms | {(t - base) * 1000:.0f} ms | {ratio:.2f} | "
+            f"| `spotrun {args}` | {wall * 1000:.0f} ms | {cpu * 1000:.0f} ms | {ratio:.2f} | {ratio_cpu:.2f} | "
             f"<= {TARGETS[args]:g} | {', '.join(heavy) or 'none'} |"
         )
 
