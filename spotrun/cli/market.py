@@ -39,18 +39,16 @@ class SortBy(StrEnum):
 
 
 def _consoles() -> tuple[Any, Any]:
-    from rich.console import Console
+    """stdout and stderr consoles: the terminal's width, or wide enough that nothing is cut when piped."""
+    from spotrun.cli.output import console
 
-    # Piped output gets a wide console rather than rich's 80 columns, so tables stay readable in logs.
-    return Console(width=None if sys.stdout.isatty() else 160), Console(
-        stderr=True, width=None if sys.stderr.isatty() else 160
-    )
+    return console(), console(stderr=True)
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    _, err = _consoles()
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+def _fail(message: str, code: int = EXIT_BAD_INPUT, json_out: bool = False) -> typer.Exit:
+    from spotrun.cli.output import fail
+
+    return fail(message, code, json_out=json_out)
 
 
 def _money(x: float | None, digits: int = 4) -> str:
@@ -157,13 +155,13 @@ def offers(
     if gpu:
         wanted_gpu, memory_in_name = parse_gpu(gpu)
         if wanted_gpu is None:
-            raise _fail(f"unknown GPU {gpu!r}; known: {', '.join(GPU_NAMES)}")
+            raise _fail(f"unknown GPU {gpu!r}; known: {', '.join(GPU_NAMES)}", json_out=json_out)
         if memory_in_name is not None and min_gpu_memory is None:
             min_gpu_memory = memory_in_name
     providers = [p.lower() for p in provider or []]
     unknown = [p for p in providers if p not in (*PROVIDERS, "local")]
     if unknown:
-        raise _fail(f"unknown provider {unknown[0]!r}; use one of aws, gcp, azure, local")
+        raise _fail(f"unknown provider {unknown[0]!r}; use one of aws, gcp, azure, local", json_out=json_out)
     clouds = [p for p in providers if p != "local"] if providers else list(PROVIDERS)
     rows = load_offers(clouds) if clouds else []
     if "local" in providers:
@@ -288,14 +286,9 @@ def plan(
 ) -> None:
     """What spotrun would run the job on, and what it expects that to cost, before spending a cent."""
     from spotrun import planner
-    from spotrun.spec import SpecError, load_spec
+    from spotrun.cli.specs import load_spec_or_exit
 
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        _, err = _consoles()
-        err.print(str(e), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+    spec = load_spec_or_exit(spec_path, json_out=json_out)  # with the config's defaults, as launch reads it
     result = planner.plan(spec, _spec_offers(spec))
     if json_out:
         data = result.to_dict()
@@ -410,7 +403,7 @@ def refresh(
     providers = [p.lower() for p in provider or PROVIDERS]
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
-        raise _fail(f"unknown provider {unknown[0]!r}; use one of {', '.join(PROVIDERS)}")
+        raise _fail(f"unknown provider {unknown[0]!r}; use one of {', '.join(PROVIDERS)}", json_out=json_out)
     results = run_refresh(providers)
     if json_out:
         _print_json([r.to_dict() for r in results])

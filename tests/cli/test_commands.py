@@ -266,3 +266,25 @@ def test_rm_and_gc_forget_finished_jobs_and_their_files() -> None:
     assert json.loads(invoke("gc", "--older-than", "0s", "--json").output)["removed"][0]["job_id"] == "new-1"
     assert state.jobs(None) == []
     assert invoke("gc", "--older-than", "soon").exit_code == 2
+
+
+# ---------------------------------------------------------------------------- start-up
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status"], ["status", "-n", "3", "--label", "a=b"]])
+def test_start_up_imports_neither_pydantic_nor_typers_rich_help(args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, sys\n"
+        "from spotrun.cli.app import main\n"
+        f"sys.argv = ['spotrun'] + {args!r}\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('MODULES=' + json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    line = [x for x in proc.stderr.splitlines() if x.startswith("MODULES=")][-1]
+    modules = json.loads(line.removeprefix("MODULES="))
+    slow = [m for m in modules if m.split(".")[0] == "pydantic" or m in ("typer.rich_utils", "rich.markdown")]
+    assert slow == [], f"spotrun {' '.join(args)} imported {slow[:5]}"
