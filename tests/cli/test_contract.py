@@ -194,8 +194,10 @@ def test_terminal_prompt_declined_exits_130_and_ids_fit_an_80_column_terminal(cl
     assert code == 130, out
     assert "not launched" in out
     assert cli_env.run("status", "--json").stdout.strip() == "[]"
-    proc = cli_env.run("launch", str(spec), "--yes", "--json")
-    job_id = _json(proc)["job_id"]
+    code, out = _pty_run([spotrun_exe(), "launch", str(spec), "--yes"], cli_env.env, cols=80)
+    assert code == 0, out  # the live view, the workload's output and the summary in a real terminal
+    assert "step 8" in out and "SUCCEEDED" in out and "Traceback" not in out
+    job_id = _json(cli_env.run("status", "--json"))[0]["job_id"]
     code, out = _pty_run([spotrun_exe(), "status"], cli_env.env, cols=80)
     assert code == 0
     assert job_id in out.replace("\r", "")
