@@ -264,6 +264,7 @@ class _Printer:
         self.seen = 0
         self.reader: Any = None
         self.last_log = 0.0
+        self.broken = False
 
     def events(self) -> None:
         for e in self.state.events(self.job_id, after_id=self.seen):
@@ -288,8 +289,15 @@ class _Printer:
             pass
 
     def update(self, _snap: Any = None) -> None:
-        self.events()
-        self.logs()
+        """Called from inside the controller's loop: a printing failure (a closed pipe) must never
+        stop the job, so it only stops the printing."""
+        if self.broken:
+            return
+        try:
+            self.events()
+            self.logs()
+        except (OSError, ValueError, SystemExit):  # rich turns a closed pipe into SystemExit(1)
+            self.broken = True
 
 
 def _run_foreground(state: State, job_id: str, stop: Stop, *, live: bool) -> Any:
@@ -309,7 +317,8 @@ def _run_foreground(state: State, job_id: str, stop: Stop, *, live: bool) -> Any
 
                 def update(snap: Any) -> None:
                     printer.update()
-                    view.update(views.live_panel(snap))
+                    if not printer.broken:
+                        view.update(views.live_panel(snap))
 
                 controller.on_update = update
                 result = controller.run(job_id)
@@ -319,10 +328,22 @@ def _run_foreground(state: State, job_id: str, stop: Stop, *, live: bool) -> Any
     except KeyboardInterrupt:
         stop.ignore_all()
         result = _cancel_after_interrupt(state, job_id, quiet=not live)
-    if live:
-        printer.events()
-        printer.logs(force=True)
-        console().print(views.result_summary(result, state.attempts(job_id)))
+    except (Exception, SystemExit):
+        # A foreground job has no other controller: whatever stopped this one, release the job's
+        # instances before the error is shown (it can be resumed or inspected afterwards).
+        stop.ignore_all()
+        try:
+            _cancel_after_interrupt(state, job_id, quiet=True)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise
+    if live and not printer.broken:
+        try:
+            printer.events()
+            printer.logs(force=True)
+            console().print(views.result_summary(result, state.attempts(job_id)))
+        except (OSError, ValueError, SystemExit):  # a closed pipe: the job's exit code still counts
+            pass
     return result
 
 

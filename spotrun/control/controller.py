@@ -148,7 +148,7 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
                         self._sleep_until_cancel(job_id, self.options.poll_interval)
                         continue
                     # No candidate had capacity (or the policy waits with no deadline to bound it).
-                    delay = wait.next_delay(now)
+                    delay = wait.next_delay(now, self._market_speed())
                     if delay is None:
                         what = "no spot capacity" if launched is None else "no capacity in any candidate"
                         raise JobFinished(
@@ -180,6 +180,10 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
             return self.options.capacity_wait
         return float(spec.recovery.capacity_wait)
 
+    def _market_speed(self) -> float:
+        """How much faster than real time the markets tried so far run (1 on real clouds)."""
+        return max((float(getattr(p, "time_scale", 1.0)) for p in self.providers.values()), default=1.0)
+
     def _sleep_until_cancel(self, job_id: str, seconds: float) -> None:
         """Sleep in short steps, so a cancel request during a long back-off is acted on promptly."""
         end = self.clock.now() + seconds
@@ -194,7 +198,11 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
 
 class CapacityWait:
     """How long to keep retrying while nothing has capacity: `limit` seconds from the first miss,
-    with delays doubling from `first` up to MAX_BACKOFF (one launch per round, not one every 2 s)."""
+    with delays doubling from `first` up to MAX_BACKOFF (one launch per round, not one every 2 s).
+
+    The limit is real seconds (also on the simulated market: it bounds how long a launch blocks).
+    The back-off cap is market seconds: on a time-compressed market (the local provider's
+    `time_scale`) rounds come as often, in the market's time, as on a real cloud."""
 
     MAX_BACKOFF = 60.0
 
@@ -210,15 +218,17 @@ class CapacityWait:
     def waited(self, now: float) -> float:
         return 0.0 if self.since is None else now - self.since
 
-    def next_delay(self, now: float) -> float | None:
-        """Seconds to wait before the next round, or None when the wait is used up."""
+    def next_delay(self, now: float, scale: float = 1.0) -> float | None:
+        """Real seconds to wait before the next round, or None when the wait is used up."""
+        scale = max(scale, 1e-9)
         if self.since is None:
             self.since = now
         left = self.limit - (now - self.since)
         if left <= 0:
             return None
-        delay = min(self.delay, left, self.MAX_BACKOFF)
-        self.delay = min(self.delay * 2, self.MAX_BACKOFF)
+        cap = max(self.first, self.MAX_BACKOFF / scale)
+        delay = min(self.delay, left, cap)
+        self.delay = min(self.delay * 2, cap)
         return delay
 
 

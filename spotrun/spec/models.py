@@ -241,7 +241,7 @@ class RecoverySpec(_Model):
     zone_cooldown: float = 1800.0  # seconds a zone is avoided after it preempted the job
     on_demand_fallback: Flag = True  # fall back to on-demand when no spot capacity fits
     policy: str = "spotrun"  # relaunch policy: spotrun, greedy, failover, uniform-progress, on-demand
-    capacity_wait: float = 600.0  # seconds to keep retrying (with backoff) while no offer has capacity
+    capacity_wait: float = 600.0  # real seconds to keep retrying (with backoff) while no offer has capacity
 
     @field_validator("policy", mode="before")
     @classmethod

@@ -235,3 +235,18 @@ def test_sigterm_at_ten_seeded_moments_leaves_no_instance_and_no_orphan_job(cli_
             if a.instance_id:
                 assert marked_processes(a.instance_id) == [], f"instance {a.instance_id} of {job.id} still runs"
     assert 130 in codes
+
+
+def test_a_closed_pipe_never_orphans_a_foreground_job(cli_env: Env) -> None:
+    """`spotrun launch job.yaml --yes | head -3`: the reader goes away, the job still runs to its end."""
+    spec = cli_env.job("--total 20 --step-time 0.02", name="piped")
+    proc = subprocess.Popen(
+        [spotrun_exe(), "launch", str(spec), "--yes"], env=cli_env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    for _ in range(3):
+        proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(120) == 0
+    rows = _json(cli_env.run("status", "--json"))
+    assert [(r["status"], r["controller_alive"]) for r in rows] == [("SUCCEEDED", False)]
