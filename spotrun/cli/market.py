@@ -51,6 +51,18 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT, json_out: bool = False) -> t
     return fail(message, code, json_out=json_out)
 
 
+def escape(text: Any) -> str:
+    from spotrun.cli.output import escape as _escape
+
+    return _escape(text)
+
+
+def Text(text: Any) -> Any:  # noqa: N802 - stands for rich.text.Text, imported late
+    from rich.text import Text as _Text
+
+    return _Text(str(text))
+
+
 def _money(x: float | None, digits: int = 4) -> str:
     if x is None:
         return "—"
@@ -257,7 +269,7 @@ def _render_offers(rows: list[Offer], total: int, expected: dict[str, Candidate]
         if expected:
             c = expected.get(o.key)
             cells.append(_money(c.expected_cost) if c else "—")
-        table.add_row(*cells)
+        table.add_row(*(Text(c) for c in cells))  # market files are user data: never markup
     out.print(table)
 
 
@@ -329,7 +341,7 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
 
     out, err = _consoles()
     for note in result.notes:
-        out.print(f"[dim]assumption:[/] {note}", highlight=False)
+        out.print(f"[dim]assumption:[/] {escape(note)}", highlight=False)
     if not result.candidates:
         err.print(f"no offer fits {spec_path}: {result.explain_empty()}", markup=False, highlight=False, soft_wrap=True)
         return
@@ -345,8 +357,8 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
         o = c.offer
         table.add_row(
             str(i),
-            f"{o.provider}/{o.location}",
-            o.instance_type,
+            Text(f"{o.provider}/{o.location}"),
+            Text(o.instance_type),
             f"{o.gpu_count}× {o.gpu}" if o.gpu else "—",
             "spot" if c.spot else "on-demand",
             _money(c.hourly_price),
@@ -360,9 +372,9 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
     best = result.candidates[0]
     o = best.offer
     out.print(
-        f"[bold]chosen:[/] {o.provider}/{o.location} {o.instance_type} "
+        f"[bold]chosen:[/] {escape(o.provider)}/{escape(o.location)} {escape(o.instance_type)} "
         f"({'spot' if best.spot else 'on-demand'}, {_money(best.hourly_price)}/h, "
-        f"interruption rate {o.interruption_rate:.3f}/h from {o.interruption_source})",
+        f"interruption rate {o.interruption_rate:.3f}/h from {escape(o.interruption_source)})",
         highlight=False,
     )
     lines = [
@@ -375,7 +387,7 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
         f"  total     {_money(best.expected_cost, 2):>12}   finishing after ~{best.finish_hours:.2f} h",
     ]
     for line in lines:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, markup=False)
     base = result.ondemand_baseline
     if base is not None:
         saved = 1.0 - best.expected_cost / base.expected_cost if base.expected_cost > 0 else 0.0
@@ -383,6 +395,7 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
             f"on-demand equivalent: {_money(base.expected_cost, 2)} on {base.offer.provider}/{base.offer.location} "
             f"{base.offer.instance_type} ({base.expected_hours:.2f} h); the plan expects {saved:.0%} less",
             highlight=False,
+            markup=False,
         )
 
 
@@ -411,11 +424,11 @@ def refresh(
         out, err = _consoles()
         for r in results:
             if r.ok:
-                out.print(f"[green]ok[/] {r.provider}: {r.rows} offers updated -> {r.path}", highlight=False)
+                out.print(f"[green]ok[/] {r.provider}: {r.rows} offers updated -> {escape(r.path)}", highlight=False)
             else:
                 err.print(f"[red]failed[/] {r.provider}: kept the previous catalog", highlight=False)
             for w in r.warnings:
-                out.print(f"  [yellow]warning[/] {w}", highlight=False, markup=True)
+                out.print(f"  [yellow]warning[/] {escape(w)}", highlight=False, markup=True)
             for e in r.errors:
                 err.print(f"  {e}", markup=False, highlight=False, soft_wrap=True)
     if not any(r.ok for r in results):
@@ -441,11 +454,12 @@ def info(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable
         _print_json(data)
         return
     out, _ = _consoles()
-    out.print(f"bundled snapshot: {BUNDLED}", highlight=False)
+    out.print(f"bundled snapshot: {BUNDLED}", highlight=False, markup=False)
     for p, d in data["providers"].items():
         where = f"refreshed: {d['refreshed_file']}" if d["refreshed_file"] else "bundled only"
         out.print(
             f"{p:6} {d['offers']:5} offers, {d['measured_interruption']} with measured interruption rates, "
             f"observed {', '.join(d['observed'])} ({where})",
             highlight=False,
+            markup=False,
         )

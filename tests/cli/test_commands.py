@@ -296,3 +296,16 @@ def test_start_up_imports_neither_pydantic_nor_typers_rich_help(args: list[str])
     modules = json.loads(line.removeprefix("MODULES="))
     slow = [m for m in modules if m.split(".")[0] == "pydantic" or m in ("typer.rich_utils", "rich.markdown")]
     assert slow == [], f"spotrun {' '.join(args)} imported {slow[:5]}"
+
+
+def test_market_names_are_never_markup_in_plan_and_launch(tmp_path: Path) -> None:
+    env = Env(tmp_path, {})
+    spec = env.job("--total 3 --step-time 0.01")
+    market = spec.parent / "market.yaml"
+    market.write_text(market.read_text().replace("zone: z-a", 'zone: "z-[/x]"'))
+    plan = invoke("plan", str(spec))
+    assert plan.exit_code == 0, plan.output
+    assert "z-[/x]" in plan.output
+    launched = invoke("launch", str(spec), "--yes")
+    assert launched.exit_code == 0, launched.output
+    assert "SUCCEEDED" in launched.output and "z-[/x]" in launched.output
