@@ -206,15 +206,16 @@ def test_terminal_prompt_declined_exits_130_and_ids_fit_an_80_column_terminal(cl
 # ---------------------------------------------------------------------------- signals
 
 
-def test_sigterm_at_ten_seeded_moments_leaves_no_instance_and_no_orphan_job(cli_env: Env) -> None:
+def test_sigterm_or_sighup_at_ten_seeded_moments_leaves_no_instance_and_no_orphan_job(cli_env: Env) -> None:
     from spotrun.clouds.local.host import marked_processes
     from spotrun.control.state import State
 
     rng = random.Random(15)
     spec = cli_env.job("--total 60 --step-time 0.02", name="sigterm")
     codes = []
-    for _ in range(10):
+    for i in range(10):
         delay = rng.uniform(0.3, 3.5)
+        sig = signal.SIGHUP if i % 3 == 2 else signal.SIGTERM  # a closed terminal is handled alike
         proc = subprocess.Popen(
             [spotrun_exe(), "launch", str(spec), "--yes"],
             env=cli_env.env,
@@ -222,9 +223,10 @@ def test_sigterm_at_ten_seeded_moments_leaves_no_instance_and_no_orphan_job(cli_
             stderr=subprocess.DEVNULL,
         )
         time.sleep(delay)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         codes.append(proc.wait(60))
-    assert set(codes) <= {0, 130, -signal.SIGTERM}, codes  # -15 only if killed while Python itself was starting
+    # -15/-1 only if the signal came while Python itself was starting (before spotrun's handlers)
+    assert set(codes) <= {0, 130, -signal.SIGTERM, -signal.SIGHUP}, codes
     os.environ["SPOTRUN_HOME"] = cli_env.env["SPOTRUN_HOME"]
     state = State(Path(cli_env.env["SPOTRUN_HOME"]) / "state.db")
     jobs = state.jobs(None)
@@ -250,3 +252,28 @@ def test_a_closed_pipe_never_orphans_a_foreground_job(cli_env: Env) -> None:
     assert proc.wait(120) == 0
     rows = _json(cli_env.run("status", "--json"))
     assert [(r["status"], r["controller_alive"]) for r in rows] == [("SUCCEEDED", False)]
+
+
+def test_env_and_overrides_reach_a_detached_job_and_secrets_are_never_stored(cli_env: Env) -> None:
+    spec = cli_env.job("--total 3 --step-time 0.01", name="envjob")
+    spec.write_text(
+        spec.read_text().replace("run: python counter.py", 'run: echo "msg=$MSG tok=$TOK" && python counter.py')
+    )
+    env_file = cli_env.root / "job.env"
+    env_file.write_text("TOK='tok-s3cret'\n")
+    proc = cli_env.run(
+        "launch", str(spec), "-d", "--json", "--env", "MSG=msg-s3cret", "--env-file", str(env_file), "--name", "renamed"
+    )
+    assert proc.returncode == 0, proc.stderr
+    job_id = _json(proc)["job_id"]
+    assert job_id.startswith("renamed-")
+    assert cli_env.run("wait", job_id).returncode == 0
+    out = cli_env.run("logs", job_id).stdout
+    assert "msg=msg-s3cret tok=tok-s3cret" in out  # the workload got them
+    home = Path(cli_env.env["SPOTRUN_HOME"])
+    for path in home.rglob("*"):
+        if path.is_file() and not path.name.endswith(".log") and "/log/" not in str(path):
+            data = path.read_bytes()
+            assert b"s3cret" not in data, f"a secret value was stored in {path}"
+    bad = cli_env.run("launch", str(spec), "--yes", "--gpu", "A1OO", "--json")
+    assert bad.returncode == 2 and "A1OO" in _json(bad)["error"]["message"]
