@@ -10,9 +10,7 @@ every offer out; 1 a refresh that updated nothing.
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,7 +68,9 @@ def _money(x: float | None, digits: int = 4) -> str:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    from spotrun.cli.output import print_json
+
+    print_json(data)
 
 
 # --------------------------------------------------------------------------- offers

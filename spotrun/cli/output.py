@@ -13,6 +13,7 @@ Cheap to import: rich's console is imported when a console is first made.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -78,8 +79,19 @@ def escape(text: Any) -> str:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
+    """One JSON document on stdout; a non-finite number is written as null (JSON has no NaN)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
 
 
 def error_json(code: int, message: str, issues: list[dict[str, Any]] | None = None) -> dict[str, Any]:
