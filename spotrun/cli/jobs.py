@@ -31,9 +31,14 @@ CONTROLLER_GONE_GRACE = 10.0  # seconds a non-finished job may have no controlle
 
 
 def open_state() -> State:
-    from spotrun.control.state import State
+    import sqlite3
 
-    return State.open_default()
+    from spotrun.control.state import State, StateError
+
+    try:
+        return State.open_default()
+    except (StateError, sqlite3.DatabaseError, OSError) as e:
+        raise fail(f"cannot open spotrun's state: {e}") from None
 
 
 def find_job_or_exit(state: State, ref: str, json_out: bool = False) -> Job:
