@@ -1,8 +1,8 @@
 """The `spotrun` command line. It parses, calls and renders; the work is done elsewhere.
 
-The commands live beside this file: launch.py (launch), jobs.py (status, wait, logs, cancel, rm,
-gc, cost), market.py (offers, plan, catalog), simulate.py, config.py; output.py is how they all
-print (widths, JSON, the error shape, no markup from untrusted text).
+The commands live beside this file: launch.py (launch), jobs.py (status, wait, logs, cancel),
+cleanup.py (rm, gc), cost.py (cost), market.py (offers, plan, catalog), simulate.py, config.py;
+output.py is how they all print (widths, JSON, the error shape, no markup from untrusted text).
 
 Start-up must stay cheap: nothing here imports torch, a cloud SDK, pydantic or rich at module
 level, and help is rendered by click's plain formatter (it never cuts flag names when piped).
@@ -18,7 +18,9 @@ from typing import Annotated
 import typer
 
 from spotrun import __version__
+from spotrun.cli import cleanup as cli_cleanup
 from spotrun.cli import config as cli_config
+from spotrun.cli import cost as cli_cost
 from spotrun.cli import jobs as cli_jobs
 from spotrun.cli import launch as cli_launch
 from spotrun.cli import market as cli_market
@@ -127,9 +129,9 @@ app.command()(cli_jobs.status)
 app.command()(cli_jobs.wait)
 app.command()(cli_jobs.logs)
 app.command()(cli_jobs.cancel)
-app.command()(cli_jobs.rm)
-app.command()(cli_jobs.gc)
-app.command()(cli_jobs.cost)
+app.command()(cli_cleanup.rm)
+app.command()(cli_cleanup.gc)
+app.command()(cli_cost.cost)
 app.command()(cli_market.offers)
 app.command("plan")(cli_market.plan)
 app.add_typer(cli_market.catalog_app, name="catalog", help="The bundled offer catalog and its live refresh.")
