@@ -2,9 +2,9 @@
 detached controller), or attach to a job that already has one (`--resume` on a live job).
 
 A foreground launch owns its job: Ctrl-C, SIGTERM (CI cancels, `timeout`) and SIGHUP (a closed
-terminal) all cancel it cleanly — every instance released, state CANCELLED, exit 130. Signals that
-arrive while the job is being submitted are held until it is recorded, and further signals during
-the cleanup are ignored, so no instance and no job is ever left without a controller.
+terminal) all cancel it cleanly — every instance released, state CANCELLED, exit 130. A signal
+during the upload stops it and cancels a job already recorded; further signals during the cleanup
+are ignored, so no instance and no job is ever left without a controller.
 """
 
 from __future__ import annotations
@@ -114,56 +114,91 @@ def launch(
 
     state = open_state()
     stop = Stop()
-    if resume:
-        job_id = find_job_or_exit(state, resume, json_out).id
-        if controller_alive(state.job(job_id)):
-            _attach(state, job_id, json_out)
-        if state.job(job_id).status.terminal:
-            _report_finished(state, job_id, json_out)
-    else:
-        if spec is None:
-            raise fail("give a job spec, or --resume JOB", json_out=json_out)
-        overrides = Overrides(
-            gpu=gpu,
-            providers=list(provider or []),
-            regions=list(region or []),
-            spot=spot,
-            name=name,
-            env=list(env or []),
-            env_files=list(env_file or []),
-            store=store,
-        )
-        job_spec = load_spec_or_exit(spec, json_out=json_out, overrides=overrides)
-        controller = Controller(state, store_url=store or _config_store(job_spec, json_out))
-        ask = not (yes or json_out or detach or not sys.stdin.isatty())
-        _confirm_plan(controller, job_spec, ask=ask, json_out=json_out)
-        stop.install()
-        stop.held = True  # a signal now is acted on once the job is recorded (then cancelled)
-        try:
-            job_id = controller.submit(job_spec, progress=None if json_out else _upload_progress())
-        except BaseException:
-            stop.restore()
-            raise
-        if detach:
-            _spawn_detached_controller(job_id)
-            stop.restore()
-            if json_out:
-                print_json({"job_id": job_id, "detached": True})
-            else:
-                say(f"job [bold]{escape(job_id)}[/] launched in the background")
-                say_plain(f"  spotrun wait {job_id}    spotrun logs {job_id} -f    spotrun cancel {job_id}")
-            return
-    if not stop._old:
-        stop.install()
+    recorded: list[str] = []  # the job this command drives, once known
     try:
-        result = _run_foreground(state, job_id, stop, live=not json_out)
-    except ControllerBusy as e:
-        raise fail(str(e), json_out=json_out) from None
-    finally:
-        stop.restore()
-    if json_out:
-        print_json(result.to_dict())
-    raise typer.Exit(result.exit_code)
+        if resume:
+            job_id = find_job_or_exit(state, resume, json_out).id
+            recorded.append(job_id)
+            if controller_alive(state.job(job_id)):
+                _attach(state, job_id, json_out)
+            if state.job(job_id).status.terminal:
+                _report_finished(state, job_id, json_out)
+        else:
+            if spec is None:
+                raise fail("give a job spec, or --resume JOB", json_out=json_out)
+            overrides = Overrides(
+                gpu=gpu,
+                providers=list(provider or []),
+                regions=list(region or []),
+                spot=spot,
+                name=name,
+                env=list(env or []),
+                env_files=list(env_file or []),
+                store=store,
+            )
+            job_spec = load_spec_or_exit(spec, json_out=json_out, overrides=overrides)
+            controller = Controller(state, store_url=store or _config_store(job_spec, json_out))
+            ask = not (yes or json_out or detach or not sys.stdin.isatty())
+            _confirm_plan(controller, job_spec, ask=ask, json_out=json_out)
+            stop.install()
+            started = time.time()
+            try:  # a signal here stops the upload; a job it already recorded is cancelled, never left behind
+                job_id = controller.submit(job_spec, progress=None if json_out else _upload_progress())
+                recorded.append(job_id)
+            except KeyboardInterrupt:
+                stop.ignore_all()
+                _cancel_submitted(state, job_spec.name, started)
+                raise typer.Exit(EXIT_CANCELLED) from None
+            except BaseException:
+                stop.restore()
+                raise
+            if detach:
+                try:
+                    _spawn_detached_controller(job_id)
+                except KeyboardInterrupt:
+                    stop.ignore_all()
+                    _cancel_after_interrupt(state, job_id)
+                    raise typer.Exit(EXIT_CANCELLED) from None
+                stop.restore()
+                if json_out:
+                    print_json({"job_id": job_id, "detached": True})
+                else:
+                    say(f"job [bold]{escape(job_id)}[/] launched in the background")
+                    say_plain(f"  spotrun wait {job_id}    spotrun logs {job_id} -f    spotrun cancel {job_id}")
+                return
+        try:
+            if not stop._old:
+                stop.install()
+            result = _run_foreground(state, job_id, stop, live=not json_out)
+        except KeyboardInterrupt:  # a signal in the moment between recording the job and driving it
+            stop.ignore_all()
+            result = _cancel_after_interrupt(state, job_id)
+        except ControllerBusy as e:
+            raise fail(str(e), json_out=json_out) from None
+        finally:
+            stop.restore()
+        if json_out:
+            print_json(result.to_dict())
+        raise typer.Exit(result.exit_code)
+    except KeyboardInterrupt:
+        # A signal in a gap between the handlers above (the job recorded, not yet driven): still
+        # never leave it without a controller. A job driven by a live controller is left to it.
+        stop.ignore_all()
+        job = state.job(recorded[-1]) if recorded else None
+        if job is not None and not job.status.terminal and not controller_alive(job):
+            _cancel_after_interrupt(state, job.id)
+        raise typer.Exit(EXIT_CANCELLED) from None
+
+
+def _cancel_submitted(state: State, name: str, since: float) -> None:
+    """Interrupted inside `submit`: cancel the job it may have recorded just before (nothing was
+    launched for it yet, so this only marks it CANCELLED)."""
+    from spotrun.control.controller import Controller
+
+    for job in state.jobs(20):
+        if job.name == name and job.created_at >= since and not job.status.terminal and not job.controller_pid:
+            state.request_cancel(job.id, time.time())
+            Controller(state).run(job.id)
 
 
 def _config_store(spec: JobSpec, json_out: bool) -> str | None:
@@ -350,14 +385,20 @@ def _run_foreground(state: State, job_id: str, stop: Stop, *, live: bool) -> Any
 def _cancel_after_interrupt(state: State, job_id: str, *, quiet: bool = False) -> Any:
     """Ctrl-C, SIGTERM or SIGHUP on a foreground launch: the job has no controller left, so cancel
     it and release its instances now rather than leave them billing."""
-    from spotrun.control.controller import Controller
+    from spotrun.control.controller import Controller, ControllerBusy
 
     say_plain(
         "interrupted: cancelling the job and releasing its instances (use --detach to keep jobs running)", stderr=True
     )
     state.request_cancel(job_id, time.time())
     state.release_controller(job_id, os.getpid())
-    return Controller(state).run(job_id)
+    try:
+        return Controller(state).run(job_id)
+    except ControllerBusy:  # a detached controller holds it: it acts on the cancel request itself
+        from spotrun.cli.jobs import wait_for_end
+
+        wait_for_end(state, job_id)
+        return Controller(state).result(job_id)
 
 
 def _attach(state: State, job_id: str, json_out: bool) -> None:
