@@ -251,7 +251,7 @@ def test_cli_json_and_errors(tmp_path: Path) -> None:
     bad = runner.invoke(_app(), ["simulate", "--trace", str(f), "--work-hours", "4", "--policy", "yolo"])
     assert bad.exit_code == 2 and "unknown policy" in bad.output
     assert runner.invoke(_app(), ["simulate", "--trace", str(f)]).exit_code == 2  # no work hours
-    assert runner.invoke(_app(), ["simulate", "--work-hours", "4"]).exit_code == 2  # no trace
+    assert runner.invoke(_app(), ["simulate", "--work-hours", "4"]).exit_code == 0  # no --trace: the bundled one
     missing = runner.invoke(_app(), ["simulate", "--trace", str(tmp_path / "nope.json"), "--work-hours", "4"])
     assert missing.exit_code == 2
 

@@ -18,7 +18,7 @@ from spotrun.spec import JobSpec, SpecError, SpecIssue, closest_match, load_spec
 
 HEAD = "name: demo\nrun: python train.py\n"  # a valid minimum; cases below add lines 3+
 TOP_KEYS = (
-    "aws, azure, budget, checkpoint, data, deadline, env, gcp, image, local, name, recovery, resources, run, "
+    "aws, azure, budget, checkpoint, data, deadline, env, gcp, image, labels, local, name, recovery, resources, run, "
     "setup, store, workdir, workload"
 )
 RESOURCE_KEYS = "cpus, disk, gpu, max_price, memory, providers, regions, spot, zones"
@@ -335,7 +335,7 @@ def test_full_spec_loads_with_units_paths_and_names_normalized(tmp_path: Path) -
     assert (spec.checkpoint.dir, spec.checkpoint.interval, spec.checkpoint.keep) == ("/ckpt", 1800.0, 2)
     assert spec.recovery.model_dump() == {
         "max_restarts": 5, "max_preemptions": 20, "zone_cooldown": 3600.0, "on_demand_fallback": False,
-        "policy": "spotrun",
+        "policy": "spotrun", "capacity_wait": 600.0,
     }  # fmt: skip
     assert spec.budget == 1250.5 and spec.deadline == 172800.0
     w = spec.workload

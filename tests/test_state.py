@@ -80,7 +80,8 @@ def test_find_job_by_prefix_and_name(tmp_path):
     make_job(state, "demo-1126-aaaaaa", 1.0)
     make_job(state, "demo-1126-bbbbbb", 2.0)
     assert state.find_job("demo-1126-a").id == "demo-1126-aaaaaa"
-    assert state.find_job("demo").id == "demo-1126-bbbbbb"  # the newest with that name
+    with pytest.raises(KeyError, match="demo-1126-aaaaaa"):  # a shared name is ambiguous: the candidates are listed
+        state.find_job("demo")
     with pytest.raises(KeyError, match="matches 2 jobs"):
         state.find_job("demo-1126")
     with pytest.raises(KeyError):

@@ -1,46 +1,50 @@
 """The `spotrun` command line. It parses, calls and renders; the work is done elsewhere.
 
-Start-up must stay cheap: nothing here imports torch or a cloud SDK at module level (a test
-checks `sys.modules` after `spotrun --help` and `spotrun status`).
+The commands live beside this file: launch.py (launch), jobs.py (status, wait, logs, cancel),
+cleanup.py (rm, gc), cost.py (cost), market.py (offers, plan, catalog), simulate.py, config.py;
+output.py is how they all print (widths, JSON, the error shape, no markup from untrusted text).
+
+Start-up must stay cheap: nothing here imports torch, a cloud SDK, pydantic or rich at module
+level, and help is rendered by click's plain formatter (it never cuts flag names when piped).
+A test checks `sys.modules` after `spotrun --help` and `spotrun status`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from spotrun import __version__
+from spotrun.cli import cleanup as cli_cleanup
+from spotrun.cli import config as cli_config
+from spotrun.cli import cost as cli_cost
+from spotrun.cli import jobs as cli_jobs
+from spotrun.cli import launch as cli_launch
 from spotrun.cli import market as cli_market
 from spotrun.cli import simulate as cli_simulate
+from spotrun.cli.output import EXIT_BAD_INPUT, console, fail, print_json, say_plain
+from spotrun.cli.params import install as _light_params
 
-if TYPE_CHECKING:
-    from spotrun.control.state import State
-    from spotrun.spec import JobSpec
+_light_params()  # plain str/int/float/Path options without pydantic (start-up; see params.py)
 
 app = typer.Typer(
     name="spotrun",
     help="Run ML training on the cheapest spot GPU that fits, across AWS, GCP and Azure, through preemptions.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    # Piped help is laid out wide, so no command's summary or flag is cut; a terminal keeps its width.
+    context_settings={"max_content_width": 200, "terminal_width": None if sys.stdout.isatty() else 200},
 )
-console = Console()
-err = Console(stderr=True)
-
-EXIT_BAD_INPUT = 2
 
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"spotrun {__version__}")
+        typer.echo(f"spotrun {__version__}")
         raise typer.Exit()
 
 
@@ -53,381 +57,24 @@ def _main(
     """spotrun: plan, launch and babysit training jobs on spot GPUs."""
 
 
-# ---------------------------------------------------------------------------- helpers
-
-
-def load_spec_or_exit(path: Path) -> JobSpec:
-    from spotrun.spec import SpecError, load_spec
-
-    try:
-        return load_spec(path)
-    except SpecError as e:
-        err.print(str(e), markup=False, highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-
-
-def open_state() -> State:
-    from spotrun.control.state import State
-
-    return State.open_default()
-
-
-def find_job_or_exit(state: State, ref: str) -> Any:
-    try:
-        return state.find_job(ref)
-    except KeyError as e:
-        err.print(f"error: {e.args[0]}", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def controller_alive(job: Any) -> bool:
-    from spotrun.pids import pid_alive
-
-    return bool(job.controller_pid) and pid_alive(job.controller_pid)
-
-
 # ---------------------------------------------------------------------------- validate
 
 
 @app.command()
-def validate(spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")]) -> None:
+def validate(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    json_out: cli_jobs.JSON = False,
+) -> None:
     """Check a job spec and report every problem (file, line, key, what is allowed). Exit 2 if invalid."""
-    job = load_spec_or_exit(spec)
+    from spotrun.cli.specs import load_spec_or_exit
+
+    job = load_spec_or_exit(spec, json_out=json_out)
     gpu = job.resources.gpu
     want = f"{gpu.count}× {gpu.name or 'any GPU'}" if gpu else "no GPU"
-    console.print(f"[green]ok[/] {spec}: job [bold]{job.name}[/], {want}")
-
-
-# ---------------------------------------------------------------------------- launch
-
-
-@app.command()
-def launch(
-    spec: Annotated[Path | None, typer.Argument(help="The job spec (YAML).")] = None,
-    detach: Annotated[
-        bool, typer.Option("--detach", "-d", help="Run the controller in the background; print the job id.")
-    ] = False,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON (no live view).")] = False,
-    resume: Annotated[
-        str | None, typer.Option("--resume", help="Pick up an existing job (e.g. after the controller died).")
-    ] = None,
-    store: Annotated[
-        str | None, typer.Option("--store", help="Store URL (file://, s3://, gs://, az://); overrides the spec.")
-    ] = None,
-) -> None:
-    """Plan, provision, run and watch a job; relaunch on preemption; resume from the last checkpoint."""
-    from spotrun.control.controller import Controller, ControllerBusy
-
-    state = open_state()
-    if resume:
-        job_id = find_job_or_exit(state, resume).id
-        _refuse_resume_without_secrets(state, job_id)
-    else:
-        if spec is None:
-            err.print("error: give a job spec, or --resume JOB")
-            raise typer.Exit(EXIT_BAD_INPUT)
-        job_spec = load_spec_or_exit(spec)
-        controller = Controller(state, store_url=store)
-        if not _confirm_plan(
-            controller, job_spec, yes=yes or json_out or detach or not sys.stdin.isatty(), quiet=json_out
-        ):
-            raise typer.Exit(1)
-        job_id = controller.submit(job_spec, progress=None if json_out else _upload_progress())
-    if detach:
-        _spawn_detached_controller(job_id)
-        if json_out:
-            print_json({"job_id": job_id, "detached": True})
-        else:
-            console.print(f"job [bold]{job_id}[/] launched in the background")
-            console.print(f"  spotrun status {job_id}    spotrun logs {job_id} -f    spotrun cancel {job_id}")
-        return
-    try:
-        result = _run_foreground(state, job_id, live=not json_out)
-    except ControllerBusy as e:
-        err.print(f"error: {e}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
     if json_out:
-        print_json(result.to_dict())
-    raise typer.Exit(result.exit_code)
-
-
-def _refuse_resume_without_secrets(state: State, job_id: str) -> None:
-    """A `${VAR}` this shell lacks: exit 2 unless the clouds already hold the job's secret."""
-    from spotrun.control.secrets import resume_refusal
-
-    refusal = resume_refusal(state, job_id)
-    if refusal:
-        err.print(f"error: {refusal}", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
-
-
-def _confirm_plan(controller: Any, job_spec: JobSpec, *, yes: bool, quiet: bool) -> bool:
-    from spotrun.planner import plan
-
-    offers = controller.offers_for(job_spec)
-    result = plan(job_spec, offers)
-    if not result.candidates:
-        err.print(f"error: no offer fits this job: {result.explain_empty()}", markup=False)
-        raise typer.Exit(3)
-    best = result.candidates[0]
-    if not quiet:
-        o = best.offer
-        console.print(
-            f"plan: {o.provider}/{o.location} {o.instance_type} ({o.gpu_count}× {o.gpu}) "
-            f"{'spot' if best.spot else 'on-demand'} ${best.hourly_price:.4f}/h, "
-            f"expected ${best.expected_cost:.2f} over {best.expected_hours:.2f} h "
-            f"({len(result.candidates)} candidates)"
-        )
-    if yes:
-        return True
-    return typer.confirm("launch?", default=True)
-
-
-def _upload_progress() -> Any:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    def start(label: str, total: int) -> Any:
-        if total < 8 * 1024 * 1024:  # only for uploads that take more than a moment
-            return None
-        progress = Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=console,
-        )
-        progress.start()
-        task = progress.add_task(f"uploading {label}", total=total)
-        done = [0]
-
-        def advance(n: int) -> None:
-            done[0] += n
-            progress.update(task, advance=n)
-            if done[0] >= total:
-                progress.stop()
-
-        return advance
-
-    return start
-
-
-def _spawn_detached_controller(job_id: str) -> None:
-    from spotrun.paths import home
-
-    log = open(home() / f"controller-{job_id}.log", "ab")  # noqa: SIM115 - handed to the child
-    subprocess.Popen(
-        [sys.executable, "-m", "spotrun.control.controller", job_id],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-        close_fds=True,
-    )
-
-
-def _run_foreground(state: State, job_id: str, *, live: bool) -> Any:
-    from spotrun.cli import views
-    from spotrun.control.controller import Controller
-
-    if not live:
-        try:
-            return Controller(state).run(job_id)
-        except KeyboardInterrupt:
-            return _cancel_after_interrupt(state, job_id)
-    interactive = console.is_terminal
-    seen_events = [0]
-
-    def print_new_events(snap: Any) -> None:
-        for e in state.events(job_id, after_id=seen_events[0]):
-            seen_events[0] = e.id
-            console.print(f"[dim]{time.strftime('%H:%M:%S', time.localtime(e.at))}[/] {e.message}", highlight=False)
-
-    controller = Controller(state)
-    try:
-        if interactive:
-            from rich.live import Live
-
-            with Live(console=console, refresh_per_second=4, transient=False) as view:
-
-                def update(snap: Any) -> None:
-                    print_new_events(snap)
-                    view.update(views.live_panel(snap))
-
-                controller.on_update = update
-                result = controller.run(job_id)
-        else:
-            controller.on_update = print_new_events
-            result = controller.run(job_id)
-    except KeyboardInterrupt:
-        result = _cancel_after_interrupt(state, job_id)
-    print_new_events(None)
-    console.print(views.result_summary(result, state.attempts(job_id)))
-    return result
-
-
-def _cancel_after_interrupt(state: State, job_id: str) -> Any:
-    """Ctrl-C on a foreground launch: the job has no controller left, so cancel it and release
-    its instances now rather than leave them billing."""
-    from spotrun.control.controller import Controller
-
-    err.print("interrupted: cancelling the job and releasing its instances (use --detach to keep jobs running)")
-    state.request_cancel(job_id, time.time())
-    state.release_controller(job_id, os.getpid())
-    return Controller(state).run(job_id)
-
-
-# ---------------------------------------------------------------------------- status
-
-
-def _job_row(state: State, job: Any) -> dict[str, Any]:
-    from spotrun.control.controller import spend
-
-    attempts = state.attempts(job.id)
-    spent, ondemand = spend(attempts, time.time())
-    return {
-        "job_id": job.id,
-        "name": job.name,
-        "status": job.status.value,
-        "reason": job.reason,
-        "exit_code": job.exit_code,
-        "job_exit_code": job.job_exit_code,
-        "attempts": sum(1 for a in attempts if a.started_at is not None),
-        "preemptions": sum(1 for a in attempts if a.end_reason == "preempted"),
-        "zones": sorted({a.location for a in attempts if a.started_at is not None}),
-        "spent_usd": round(spent, 6),
-        "ondemand_equivalent_usd": None if ondemand is None else round(ondemand, 6),
-        "created_at": job.created_at,
-        "ended_at": job.ended_at,
-        "controller_alive": job.status.terminal or controller_alive(job),
-    }
-
-
-@app.command()
-def status(
-    job: Annotated[str | None, typer.Argument(help="A job id (or its prefix, or name). Omit for all jobs.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many jobs to list.")] = 20,
-) -> None:
-    """Jobs, attempts, spend vs on-demand, and the timeline of one job."""
-    from spotrun.cli import views
-    from spotrun.control.controller import spend
-
-    state = open_state()
-    if job is None:
-        rows = [_job_row(state, j) for j in state.jobs(limit)]
-        if json_out:
-            print_json(rows)
-        elif not rows:
-            console.print("no jobs yet: try `spotrun launch configs/quickstart.yaml`")
-        else:
-            console.print(views.jobs_table(rows))
-            for r in rows:
-                if not r["controller_alive"]:
-                    console.print(
-                        f"[yellow]{r['job_id']} has no controller running[/]: "
-                        f"resume it with `spotrun launch --resume {r['job_id']}`"
-                    )
+        print_json({"ok": True, "file": str(spec), "name": job.name, "gpu": want, "labels": job.labels})
         return
-    j = find_job_or_exit(state, job)
-    attempts = state.attempts(j.id)
-    events = state.events(j.id)
-    now = time.time()
-    if json_out:
-        row = _job_row(state, j)
-        row["attempts_detail"] = [
-            {
-                "n": a.n,
-                "provider": a.provider,
-                "region": a.region,
-                "zone": a.zone,
-                "instance_type": a.instance_type,
-                "spot": a.spot,
-                "hourly_price": a.hourly_price,
-                "instance_id": a.instance_id,
-                "started_at": a.started_at,
-                "ended_at": a.ended_at,
-                "end_reason": a.end_reason,
-                "exit_code": a.exit_code,
-                "detail": a.detail,
-                "store_url": a.store_url or j.store_url,
-                "cost_usd": round(a.cost_at(now), 6),
-            }
-            for a in attempts
-        ]
-        row["events"] = [{"at": e.at, "kind": e.kind, "message": e.message} for e in events]
-        print_json(row)
-        return
-    spent, ondemand = spend(attempts, now)
-    console.print(views.job_detail(j, attempts, events, spent, ondemand, now))
-    if not j.status.terminal and not controller_alive(j):
-        console.print(f"[yellow]no controller is running this job[/]: resume it with `spotrun launch --resume {j.id}`")
-
-
-# ---------------------------------------------------------------------------- logs
-
-
-@app.command()
-def logs(
-    job: Annotated[str, typer.Argument(help="A job id (or its prefix, or name).")],
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing, across relaunches, until the job ends.")
-    ] = False,
-    attempt: Annotated[int | None, typer.Option("--attempt", "-a", help="Only this attempt.")] = None,
-) -> None:
-    """The job's output across every attempt, in order, each attempt clearly separated."""
-    from spotrun.cli.logs import LogReader
-
-    state = open_state()
-    j = find_job_or_exit(state, job)
-    reader = LogReader(state, j.id, only_attempt=attempt)
-    out = sys.stdout
-    while True:
-        for header, text in reader.poll():
-            if header:
-                console.rule(header, style="dim")
-            if text:
-                out.write(text)
-                out.flush()
-        if not follow or (state.job(j.id).status.terminal and reader.drained()):
-            break
-        time.sleep(0.5)
-
-
-# ---------------------------------------------------------------------------- cancel
-
-
-@app.command()
-def cancel(
-    job: Annotated[str, typer.Argument(help="A job id (or its prefix, or name).")],
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the job's controller to stop it.")] = 30.0,
-) -> None:
-    """Stop a job and release every instance it holds (state CANCELLED)."""
-    from spotrun.control.controller import Controller, ControllerBusy
-
-    state = open_state()
-    j = find_job_or_exit(state, job)
-    if j.status.terminal:
-        console.print(f"job {j.id} already ended: {j.status.value}")
-        return
-    state.request_cancel(j.id, time.time())
-    deadline = time.time() + wait
-    while controller_alive(state.job(j.id)) and time.time() < deadline:
-        time.sleep(0.2)
-        if state.job(j.id).status.terminal:
-            break
-    if not state.job(j.id).status.terminal:
-        try:
-            Controller(state).run(j.id)  # no live controller: do the cleanup here
-        except ControllerBusy:
-            pid = state.job(j.id).controller_pid
-            console.print(f"cancel requested: the job's controller (pid {pid}) is stopping it")
-            return
-    console.print(f"job {j.id}: {state.job(j.id).status.value}")
+    say_plain(f"ok {spec}: job {job.name}, {want}")
 
 
 # ---------------------------------------------------------------------------- check
@@ -436,41 +83,104 @@ def cancel(
 @app.command()
 def check(
     provider: Annotated[list[str] | None, typer.Option("--provider", "-p", help="Only these providers.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_out: cli_jobs.JSON = False,
 ) -> None:
-    """Which providers are configured and usable (credentials, region, quota hints). Launches nothing."""
-    from rich.table import Table
-
+    """Which providers are configured and usable (credentials, region, quota hints). Launches nothing.
+    Exits 2 when a provider asked for with -p is unknown or unusable."""
     from spotrun.clouds import PROVIDERS, get_provider
     from spotrun.clouds.base import ProviderError
 
+    known = list(PROVIDERS)
+    unknown = [p for p in provider or [] if p not in known]
+    if unknown:
+        raise fail(f"unknown provider {unknown[0]!r}; known: {', '.join(known)}", json_out=json_out)
     rows = []
-    for name in provider or list(PROVIDERS):
+    for name in provider or known:
         try:
             rows.append(get_provider(name).check())
-        except (ProviderError, ImportError, ValueError, TypeError) as e:
+        except (ProviderError, ImportError, ValueError, TypeError, OSError) as e:
             rows.append({"provider": name, "usable": False, "detail": str(e)})
+    bad = bool(provider) and not all(r["usable"] for r in rows)
     if json_out:
-        print_json(rows)
-        return
-    table = Table(title="providers")
-    for col in ("PROVIDER", "USABLE", "DETAIL"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["provider"], "[green]yes[/]" if r["usable"] else "[red]no[/]", str(r.get("detail", "")))
-    console.print(table)
+        print_json({"providers": rows, "ok": not bad})
+    else:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="providers")
+        table.add_column("PROVIDER", no_wrap=True)
+        table.add_column("USABLE", no_wrap=True)
+        table.add_column("DETAIL")
+        for r in rows:
+            table.add_row(
+                Text(r["provider"]),
+                Text("yes", style="green") if r["usable"] else Text("no", style="red"),
+                Text(str(r.get("detail", ""))),
+            )
+        console().print(table)
+    if bad:
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
-# ---------------------------------------------------------------------------- market, simulate
+# ---------------------------------------------------------------------------- registration
 
+app.command()(cli_launch.launch)
+app.command()(cli_jobs.status)
+app.command()(cli_jobs.wait)
+app.command()(cli_jobs.logs)
+app.command()(cli_jobs.cancel)
+app.command()(cli_cleanup.rm)
+app.command()(cli_cleanup.gc)
+app.command()(cli_cost.cost)
 app.command()(cli_market.offers)
 app.command("plan")(cli_market.plan)
 app.add_typer(cli_market.catalog_app, name="catalog", help="The bundled offer catalog and its live refresh.")
+app.add_typer(cli_config.config_app, name="config", help="Your defaults: ~/.config/spotrun/config.yaml.")
 app.command("simulate")(cli_simulate.simulate)
 
 
 def main() -> None:
-    app()
+    """Run the app. SIGTERM (CI cancel, `timeout`) and SIGHUP act like Ctrl-C (exit 130; a
+    foreground launch cancels its job first); a usage error under --json comes out in the JSON
+    error shape (exit 2)."""
+    import signal
+
+    raised = [False]
+
+    def interrupted(signum: int, frame: object) -> None:
+        if not raised[0]:  # once: a second signal must not interrupt the handling of the first
+            raised[0] = True
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+    try:
+        code = _run()
+    except KeyboardInterrupt:  # a signal outside a command's own handling
+        code = 130
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # the work is done: a late signal must not become a traceback
+    raise SystemExit(code)
+
+
+def _run() -> int:
+    from typer._click.exceptions import ClickException  # typer's own click (typer >= 0.29 vendors it)
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        say_plain("aborted", stderr=True)
+        return 130
+    except ClickException as e:
+        if "--json" in sys.argv[1:]:
+            print_json({"error": {"code": e.exit_code, "message": e.format_message(), "issues": []}})
+        else:
+            e.show()
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

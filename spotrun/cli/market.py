@@ -4,14 +4,13 @@ The lead's cli.py registers these: `app.command()(offers)`, `app.command("plan")
 `app.add_typer(catalog_app, name="catalog")`. Importing this module is cheap (typer only);
 rich, the catalog, the planner and the spec parser are imported inside the commands.
 
-Exit codes: 0 ok; 2 bad input (spec, flags); 3 nothing fits (plan); 1 a refresh that updated nothing.
+Exit codes: 0 ok; 2 bad input (spec, flags); 3 nothing fits (plan); 4 only the budget or deadline rules
+every offer out; 1 a refresh that updated nothing.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from enum import StrEnum
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +24,7 @@ if TYPE_CHECKING:
 
 EXIT_BAD_INPUT = 2
 EXIT_NOTHING_FITS = 3
+EXIT_BUDGET = 4  # offers fit, but every one misses the budget or deadline
 EXIT_REFRESH_FAILED = 1  # no provider could be refreshed (each kept its previous data)
 
 catalog_app = typer.Typer(help="The offline price and interruption catalog: refresh it, see what it holds.")
@@ -37,18 +37,28 @@ class SortBy(StrEnum):
 
 
 def _consoles() -> tuple[Any, Any]:
-    from rich.console import Console
+    """stdout and stderr consoles: the terminal's width, or wide enough that nothing is cut when piped."""
+    from spotrun.cli.output import console
 
-    # Piped output gets a wide console rather than rich's 80 columns, so tables stay readable in logs.
-    return Console(width=None if sys.stdout.isatty() else 160), Console(
-        stderr=True, width=None if sys.stderr.isatty() else 160
-    )
+    return console(), console(stderr=True)
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    _, err = _consoles()
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+def _fail(message: str, code: int = EXIT_BAD_INPUT, json_out: bool = False) -> typer.Exit:
+    from spotrun.cli.output import fail
+
+    return fail(message, code, json_out=json_out)
+
+
+def escape(text: Any) -> str:
+    from spotrun.cli.output import escape as _escape
+
+    return _escape(text)
+
+
+def Text(text: Any) -> Any:  # noqa: N802 - stands for rich.text.Text, imported late
+    from rich.text import Text as _Text
+
+    return _Text(str(text))
 
 
 def _money(x: float | None, digits: int = 4) -> str:
@@ -58,7 +68,9 @@ def _money(x: float | None, digits: int = 4) -> str:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    from spotrun.cli.output import print_json
+
+    print_json(data)
 
 
 # --------------------------------------------------------------------------- offers
@@ -144,7 +156,7 @@ def offers(
     sort: Annotated[SortBy, typer.Option("--sort", help="price, expected (cost of work) or interruption.")] = (
         SortBy.price
     ),
-    limit: Annotated[int, typer.Option("--limit", help="Rows to show (0: all).", min=0)] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Rows to show (0: all).", min=0)] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """The market: spot and on-demand prices and interruption rates, per zone and instance type."""
@@ -155,13 +167,13 @@ def offers(
     if gpu:
         wanted_gpu, memory_in_name = parse_gpu(gpu)
         if wanted_gpu is None:
-            raise _fail(f"unknown GPU {gpu!r}; known: {', '.join(GPU_NAMES)}")
+            raise _fail(f"unknown GPU {gpu!r}; known: {', '.join(GPU_NAMES)}", json_out=json_out)
         if memory_in_name is not None and min_gpu_memory is None:
             min_gpu_memory = memory_in_name
     providers = [p.lower() for p in provider or []]
     unknown = [p for p in providers if p not in (*PROVIDERS, "local")]
     if unknown:
-        raise _fail(f"unknown provider {unknown[0]!r}; use one of aws, gcp, azure, local")
+        raise _fail(f"unknown provider {unknown[0]!r}; use one of aws, gcp, azure, local", json_out=json_out)
     clouds = [p for p in providers if p != "local"] if providers else list(PROVIDERS)
     rows = load_offers(clouds) if clouds else []
     if "local" in providers:
@@ -257,7 +269,7 @@ def _render_offers(rows: list[Offer], total: int, expected: dict[str, Candidate]
         if expected:
             c = expected.get(o.key)
             cells.append(_money(c.expected_cost) if c else "—")
-        table.add_row(*cells)
+        table.add_row(*(Text(c) for c in cells))  # market files are user data: never markup
     out.print(table)
 
 
@@ -281,19 +293,14 @@ def _spec_offers(spec: Any) -> list[Offer]:
 
 def plan(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The job spec (YAML).")],
-    limit: Annotated[int, typer.Option("--limit", help="Candidates to show.", min=1)] = 5,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Candidates to show.", min=1)] = 5,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """What spotrun would run the job on, and what it expects that to cost, before spending a cent."""
     from spotrun import planner
-    from spotrun.spec import SpecError, load_spec
+    from spotrun.cli.specs import load_spec_or_exit
 
-    try:
-        spec = load_spec(spec_path)
-    except SpecError as e:
-        _, err = _consoles()
-        err.print(str(e), markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+    spec = load_spec_or_exit(spec_path, json_out=json_out)  # with the config's defaults, as launch reads it
     result = planner.plan(spec, _spec_offers(spec))
     if json_out:
         data = result.to_dict()
@@ -304,7 +311,29 @@ def plan(
     else:
         _render_plan(result, limit, spec_path)
     if not result.candidates:
-        raise typer.Exit(EXIT_NOTHING_FITS)
+        raise typer.Exit(_nothing_fits_code(spec, result, json_out))
+
+
+def _nothing_fits_code(spec: Any, result: Plan, json_out: bool) -> int:
+    """3 when no offer has the resources; 4 when offers fit but every one misses the budget or
+    deadline. Without a runtime in the spec the estimate is a guess: 0, the launch is not refused
+    (the limits are enforced while the job runs)."""
+    from spotrun.control.planning import runtime_known
+
+    if not result.near_misses:
+        return EXIT_NOTHING_FITS
+    if runtime_known(spec):
+        return EXIT_BUDGET
+    if not json_out:
+        _, err = _consoles()
+        err.print(
+            "the spec gives no runtime (workload.hours), so these estimates are guesses: "
+            "`spotrun launch` runs it and enforces the budget and deadline as it goes",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    return 0
 
 
 def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
@@ -312,7 +341,7 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
 
     out, err = _consoles()
     for note in result.notes:
-        out.print(f"[dim]assumption:[/] {note}", highlight=False)
+        out.print(f"[dim]assumption:[/] {escape(note)}", highlight=False)
     if not result.candidates:
         err.print(f"no offer fits {spec_path}: {result.explain_empty()}", markup=False, highlight=False, soft_wrap=True)
         return
@@ -328,8 +357,8 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
         o = c.offer
         table.add_row(
             str(i),
-            f"{o.provider}/{o.location}",
-            o.instance_type,
+            Text(f"{o.provider}/{o.location}"),
+            Text(o.instance_type),
             f"{o.gpu_count}× {o.gpu}" if o.gpu else "—",
             "spot" if c.spot else "on-demand",
             _money(c.hourly_price),
@@ -343,9 +372,9 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
     best = result.candidates[0]
     o = best.offer
     out.print(
-        f"[bold]chosen:[/] {o.provider}/{o.location} {o.instance_type} "
+        f"[bold]chosen:[/] {escape(o.provider)}/{escape(o.location)} {escape(o.instance_type)} "
         f"({'spot' if best.spot else 'on-demand'}, {_money(best.hourly_price)}/h, "
-        f"interruption rate {o.interruption_rate:.3f}/h from {o.interruption_source})",
+        f"interruption rate {o.interruption_rate:.3f}/h from {escape(o.interruption_source)})",
         highlight=False,
     )
     lines = [
@@ -358,7 +387,7 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
         f"  total     {_money(best.expected_cost, 2):>12}   finishing after ~{best.finish_hours:.2f} h",
     ]
     for line in lines:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, markup=False)
     base = result.ondemand_baseline
     if base is not None:
         saved = 1.0 - best.expected_cost / base.expected_cost if base.expected_cost > 0 else 0.0
@@ -366,6 +395,7 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
             f"on-demand equivalent: {_money(base.expected_cost, 2)} on {base.offer.provider}/{base.offer.location} "
             f"{base.offer.instance_type} ({base.expected_hours:.2f} h); the plan expects {saved:.0%} less",
             highlight=False,
+            markup=False,
         )
 
 
@@ -386,7 +416,7 @@ def refresh(
     providers = [p.lower() for p in provider or PROVIDERS]
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown:
-        raise _fail(f"unknown provider {unknown[0]!r}; use one of {', '.join(PROVIDERS)}")
+        raise _fail(f"unknown provider {unknown[0]!r}; use one of {', '.join(PROVIDERS)}", json_out=json_out)
     results = run_refresh(providers)
     if json_out:
         _print_json([r.to_dict() for r in results])
@@ -394,11 +424,11 @@ def refresh(
         out, err = _consoles()
         for r in results:
             if r.ok:
-                out.print(f"[green]ok[/] {r.provider}: {r.rows} offers updated -> {r.path}", highlight=False)
+                out.print(f"[green]ok[/] {r.provider}: {r.rows} offers updated -> {escape(r.path)}", highlight=False)
             else:
                 err.print(f"[red]failed[/] {r.provider}: kept the previous catalog", highlight=False)
             for w in r.warnings:
-                out.print(f"  [yellow]warning[/] {w}", highlight=False, markup=True)
+                out.print(f"  [yellow]warning[/] {escape(w)}", highlight=False, markup=True)
             for e in r.errors:
                 err.print(f"  {e}", markup=False, highlight=False, soft_wrap=True)
     if not any(r.ok for r in results):
@@ -424,11 +454,12 @@ def info(json_out: Annotated[bool, typer.Option("--json", help="Machine-readable
         _print_json(data)
         return
     out, _ = _consoles()
-    out.print(f"bundled snapshot: {BUNDLED}", highlight=False)
+    out.print(f"bundled snapshot: {BUNDLED}", highlight=False, markup=False)
     for p, d in data["providers"].items():
         where = f"refreshed: {d['refreshed_file']}" if d["refreshed_file"] else "bundled only"
         out.print(
             f"{p:6} {d['offers']:5} offers, {d['measured_interruption']} with measured interruption rates, "
             f"observed {', '.join(d['observed'])} ({where})",
             highlight=False,
+            markup=False,
         )

@@ -47,13 +47,23 @@ def _job_from_spec(spec_path: Path | None) -> dict[str, Any]:
     return out
 
 
+def default_trace() -> Path:
+    """The trace bundled with spotrun (3 zones of real GCP H100 spot availability; see
+    spotrun/traces/PROVENANCE.md), used when no --trace is given."""
+    return Path(__file__).resolve().parent.parent / "traces" / "gcp-h100"
+
+
 def simulate(
     spec_path: Annotated[
         Path | None, typer.Argument(help="Job spec (work hours, deadline, checkpointing); flags override it.")
     ] = None,
     trace: Annotated[
         list[Path] | None,
-        typer.Option("--trace", "-t", help="Trace file or folder (repeatable); every zone in them is a market zone."),
+        typer.Option(
+            "--trace",
+            "-t",
+            help="Trace file or folder (repeatable; default: the bundled GCP H100 trace); every zone is a market zone.",
+        ),
     ] = None,
     policy: Annotated[
         list[str] | None, typer.Option("--policy", "-p", help="Policy to replay (repeatable; default: all).")
@@ -111,7 +121,7 @@ def simulate(
     from spotrun.policies import POLICIES
 
     if not trace:
-        raise _fail("give at least one --trace PATH (a trace file or a folder of them)")
+        trace = [default_trace()]
     names = policy or list(POLICIES)
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
@@ -167,7 +177,7 @@ def simulate(
         return
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 1000)  # piped: never cut a column
     dl = "no deadline" if job.deadline_h is None else f"deadline {job.deadline_h:g} h"
     title = (
         f"{job.work_h:g} h of work, {dl}, restart {job.restart_overhead_h:g} h, "

@@ -1,4 +1,8 @@
-"""Rendering of jobs, attempts and the live launch view (rich). No logic beyond presentation."""
+"""Rendering of jobs, attempts and the live launch view (rich). No logic beyond presentation.
+
+Every cell that holds text from outside (details, reasons, event messages) is a `Text`, so it is
+never read as markup; identifier columns never shrink below their longest value (no '…').
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,13 @@ STATUS_STYLE = {
 }
 
 
+TERMINAL_NAMES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "NO_CAPACITY", "BUDGET_EXHAUSTED", "DEADLINE_EXCEEDED"})
+
+
+def _id_width(values: list[str]) -> int:
+    return max((len(v) for v in values), default=1)
+
+
 def money(x: float | None) -> str:
     return "—" if x is None else f"${x:,.2f}" if x >= 1 else f"${x:.4f}"
 
@@ -53,12 +64,20 @@ def savings(spent: float, ondemand: float | None) -> str:
 
 def jobs_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="spotrun jobs", show_lines=False)
+    ids = [r["job_id"] for r in rows]
     for col in ("JOB", "STATUS", "ATTEMPTS", "PREEMPTED", "SPENT", "ON-DEMAND", "AGE"):
+        if col == "JOB":
+            table.add_column(col, no_wrap=True, min_width=_id_width(ids), overflow="fold")
+            continue
+        if col == "STATUS":
+            table.add_column(col, no_wrap=True, min_width=_id_width([r["status"] for r in rows]), overflow="fold")
+            continue
         table.add_column(col, justify="right" if col in ("ATTEMPTS", "PREEMPTED", "SPENT", "ON-DEMAND") else "left")
     for r in rows:
+        orphan = r["status"] not in TERMINAL_NAMES and not r.get("controller_alive", True)
         table.add_row(
-            r["job_id"],
-            status_text(r["status"] + ("" if r.get("controller_alive", True) else " (no controller)")),
+            Text(r["job_id"]),
+            status_text(r["status"] + (" (no controller)" if orphan else "")),
             str(r["attempts"]),
             str(r["preemptions"]),
             money(r["spent_usd"]),
@@ -71,19 +90,22 @@ def jobs_table(rows: list[dict[str, Any]]) -> Table:
 def attempts_table(attempts: list[Attempt], now: float) -> Table:
     table = Table(title="attempts")
     for col in ("#", "WHERE", "TYPE", "MARKET", "$/H", "RAN", "OUTCOME", "COST", "DETAIL"):
-        table.add_column(col)
+        if col in ("WHERE", "TYPE", "OUTCOME"):
+            table.add_column(col, no_wrap=True, overflow="fold")
+        else:
+            table.add_column(col)
     for a in attempts:
         ran = None if a.started_at is None else (a.ended_at or now) - a.started_at
         table.add_row(
             str(a.n),
-            f"{a.provider}/{a.location}",
-            a.instance_type,
+            Text(f"{a.provider}/{a.location}"),
+            Text(a.instance_type),
             "spot" if a.spot else "on-demand",
             f"{a.hourly_price:.4f}",
             duration(ran),
             a.end_reason or ("running" if a.started_at else "launching"),
             money(a.cost_at(now)),
-            a.detail[:60],
+            Text(a.detail),
         )
     return table
 
@@ -93,7 +115,7 @@ def timeline(events: list[Event], start: float) -> Table:
     table.add_column("t", style="dim", justify="right")
     table.add_column("event")
     for e in events:
-        table.add_row("+" + duration(e.at - start), e.message)
+        table.add_row("+" + duration(e.at - start), Text(e.message))
     return table
 
 
@@ -149,8 +171,9 @@ def result_summary(result: JobResult, attempts: list[Attempt], extra: list[str] 
     lines = [
         Text.assemble(("result ", "dim"), status_text(result.status.value), f"  {result.reason}"),
         Text(
-            f"attempts {result.attempts}   preemptions {result.preemptions}   "
-            f"zones used {len(zones)}: {', '.join(zones)}"
+            f"attempts {result.attempts}"
+            + (f" (+{result.launch_failures} launches refused)" if result.launch_failures else "")
+            + f"   preemptions {result.preemptions}   zones used {len(zones)}: {', '.join(zones) or '—'}"
         ),
         Text(
             f"spent {money(result.spent)}   on-demand equivalent {money(result.ondemand_equivalent)}   "
@@ -159,3 +182,34 @@ def result_summary(result: JobResult, attempts: list[Attempt], extra: list[str] 
     ]
     lines += [Text(x) for x in extra or []]
     return Panel(Group(*lines), title=f"spotrun · {result.job_id}", expand=False)
+
+
+def cost_tables(data: dict[str, Any]) -> Group:
+    jobs = Table(title="spend per job", title_justify="left")
+    ids = [r["job_id"] for r in data["jobs"]]
+    jobs.add_column("JOB", no_wrap=True, min_width=_id_width(ids), overflow="fold")
+    jobs.add_column("STATUS", no_wrap=True, overflow="fold")
+    for col in ("SPENT", "ON-DEMAND", "SAVED"):
+        jobs.add_column(col, justify="right")
+    for r in data["jobs"]:
+        jobs.add_row(
+            Text(r["job_id"]),
+            status_text(r["status"]),
+            money(r["spent_usd"]),
+            money(r["ondemand_usd"]),
+            savings(r["spent_usd"], r["ondemand_usd"]),
+        )
+    providers = Table(title="spend per provider", title_justify="left")
+    providers.add_column("PROVIDER", no_wrap=True)
+    for col in ("SPENT", "ON-DEMAND", "SAVED"):
+        providers.add_column(col, justify="right")
+    for p in data["providers"]:
+        providers.add_row(
+            Text(p["provider"]), money(p["spent_usd"]), money(p["ondemand_usd"]),
+            savings(p["spent_usd"], p["ondemand_usd"]),
+        )  # fmt: skip
+    total = Text(
+        f"total spent {money(data['total_spent_usd'])}   on-demand for the same hours "
+        f"{money(data['total_ondemand_usd'])}   {savings(data['total_spent_usd'], data['total_ondemand_usd'])}"
+    )
+    return Group(jobs, providers, total)

@@ -129,6 +129,7 @@ class Boot:
     spotrun_package: str = ""  # store URL of the Agent package (spotrun/agent/package.py), tried first
     spotrun_package_sha256: str = ""  # its sha256: checked before pip sees it (else the index is used)
     extra: str = ""  # the pip extra the VM needs for its cloud's store: "aws", "gcp" or "azure"
+    labels: dict[str, str] = field(default_factory=dict)  # the spec's `labels:`, put on the cloud resources
 
     def to_b64(self) -> str:
         return base64.b64encode(json.dumps(asdict(self), sort_keys=True).encode()).decode()

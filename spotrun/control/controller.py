@@ -19,6 +19,7 @@ module puts them together and holds the loop that drives a job.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from spotrun.clouds.local.launcher import SECRET_NAMES_ENV
 from spotrun.control.core import ControllerCore, ControllerOptions
@@ -52,6 +53,9 @@ from spotrun.control.specs import (
 from spotrun.control.state import AttemptStatus, JobStatus, State
 from spotrun.control.submitting import SubmittingMixin, new_job_id
 from spotrun.control.watching import WatchingMixin
+
+if TYPE_CHECKING:
+    from spotrun.spec import JobSpec
 
 __all__ = [
     "EXIT_AGENT_ERROR",
@@ -110,6 +114,7 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
             job_exit_code=job.job_exit_code,
             reason=job.reason,
             attempts=sum(1 for a in attempts if a.started_at is not None),
+            launch_failures=sum(1 for a in attempts if a.end_reason == "launch_failed"),
             preemptions=sum(1 for a in attempts if a.end_reason == "preempted"),
             spent=spent,
             ondemand_equivalent=ondemand,
@@ -124,7 +129,7 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
                 os.environ[key] = spec.env[key]
         os.environ[SECRET_NAMES_ENV] = ",".join(sorted(spec.secret_env_keys))  # all a local instance inherits
         self._sweep(job_id, spec, keep=None)
-        capacity_since: float | None = None
+        wait = CapacityWait(self._capacity_wait(spec), self.options.launch_retry_backoff)
         while True:
             try:
                 now = self.clock.now()
@@ -137,28 +142,31 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
                 if attempt is None:
                     self._check_limits(job, spec, now)
                     launched = self._launch_next(job, spec)
-                    if launched is None:  # the policy chose to wait
-                        if spec.deadline is not None:
-                            capacity_since = None  # the deadline bounds the wait (the policy keeps to it)
-                        else:  # nothing else does: waiting counts toward the capacity wait limit
-                            capacity_since = capacity_since if capacity_since is not None else now
-                            if now - capacity_since >= self.options.capacity_wait:
-                                raise JobFinished(
-                                    JobStatus.NO_CAPACITY, EXIT_NO_CAPACITY, "no spot capacity within the wait limit"
-                                )
-                        self.clock.sleep(self.options.poll_interval)
-                        continue
                     if launched:
-                        capacity_since = None
+                        wait.reset()
                         continue
-                    capacity_since = capacity_since if capacity_since is not None else now
-                    if now - capacity_since >= self.options.capacity_wait:
+                    if launched is None and spec.deadline is not None:
+                        wait.reset()  # the policy waits, and the deadline bounds that wait (the policy keeps to it)
+                        self._sleep_until_cancel(job_id, self.options.poll_interval)
+                        continue
+                    # No candidate had capacity (or the policy waits with no deadline to bound it).
+                    delay = wait.next_delay(now, self._market_speed())
+                    if delay is None:
+                        what = "no spot capacity" if launched is None else "no capacity in any candidate"
                         raise JobFinished(
                             JobStatus.NO_CAPACITY,
                             EXIT_NO_CAPACITY,
-                            "no capacity in any candidate within the wait limit",
+                            f"{what} within recovery.capacity_wait ({wait.limit:g} s)",
                         )
-                    self.clock.sleep(self.options.launch_retry_backoff)
+                    if launched is False:
+                        self.state.add_event(
+                            job_id,
+                            now,
+                            "capacity_wait",
+                            f"no capacity: trying again in {delay:.0f} s "
+                            f"(waited {wait.waited(now):.0f} s of {wait.limit:g} s)",
+                        )
+                    self._sleep_until_cancel(job_id, delay if launched is False else self.options.poll_interval)
                     continue
                 if attempt.status == AttemptStatus.LAUNCHING:
                     self._finish_launch(job, spec, attempt)
@@ -167,6 +175,63 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
             except JobFinished as done:
                 self._finish(job_id, spec, done)
                 return
+
+    def _capacity_wait(self, spec: JobSpec) -> float:
+        """The controller's own option when set (tests), else the spec's recovery.capacity_wait."""
+        if self.options.capacity_wait is not None:
+            return self.options.capacity_wait
+        return float(spec.recovery.capacity_wait)
+
+    def _market_speed(self) -> float:
+        """How much faster than real time the markets tried so far run (1 on real clouds)."""
+        return max((float(getattr(p, "time_scale", 1.0)) for p in self.providers.values()), default=1.0)
+
+    def _sleep_until_cancel(self, job_id: str, seconds: float) -> None:
+        """Sleep in short steps, so a cancel request during a long back-off is acted on promptly."""
+        end = self.clock.now() + seconds
+        while True:
+            left = end - self.clock.now()
+            if left <= 0:
+                return
+            self.clock.sleep(min(left, max(self.options.poll_interval, 0.05)))
+            if self.state.job(job_id).cancel_requested:
+                return
+
+
+class CapacityWait:
+    """How long to keep retrying while nothing has capacity: `limit` seconds from the first miss,
+    with delays doubling from `first` up to MAX_BACKOFF (one launch per round, not one every 2 s).
+
+    The limit is real seconds (also on the simulated market: it bounds how long a launch blocks).
+    The back-off cap is market seconds: on a time-compressed market (the local provider's
+    `time_scale`) rounds come as often, in the market's time, as on a real cloud."""
+
+    MAX_BACKOFF = 60.0
+
+    def __init__(self, limit: float, first: float) -> None:
+        self.limit = limit
+        self.first = max(first, 0.01)
+        self.reset()
+
+    def reset(self) -> None:
+        self.since: float | None = None
+        self.delay = self.first
+
+    def waited(self, now: float) -> float:
+        return 0.0 if self.since is None else now - self.since
+
+    def next_delay(self, now: float, scale: float = 1.0) -> float | None:
+        """Real seconds to wait before the next round, or None when the wait is used up."""
+        scale = max(scale, 1e-9)
+        if self.since is None:
+            self.since = now
+        left = self.limit - (now - self.since)
+        if left <= 0:
+            return None
+        cap = max(self.first, self.MAX_BACKOFF / scale)
+        delay = min(self.delay, left, cap)
+        self.delay = min(self.delay * 2, cap)
+        return delay
 
 
 def main(argv: list[str] | None = None) -> int:

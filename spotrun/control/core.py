@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 @dataclass
 class ControllerOptions:
     poll_interval: float = 0.5
-    capacity_wait: float = 600.0  # real seconds to keep retrying when no candidate has capacity
+    capacity_wait: float | None = None  # real seconds to retry while nothing has capacity (None: the spec's)
     launch_retry_backoff: float = 2.0
     heartbeat_timeout: float = 300.0  # real seconds without a heartbeat before an attempt is called lost
     upload_budget: float = 3.0

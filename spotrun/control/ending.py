@@ -43,7 +43,8 @@ class EndingMixin(ControllerCore):
         if not self._terminate(provider, instance, job.id):
             return
         if not detail:
-            detail = st.reason or (f"checkpoint step {exit_rec.checkpoint_step}" if exit_rec else "")
+            step = exit_rec.checkpoint_step if exit_rec else None
+            detail = st.reason or (f"checkpoint step {step}" if step is not None else "")
         self.state.end_attempt(job.id, attempt.n, reason, self.clock.now(), exit_code=code, detail=detail)
 
     def _terminate(self, provider: Provider, instance: Instance, job_id: str) -> bool:

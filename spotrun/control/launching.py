@@ -25,6 +25,7 @@ from spotrun.control.core import ControllerCore
 from spotrun.control.decide import order_for
 from spotrun.control.outcome import (
     EXIT_BAD_INPUT,
+    EXIT_BUDGET,
     EXIT_NO_CAPACITY,
     JobFinished,
 )
@@ -42,7 +43,7 @@ class LaunchingMixin(ControllerCore):
         market best-first until one launches. False when none had capacity; None to wait."""
         candidates = self._candidates(job, spec)
         if not candidates:
-            raise JobFinished(JobStatus.NO_CAPACITY, EXIT_NO_CAPACITY, "no offer fits the job's resources and limits")
+            raise self._nothing_fits(job, spec)
         decision = self._decide(job, spec, candidates, current=None)
         if decision.kind == "wait":
             return None
@@ -78,6 +79,20 @@ class LaunchingMixin(ControllerCore):
                 blocked.add(offer.provider if scope == "provider" else f"{offer.provider}/{offer.region}")
         return False
 
+    def _nothing_fits(self, job: Job, spec: JobSpec) -> JobFinished:
+        """Why nothing can be launched: a budget or deadline the estimates miss (exit 4), or no
+        offer with the resources at all (exit 3)."""
+        from spotrun.planner import plan
+
+        result = plan(spec, self.offers_for(spec, job.id))
+        near = result.near_misses[0] if result.near_misses else None
+        if near is None:
+            return JobFinished(
+                JobStatus.NO_CAPACITY, EXIT_NO_CAPACITY, f"no offer fits the job: {result.explain_empty()}"
+            )
+        status = JobStatus.DEADLINE_EXCEEDED if not near.meets_deadline else JobStatus.BUDGET_EXHAUSTED
+        return JobFinished(status, EXIT_BUDGET, f"no offer meets the budget and deadline: {result.explain_empty()}")
+
     def _finish_launch(self, job: Job, spec: JobSpec, attempt: Attempt) -> None:
         """An attempt written as LAUNCHING by a controller that died mid-launch: re-issue it
         with the same client token (the provider returns the instance it already started)."""
@@ -110,6 +125,7 @@ class LaunchingMixin(ControllerCore):
             spotrun_package_sha256=self._agent_packed.sha256 if cloud else "",
             extra=offer.provider if cloud else "",
             env=secrets_env,
+            labels=dict(spec.labels),
         )
         try:
             instance = self._with_retries(

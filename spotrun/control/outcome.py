@@ -60,6 +60,7 @@ class JobResult:
     preemptions: int
     spent: float
     ondemand_equivalent: float | None
+    launch_failures: int = 0  # launches refused (no capacity, quota, price): each one attempt row
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class JobResult:
             "job_exit_code": self.job_exit_code,
             "reason": self.reason,
             "attempts": self.attempts,
+            "launch_failures": self.launch_failures,
             "preemptions": self.preemptions,
             "spent_usd": round(self.spent, 6),
             "ondemand_equivalent_usd": None if self.ondemand_equivalent is None else round(self.ondemand_equivalent, 6),

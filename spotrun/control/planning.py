@@ -22,6 +22,13 @@ if TYPE_CHECKING:
     from spotrun.spec import JobSpec
 
 
+def runtime_known(spec: JobSpec) -> bool:
+    """Whether the spec says how long the job runs (workload.hours or hours_on); without it every
+    expected cost is a guess, and a budget or deadline is enforced as the job runs, not at planning."""
+    workload = spec.workload
+    return workload is not None and (workload.hours is not None or bool(workload.hours_on))
+
+
 class PlanningMixin(ControllerCore):
     def _candidates(self, job: Job, spec: JobSpec) -> list[Candidate]:
         offers = self.offers_for(spec, job.id)
@@ -31,7 +38,9 @@ class PlanningMixin(ControllerCore):
         spent, _ = spend(attempts, now)
         progress = self._progress(job, attempts)
         elapsed_h = self._elapsed_job_seconds(job, attempts, now) / 3600.0
-        relaunch = bool(attempts)
+        # On a relaunch, or when the spec gives no runtime (the estimate is a guess), offers that look
+        # over budget or past the deadline are still tried: the limits are enforced as the job runs.
+        relaunch = bool(attempts) or not runtime_known(spec)
         fresh = self._ranked(spec, offers, cooling, elapsed_h, progress, spent, relaunch)
         if not cooling:
             return fresh

@@ -284,28 +284,46 @@ class State:
         return _job(row)
 
     def find_job(self, ref: str) -> Job:
-        """A job by id, unique id prefix, or name (the newest job with that name)."""
+        """A job by id, unique id prefix, or unique name. KeyError (with the candidates) otherwise."""
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (ref,)).fetchone()
-            if row is None:
-                row = self._db.execute(
-                    "SELECT * FROM jobs WHERE name = ? ORDER BY created_at DESC LIMIT 1", (ref,)
-                ).fetchone()
-            if row is None:
-                rows = self._db.execute(
-                    "SELECT * FROM jobs WHERE id LIKE ? ORDER BY created_at DESC", (ref.replace("%", "") + "%",)
-                ).fetchall()
-                if len(rows) > 1:
-                    raise KeyError(f"{ref!r} matches {len(rows)} jobs; give more of the id")
-                row = rows[0] if rows else None
-        if row is None:
+            if row is not None:
+                return _job(row)
+            named = self._db.execute("SELECT * FROM jobs WHERE name = ? ORDER BY created_at DESC", (ref,)).fetchall()
+            prefixed = self._db.execute(
+                "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY created_at DESC", (len(ref), ref)
+            ).fetchall()
+        rows = {r["id"]: r for r in [*named, *prefixed]}
+        if len(rows) == 1:
+            return _job(next(iter(rows.values())))
+        if not rows:
             raise KeyError(f"no job {ref!r}")
-        return _job(row)
+        ids = ", ".join(list(rows)[:10]) + (" …" if len(rows) > 10 else "")
+        raise KeyError(f"{ref!r} matches {len(rows)} jobs ({ids}); give the job id")
 
-    def jobs(self, limit: int = 50) -> list[Job]:
+    def jobs(self, limit: int | None = 50) -> list[Job]:
+        """The newest `limit` jobs (None or 0: all), newest first."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit if limit else -1,)
+            ).fetchall()
         return [_job(r) for r in rows]
+
+    def count_jobs(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0])
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a finished job: its events, attempts and row (`spotrun rm`). Refuses a live job."""
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            if JobStatus(row["status"]) not in TERMINAL:
+                raise StateError(f"job {job_id} is {row['status']}: cancel it before removing it")
+            db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def set_job_status(
         self,

@@ -261,6 +261,7 @@ class RecoverySpec(_Model):
     zone_cooldown: float = 1800.0  # seconds a zone is avoided after it preempted the job
     on_demand_fallback: Flag = True  # fall back to on-demand when no spot capacity fits
     policy: str = "spotrun"  # relaunch policy: spotrun, greedy, failover, uniform-progress, on-demand
+    capacity_wait: float = 600.0  # real seconds to keep retrying (with backoff) while no offer has capacity
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -276,6 +277,9 @@ class RecoverySpec(_Model):
     _max_preemptions = field_validator("max_preemptions", mode="before")(lambda v: None if v is None else _whole(0)(v))
     _zone_cooldown = field_validator("zone_cooldown", mode="before")(
         _unit_required(units.parse_duration_s, "duration", "m", "30m, 1h")
+    )
+    _capacity_wait = field_validator("capacity_wait", mode="before")(
+        _unit_required(units.parse_duration_s, "duration", "m", "10m, 1h")
     )
 
 
@@ -348,6 +352,37 @@ def _store_uri(value: object) -> object:
     if _uri(text, STORE_SCHEMES, "store scheme") is None:
         raise ValueError(f"expected a URI starting with file://, s3://, gs:// or az://, got {describe(text)}")
     return text
+
+
+LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
+MAX_LABELS = 32
+
+
+def _labels(value: object) -> dict[str, str]:
+    """Labels, in the rules every cloud accepts (GCP's are the strictest): keys start with a
+    lowercase letter, keys and values hold lowercase letters, digits, '_' and '-', 63 at most."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of key: value, like {{team: nlp}}, got {describe(value)}")
+    if len(value) > MAX_LABELS:
+        raise ValueError(f"{len(value)} labels; at most {MAX_LABELS} allowed")
+    out: dict[str, str] = {}
+    problems: list[tuple[KeyPath, str, bool]] = []
+    for key, raw in value.items():
+        if not isinstance(key, str) or not LABEL_KEY.fullmatch(key) or key.startswith("spotrun"):
+            problems.append(((str(key),), "a label key is 1-63 of a-z 0-9 _ -, starting with a letter "
+                             "(keys starting with 'spotrun' are reserved)", True))  # fmt: skip
+            continue
+        text = str(raw).lower() if isinstance(raw, bool) else str(raw) if isinstance(raw, int | float) else raw
+        if not isinstance(text, str) or not LABEL_VALUE.fullmatch(text):
+            problems.append(((key,), f"a label value is 0-63 of a-z 0-9 _ -; got {describe(raw)}", False))
+            continue
+        out[key] = text
+    if problems:
+        raise _Problems(problems)
+    return out
 
 
 class _ProviderOptions(_Model):
@@ -459,6 +494,7 @@ class JobSpec(_Model):
     setup: str | None = None
     run: str
     env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)  # job labels; also tags/labels on cloud resources
     data: dict[str, str] = Field(default_factory=dict)  # source (abs local path or URI) -> target
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     recovery: RecoverySpec = Field(default_factory=RecoverySpec)
@@ -668,6 +704,11 @@ class JobSpec(_Model):
     @classmethod
     def _store(cls, value: object) -> object:
         return _store_uri(value)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, value: object) -> dict[str, str]:
+        return _labels(value)
 
 
 def _data_target(value: object) -> str:

@@ -178,6 +178,7 @@ class AWSProvider(Provider):
             {"Key": TAG_JOB, "Value": boot.job_id},
             {"Key": TAG_ATTEMPT, "Value": str(boot.attempt)},
             {"Key": TAG_TOKEN, "Value": client_token},
+            *({"Key": k, "Value": v} for k, v in sorted(boot.labels.items())),  # the spec's labels
         ]
         request: dict[str, Any] = {
             "ImageId": image[0],

@@ -410,7 +410,7 @@ class AzureProvider(Provider):
 
     @staticmethod
     def _tags(boot: Boot, token: str) -> dict[str, str]:
-        return {TAG_JOB: boot.job_id, TAG_ATTEMPT: str(boot.attempt), TAG_TOKEN: token_tag(token)}
+        return {**boot.labels, TAG_JOB: boot.job_id, TAG_ATTEMPT: str(boot.attempt), TAG_TOKEN: token_tag(token)}
 
     def _check_sku(self, location: str, size: str, zones: list[str] | None) -> None:
         """Resource SKUs say whether this subscription may use `size` here at all (cached)."""

@@ -358,6 +358,7 @@ class GCPProvider(Provider):
             network_interfaces=[nic],
             metadata=metadata,
             labels={
+                **boot.labels,  # the spec's labels (validated to GCP's rules; 'spotrun*' keys are reserved)
                 LABEL_JOB: label_value(boot.job_id),
                 LABEL_ATTEMPT: str(boot.attempt),
                 LABEL_TOKEN: label_value(request_id(token)),

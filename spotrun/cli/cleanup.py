@@ -1,0 +1,85 @@
+"""`spotrun rm` and `spotrun gc`: forget finished jobs, their records, controller logs and stored
+files (checkpoints, outputs, logs in the store). A job that has not finished is never removed."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from spotrun.cli.jobs import JSON, find_job_or_exit, open_state
+from spotrun.cli.output import fail, print_json, say_plain
+
+if TYPE_CHECKING:
+    from spotrun.control.state import Job, State
+
+
+def rm(
+    jobs: Annotated[list[str], typer.Argument(help="Finished jobs to forget (ids, prefixes or names).")],
+    keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep the job's files in the store.")] = False,
+    json_out: JSON = False,
+) -> None:
+    """Delete finished jobs: their records, logs and stored files (checkpoints, outputs). Refuses live jobs."""
+    state = open_state()
+    found = [find_job_or_exit(state, ref, json_out) for ref in jobs]
+    live = [j.id for j in found if not j.status.terminal]
+    if live:
+        raise fail(f"not finished (cancel first): {', '.join(live)}", json_out=json_out)
+    removed = [_remove(state, j, keep_files) for j in found]
+    if json_out:
+        print_json({"removed": removed})
+        return
+    for r in removed:
+        say_plain(f"removed {r['job_id']}" + ("" if r["files_deleted"] else " (files kept)"))
+
+
+def gc(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Only jobs that ended longer ago than this (e.g. 7d, 12h, 0s).")
+    ] = "7d",
+    keep_files: Annotated[bool, typer.Option("--keep-files", help="Keep the jobs' files in the store.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
+    json_out: JSON = False,
+) -> None:
+    """Delete every finished job (records and stored files) that ended before --older-than."""
+    from spotrun.spec import units
+
+    try:
+        age = units.parse_duration_s(older_than)
+    except ValueError as e:
+        raise fail(f"--older-than {older_than!r}: {e}", json_out=json_out) from None
+    state = open_state()
+    cutoff = time.time() - age
+    old = [j for j in state.jobs(None) if j.status.terminal and (j.ended_at or j.updated_at) <= cutoff]
+    removed = (
+        [{"job_id": j.id, "files_deleted": False} for j in old]
+        if dry_run
+        else [_remove(state, j, keep_files) for j in old]
+    )
+    if json_out:
+        print_json({"dry_run": dry_run, "removed": removed})
+        return
+    verb = "would remove" if dry_run else "removed"
+    say_plain(
+        f"{verb} {len(removed)} finished job(s)" + (": " + ", ".join(r["job_id"] for r in removed) if removed else "")
+    )
+
+
+def _remove(state: State, j: Job, keep_files: bool) -> dict[str, Any]:
+    from spotrun.clouds.store import StoreError, job_prefix, open_store
+    from spotrun.paths import home
+
+    deleted = False
+    if not keep_files:
+        urls = {j.store_url} | {a.store_url for a in state.attempts(j.id) if a.store_url}
+        for url in sorted(urls):
+            try:
+                open_store(url).delete_prefix(job_prefix(j.id) + "/")
+                deleted = True
+            except (StoreError, OSError) as e:
+                raise fail(f"job {j.id}: deleting its files in {url} failed ({e}); nothing removed") from None
+    log = home() / f"controller-{j.id}.log"
+    log.unlink(missing_ok=True)
+    state.delete_job(j.id)
+    return {"job_id": j.id, "files_deleted": deleted}
