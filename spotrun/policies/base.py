@@ -32,7 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from spotrun.policies.observe import Outcome
 
 DecisionKind = Literal["spot", "ondemand", "wait"]
 
@@ -108,6 +111,8 @@ class Observation:
     overhead_left_h: float = 0.0
     home_region: str | None = None  # where the latest checkpoint lives
     move_cost_usd: float = 0.0  # egress of moving the checkpoint out of ``home_region``
+    # The job's own launch attempts and outcomes so far, oldest first (spotrun.policies.observe).
+    history: tuple[Outcome, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -57,7 +57,9 @@ class UniformProgressPolicy(BasePolicy):
         if cur is not None and cur.kind == "ondemand":
             if obs.work_done_h < self._expected_progress(obs, obs.now_h + 2 * d):
                 return cur  # rule 3: hysteresis
-            return Decision.spot(home.key) if spot_ok and home else Decision.wait()
+            # Ahead of the line: back to spot, but never from on-demand to nothing (stopping to
+            # wait for spot would pay the restart again when it returns).
+            return Decision.spot(home.key) if spot_ok and home else cur
         # idle
         time_left = obs.deadline_h - obs.now_h
         if time_left < obs.remaining_h + 2 * d:  # rule 4: safety net
