@@ -169,13 +169,22 @@ def slack_h(obs: Observation, *, committed_only: bool = True) -> float:
     return obs.deadline_h - obs.now_h - need
 
 
-def ondemand_needed(obs: Observation, margin_h: float = 0.0) -> bool:
+def ondemand_needed(obs: Observation, margin_h: float = 0.0, *, progress_credit: bool = False) -> bool:
     """True when not being on on-demand by the *next* decision could miss the deadline.
 
     The next decision comes ``step_h`` later; in the worst case nothing is gained until
     then and the work at risk is lost, so we need ``slack >= step_h + margin``.
+
+    With ``progress_credit``, a spot instance past its restart overhead whose work is saved on
+    the preemption notice (nothing at risk) is credited the progress it makes until the next
+    decision: preempted then, it has lost nothing, so it needs only ``slack >= margin``.
     """
-    return slack_h(obs) < obs.step_h + margin_h - 1e-9
+    credit = 0.0
+    cur = obs.current
+    if progress_credit and cur is not None and cur.kind == "spot":
+        if obs.work_at_risk_h <= 0 and obs.expected_loss_h <= 0:
+            credit = max(0.0, obs.step_h - obs.overhead_left_h)
+    return slack_h(obs) < obs.step_h - credit + margin_h - 1e-9
 
 
 PolicyFactory = Callable[[], Policy]
