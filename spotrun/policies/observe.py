@@ -12,7 +12,8 @@ in a real launch:
   Advisor bucket as preemptions per hour), never a rate measured over the very trace being
   replayed.
 * **What a launch attempt reveals**: a spot launch that found no capacity marks that zone
-  unavailable for :data:`NO_CAPACITY_FRESH_H`; the zone the job runs spot in now has capacity.
+  unavailable until the next decision (half a decision step); the zone the job runs spot in
+  now has capacity.
 
 Not in it: any other zone's capacity while the job runs. ``ZoneView.available`` is ``None``
 (unknown) for every zone the job has not just tried.
@@ -28,13 +29,10 @@ from spotrun.policies.base import Decision, Observation, ZoneView
 
 OutcomeKind = Literal["launched", "no_capacity", "preempted", "stopped", "finished"]
 
-# How long "a launch here just found no capacity" stays news: one 10-minute decision round.
-NO_CAPACITY_FRESH_H = 1.0 / 6.0
-
 OBSERVATION_MODEL = (
     "the job's own launch attempts and their outcomes (launched, no capacity, preempted, with times); "
     "current spot and on-demand prices per zone; published interruption rates where known; "
-    f"a failed spot launch marks its zone unavailable for {NO_CAPACITY_FRESH_H * 60:g} min. "
+    "a spot launch that found no capacity marks its zone unavailable until the next decision. "
     "Never other zones' capacity while the job runs."
 )
 
@@ -65,9 +63,13 @@ def zone_views(
     history: Sequence[Outcome],
     now_h: float,
     current: Decision | None,
+    step_h: float,
     cooling: Iterable[str] = (),
 ) -> list[ZoneView]:
-    """Each zone as the job may see it: capacity known only from its own launch attempts."""
+    """Each zone as the job may see it: capacity known only from its own launch attempts.
+
+    A launch that found no capacity is news for the decision round it happened in (younger
+    than half a decision step); the next decision may try the zone again."""
     failed: dict[str, float] = {}
     launched: dict[str, float] = {}
     for o in history:
@@ -84,7 +86,7 @@ def zone_views(
         avail: bool | None = None
         if z.key == running:
             avail = True
-        elif z.key in failed and now_h - failed[z.key] < NO_CAPACITY_FRESH_H - 1e-9:
+        elif z.key in failed and now_h - failed[z.key] < step_h / 2:
             if launched.get(z.key, -1e18) < failed[z.key]:
                 avail = False
         out.append(
@@ -127,7 +129,7 @@ def observe_job(
         deadline_h=deadline_h,
         restart_overhead_h=restart_overhead_h,
         current=current,
-        zones=zone_views(zones, history, now_h, current, cooling),
+        zones=zone_views(zones, history, now_h, current, step_h, cooling),
         step_h=step_h,
         work_at_risk_h=work_at_risk_h,
         expected_loss_h=expected_loss_h,

@@ -109,7 +109,9 @@ class SpotrunPolicy(BasePolicy):
         def key(z: ZoneView) -> tuple[bool, float, float]:
             r = recs.get(z.key)
             bad = r.last_bad_h if r else -INF
-            return (now - bad < self.backoff_h, z.spot_price or 0.0, bad)
+            preempted = r.last_preempted_h if r else -INF
+            # capacity that just preempted the job is the likeliest to flap again
+            return (now - preempted < self.backoff_h, z.spot_price or 0.0, bad)
 
         return sorted(zones, key=key)
 
