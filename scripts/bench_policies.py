@@ -341,7 +341,10 @@ def _cell_table(cases: list[CaseResult], pols: list[str]) -> tuple[list[str], li
             rows.append(
                 f"| {w:g} | {round(sl * 100)}% | {len(sub)} | {b:.3f} | **{_mean(sp):.3f}** | {max(sp):.3f} | {ms} "
                 f"| {_mean(gr):.3f} | {max(gr):.3f} | {mg} | "
-                + " | ".join(f"{_mean(_to_bound(sub, p)):.3f}" + (f" ({_missed(sub, p)} missed)" if _missed(sub, p) else "") for p in others)
+                + " | ".join(
+                    f"{_mean(_to_bound(sub, p)):.3f}" + (f" ({_missed(sub, p)} missed)" if _missed(sub, p) else "")
+                    for p in others
+                )
                 + f" | {verdict} |"
             )
     return [head, rule, *rows], short
@@ -428,9 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--only", type=str, default=None, help="run only sets whose name contains this")
     a = ap.parse_args(argv)
-    idxs = [
-        i for i, s in enumerate(SETS) if s.era == a.era and (a.only is None or a.only.lower() in s.name.lower())
-    ]
+    idxs = [i for i, s in enumerate(SETS) if s.era == a.era and (a.only is None or a.only.lower() in s.name.lower())]
     gap_h = median_gap_h(a.data, a.era)
     work = [(i, str(a.data), a.starts, m * gap_h) for m in OVERHEAD_MULTIPLES for i in idxs]
     results: dict[float, dict[int, list[CaseResult]]] = {m * gap_h: {} for m in OVERHEAD_MULTIPLES}

@@ -124,7 +124,7 @@ class SpotrunPolicy(BasePolicy):
         if self.final_ondemand or ondemand_needed(obs, progress_credit=True):
             self.final_ondemand = True
             return ondemand_decision(obs)
-        R, W, step = obs.restart_overhead_h, obs.remaining_h, obs.step_h
+        R, step = obs.restart_overhead_h, obs.step_h
         cur = obs.current
         on_od = cur is not None and cur.kind == "ondemand"
         # Slack in "idle" terms: time to spare if the job launched on-demand right now.

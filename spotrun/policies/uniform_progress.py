@@ -13,8 +13,8 @@ a job moving at a uniform rate would have made:
 
 This is a *reference*, not a recommendation: the paper assumes the zone's availability is
 observable at every step, which the controller's observation model does not give
-(spotrun/policies/observe.py). The paper's policy is for one zone; given several, it settles on the zone with the cheapest
-spot price at its first decision and only ever uses that one. Like every deadline-aware
+(spotrun/policies/observe.py). The paper's policy is for one zone; given several, it settles
+on the zone with the cheapest spot price at its first decision and only ever uses that one. Like every deadline-aware
 policy here it also honours :func:`spotrun.policies.base.ondemand_needed`, so the simulator's
 decision step can never make it late.
 """

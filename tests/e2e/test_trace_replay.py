@@ -9,18 +9,27 @@ same zones) and land within 5% of the simulator's cost. Swapping the policy in t
 must break the match: the test can tell policies apart.
 
 The scenario (10-minute ticks): zone A (spot 1.0) is preempted at 30 min, is back at 40 min and
-flaps again at 60 min; zone B (spot 1.2) is down only at 30-40 min; zone D (2.5) is always up
-and never worth it. At 30 min both A and B answer "no capacity", so the job waits. At 40 min
+flaps again at 60 min; zone B (spot 1.2) is down only at 30-40 min; zone D (2.5) never has
+capacity. At 30 min both A and B answer "no capacity", so the job waits. At 40 min
 `spotrun` backs off from A, whose capacity just preempted it, and launches in B, where it
 finishes; `greedy` and `uniform-progress` relaunch in A (the cheapest) and are preempted again;
 `failover` goes back to A's region first; `on-demand` never touches spot. The policy is re-asked
 every tick of the simulator and every `policy_interval` of the controller while an instance runs.
+
+The simulator is given the job's own measured pace: the workload's seconds per step (timed
+here, outside the controller) and the restart overhead the launch actually paid (its billed
+time less that work, per launch). The decisions do not depend on those figures; the cost does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,9 +51,8 @@ TICKS = 40
 A_UP = [1, 1, 1, 0, 1, 1] + [0] * (TICKS - 6)  # preempted at 30 min, back at 40, gone at 60
 B_UP = [1, 1, 1, 0] + [1] * (TICKS - 4)
 A_SPOT, B_SPOT, D_SPOT, ONDEMAND = 1.0, 1.2, 2.5, 4.0
-WORK_H = 1.5  # 180 steps of 0.1 s
 DEADLINE_H = 3.0
-RESTART_REAL_S = 1.0  # boot + Agent + workload start, measured on this provider (about a second)
+STEPS = 180
 
 ZONE = """  - zone: {zone}
     region: r-1
@@ -66,16 +74,17 @@ MARKET = (
     + f"    trace: {{available: {[bool(x) for x in B_UP]}, gap_seconds: {GAP}}}\n"
     + ZONE.format(zone="z-d", od=ONDEMAND)
     + f"    spot_price: {D_SPOT}\n"
+    + f"    trace: {{available: {[False] * TICKS}, gap_seconds: {GAP}}}\n"
 )
 
 SPEC = f"""
 name: replay
 resources: {{gpu: "A100:1", providers: [local]}}
 workdir: work
-run: python counter.py --total 180 --step-time 0.1 --every 5
+run: python counter.py --total {STEPS} --step-time 0.1 --every 5
 deadline: {DEADLINE_H}h
 recovery: {{zone_cooldown: 1s, on_demand_fallback: true, policy: spotrun}}
-workload: {{hours: {WORK_H}}}
+workload: {{hours: 1.5}}
 local: {{market: market.yaml}}
 """
 
@@ -93,20 +102,51 @@ def traces(tmp: Path) -> list[ZoneTrace]:
     return [
         a,
         ZoneTrace(key("z-b"), "inline", GAP, b, prices=[B_SPOT] * TICKS, ondemand_price=ONDEMAND),
-        ZoneTrace(key("z-d"), "inline", GAP, [True] * TICKS, prices=[D_SPOT] * TICKS, ondemand_price=ONDEMAND),
+        ZoneTrace(key("z-d"), "inline", GAP, [False] * TICKS, prices=[D_SPOT] * TICKS, ondemand_price=ONDEMAND),
     ]
 
 
-def predicted(tmp: Path, policy: str) -> SimResult:
+@dataclass(frozen=True)
+class Launch:
+    tmp: Path
+    outcomes: list[tuple[str, str, bool]]
+    spent: float
+    completion_h: float
+    work_h: float  # the workload's measured pace, in simulated hours of work
+    restart_h: float  # the measured restart overhead per launch, simulated hours
+
+
+def predicted(run: Launch, policy: str) -> SimResult:
     return simulate_one(
-        traces(tmp),
+        traces(run.tmp),
         policy,
-        work_hours=WORK_H,
+        work_hours=run.work_h,
         deadline_hours=DEADLINE_H,
-        restart_overhead_h=RESTART_REAL_S * TIME_SCALE / 3600.0,
+        restart_overhead_h=run.restart_h,
         ondemand_price=ONDEMAND,
         gap_seconds=GAP,
     )
+
+
+def seconds_per_step(tmp: Path) -> float:
+    """The counter's real pace (sleep, progress file, checkpoints), start-up excluded."""
+    env = dict(os.environ, SPOTRUN_JOB_ID="calib", SPOTRUN_ATTEMPT="0")
+    times = []
+    for n in (10, 40):
+        d = tmp / f"calib{n}"
+        for sub in ("ck", "out"):
+            (d / sub).mkdir(parents=True)
+        env.update(
+            SPOTRUN_CHECKPOINT_DIR=str(d / "ck"),
+            SPOTRUN_OUTPUT_DIR=str(d / "out"),
+            SPOTRUN_PROGRESS_FILE=str(d / "progress"),
+            SPOTRUN_NOTICE_FILE=str(d / "notice"),
+        )
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(tmp / "work" / "counter.py"), "--total", str(n), "--step-time", "0.1"]
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=60)
+        times.append(time.perf_counter() - t0)
+    return (times[1] - times[0]) / 30
 
 
 def sequence(outcomes: list[tuple[str, str, bool]]) -> list[tuple[str, str, bool]]:
@@ -116,7 +156,7 @@ def sequence(outcomes: list[tuple[str, str, bool]]) -> list[tuple[str, str, bool
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str, bool]], float, float]:
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Launch:
     tmp = tmp_path_factory.mktemp("replay")
     (tmp / "work").mkdir()
     shutil.copy(ROOT / "tests" / "fixtures" / "counter.py", tmp / "work" / "counter.py")
@@ -135,19 +175,28 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple
     record = state.job(job)
     attempts = state.attempts(job)
     assert record.ended_at is not None
-    history = job_history(attempts, lambda at: (at - record.created_at) * TIME_SCALE / 3600.0)
-    outcomes = [(o.kind, o.zone, o.spot) for o in history]
-    completion_h = (record.ended_at - record.created_at) * TIME_SCALE / 3600.0
-    return tmp, outcomes, result.spent, completion_h
+    to_h = TIME_SCALE / 3600.0
+    history = job_history(attempts, lambda at: (at - record.created_at) * to_h)
+    work_h = STEPS * seconds_per_step(tmp) * to_h
+    runs = [a for a in attempts if a.started_at is not None and a.ended_at is not None]
+    billed_h = sum((a.ended_at - a.started_at) * to_h for a in runs)  # type: ignore[operator]
+    return Launch(
+        tmp=tmp,
+        outcomes=[(o.kind, o.zone, o.spot) for o in history],
+        spent=result.spent,
+        completion_h=(record.ended_at - record.created_at) * to_h,
+        work_h=work_h,
+        restart_h=max(0.0, (billed_h - work_h) / len(runs)),
+    )
 
 
-def test_the_launch_makes_the_simulators_decisions_at_its_cost(
-    launched: tuple[Path, list[tuple[str, str, bool]], float, float],
-) -> None:
-    tmp, outcomes, spent, completion_h = launched
-    sim = predicted(tmp, "spotrun")
-    print(f"launch: {outcomes} ${spent:.4f} {completion_h:.3f} h")
-    print(f"simulator: {[d[1:] for d in sim.decisions]} ${sim.cost:.4f} {sim.completion_h:.3f} h")
+def test_the_launch_makes_the_simulators_decisions_at_its_cost(launched: Launch) -> None:
+    sim = predicted(launched, "spotrun")
+    print(
+        f"measured: work {launched.work_h:.3f} h, restart {launched.restart_h:.3f} h per launch\n"
+        f"launch: {launched.outcomes} ${launched.spent:.4f} {launched.completion_h:.3f} h\n"
+        f"simulator: {[d[1:] for d in sim.decisions]} ${sim.cost:.4f} {sim.completion_h:.3f} h"
+    )
     expected = [
         ("launched", key("z-a"), True),
         ("preempted", key("z-a"), True),
@@ -155,22 +204,20 @@ def test_the_launch_makes_the_simulators_decisions_at_its_cost(
         ("finished", key("z-b"), True),
     ]
     assert sequence([d[1:] for d in sim.decisions]) == expected
-    assert sequence(outcomes) == expected
-    # at 30 min, both zones' launches found no capacity, in the simulator and in the launch
-    assert {z for k, z, _ in outcomes if k == "no_capacity"} == {key("z-a"), key("z-b")}
-    assert {d[2] for d in sim.decisions if d[1] == "no_capacity"} == {key("z-a"), key("z-b")}
-    assert sim.deadline_met and completion_h <= DEADLINE_H
-    assert spent == pytest.approx(sim.cost, rel=0.05), (spent, sim.cost)
+    assert sequence(launched.outcomes) == expected
+    # at 30 min every zone's launch found no capacity, in the simulator and in the launch
+    every = {key("z-a"), key("z-b"), key("z-d")}
+    assert {z for k, z, _ in launched.outcomes if k == "no_capacity"} == every
+    assert {d[2] for d in sim.decisions if d[1] == "no_capacity"} == every
+    assert sim.deadline_met and launched.completion_h <= DEADLINE_H
+    assert launched.spent == pytest.approx(sim.cost, rel=0.05), (launched.spent, sim.cost)
 
 
 @pytest.mark.parametrize("other", [p for p in POLICIES if p != "spotrun"])
-def test_swapping_the_policy_breaks_the_match(
-    launched: tuple[Path, list[tuple[str, str, bool]], float, float], other: str
-) -> None:
+def test_swapping_the_policy_breaks_the_match(launched: Launch, other: str) -> None:
     """The comparison above can fail: every other policy predicts other decisions, or a cost
     more than 5% away from what the spotrun launch spent."""
-    tmp, outcomes, spent, _ = launched
-    sim = predicted(tmp, other)
-    same_decisions = sequence([d[1:] for d in sim.decisions]) == sequence(outcomes)
-    same_cost = abs(sim.cost - spent) <= 0.05 * spent
-    assert not (same_decisions and same_cost), other
+    sim = predicted(launched, other)
+    same_decisions = sequence([d[1:] for d in sim.decisions]) == sequence(launched.outcomes)
+    same_cost = abs(sim.cost - launched.spent) <= 0.05 * launched.spent
+    assert not (same_decisions and same_cost), (other, [d[1:] for d in sim.decisions], sim.cost)
