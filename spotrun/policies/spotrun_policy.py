@@ -3,30 +3,29 @@ observation model (spotrun/policies/observe.py: its own attempts, prices, publis
 
 Slack ``S`` is the time the job can still lose and yet finish on on-demand after one more
 launch. Every launch spends ``R`` (the restart overhead) of it, waiting spends it by the hour,
-running (spot or on-demand) keeps it. The policy spends it where it buys the most spot:
+running (spot or on-demand) keeps it. What the default does:
 
-* **Prefer capacity that has lasted; back off from capacity that just returned.** Capacity
-  that just came back is lost again far more often than capacity that has lasted (on the
-  tuning traces, about 1 loss per hour in its first half hour against under 0.1 after six
-  hours). The job only learns a zone's capacity from its own attempts, so a zone where it was
-  just preempted, or just found none, is tried after the zones with no recent trouble, and
-  while the slack allows, the job waits ``backoff_h`` after a preemption rather than relaunch
-  into the same flapping capacity (each wasted launch costs ``R`` of money and of slack).
-* **Wait when the slack pays for it.** With no spot to be had, waiting is free while the slack
-  left still covers a later return to spot; below that reserve the job *bridges* on on-demand
-  instead of burning the last of it.
-* **Return from on-demand to spot when it is safe.** On on-demand the slack stands still. After
-  ``retry_h`` there (doubling after each failed return) it tries spot again if the slack covers
-  the round trip (a spot launch and, should it fail or be preempted, an on-demand launch) and
-  the work left makes the saving worth more than ``return_gain`` times the on-demand launch.
-* **Restart-aware zone moves.** A running spot instance is kept unless another zone's current
-  spot price is lower by ``move_gain`` and the saving on the work left pays for the new launch
-  several times over.
-* **Hard floor.** When even the worst case (preempted before the next decision) could miss the
-  deadline, it commits to on-demand to the end (:func:`spotrun.policies.base.ondemand_needed`).
+* **Restart-aware floor.** A spot instance past its restart overhead whose work is saved on the
+  preemption notice makes progress until the next decision and loses nothing if preempted then,
+  so it may run down to zero slack (``ondemand_needed(..., progress_credit=True)``); preempted
+  there, an on-demand launch still finishes by the deadline.
+* **Restart-aware choice between spot and on-demand.** A spot launch with less slack than its
+  own overhead (in whole decision steps) would be stopped by the floor before it made progress:
+  go on-demand at once instead.
+* **Back off from capacity that just returned; prefer capacity that has lasted.** A zone that
+  preempted the job in the last ``backoff_h`` is tried after every other zone; among the rest,
+  the cheapest first, then the one whose last trouble (preemption, no capacity) is oldest.
+* **Wait while the slack pays for it**, trying every zone once per decision, until the floor
+  says on-demand; then on-demand to the end.
+
+Options measured on the tuning traces and off by default (they cost more there; see
+docs/POLICIES.md): bridging on on-demand before the slack runs out and returning to spot
+(``bridge_launches``, ``retry_h``, ``return_gain``), waiting after a preemption rather than
+relaunching elsewhere (``wait_backoff``), and moving a running job to a zone that became cheaper
+(``move_gain``, ``move_payback``).
 
 Every constant here was chosen on the tuning half of shared/data (traces collected before
-2023), never on the reporting half (docs/POLICIES.md).
+2023), never on the reporting half.
 """
 
 from __future__ import annotations
