@@ -250,3 +250,90 @@ def test_without_a_deadline_policies_only_use_spot() -> None:
     for name in ("greedy", "failover", "uniform-progress", "spotrun"):
         r = run(make_policy(name), m, job)
         assert r.deadline_met and r.ondemand_hours == 0 and not r.forced_finish, name
+
+
+# ----------------------------------------------------------------------------- the controller's side
+
+
+def _attempt(n: int, key: str, *, spot: bool, started: float | None, ended: float, reason: str, detail: str = ""):
+    from spotrun.control.state import Attempt, AttemptStatus
+
+    return Attempt(
+        job_id="j",
+        n=n,
+        status=AttemptStatus.ENDED,
+        provider="local",
+        region="r",
+        zone=key,
+        instance_type="t",
+        spot=spot,
+        offer_key=key,
+        hourly_price=1.0,
+        ondemand_price=3.0,
+        time_scale=1.0,
+        client_token=f"tok{n}",
+        instance_id=None,
+        instance=None,
+        created_at=started if started is not None else ended,
+        started_at=started,
+        ended_at=ended if started is not None else None,
+        end_reason=reason,
+        exit_code=None,
+        detail=detail,
+        cost=0.0,
+        store_url=None,
+    )
+
+
+def test_the_controller_builds_the_same_history_and_hides_trace_measured_rates() -> None:
+    """control/decide.py turns attempts in State into the observation model's outcomes, and an
+    interruption rate measured over the replayed trace never reaches the policy."""
+    import dataclasses
+
+    from spotrun.catalog.model import Offer
+    from spotrun.control.decide import job_history, observation
+    from spotrun.planner import Candidate
+
+    attempts = [
+        _attempt(1, "local/a/t", spot=True, started=0.0, ended=3600.0, reason="preempted"),
+        _attempt(
+            2, "local/b/t", spot=True, started=None, ended=3700.0, reason="launch_failed", detail="NoCapacity: none"
+        ),
+        _attempt(
+            3, "local/c/t", spot=True, started=None, ended=3710.0, reason="launch_failed", detail="QuotaExceeded: x"
+        ),
+        _attempt(4, "local/a/t", spot=False, started=3720.0, ended=7200.0, reason="switched"),
+    ]
+    hist = job_history(attempts, lambda t: t / 3600.0)
+    assert [(o.kind, o.zone, o.spot) for o in hist] == [
+        ("launched", "local/a/t", True),
+        ("preempted", "local/a/t", True),
+        ("no_capacity", "local/b/t", True),  # a quota error says nothing about capacity
+        ("launched", "local/a/t", False),
+        ("stopped", "local/a/t", False),
+    ]
+
+    def cand(zone: str, source: str) -> Candidate:
+        offer = Offer("local", "r", zone, "t", "A100", 1, 40.0, 4, 16, 1.0, 3.0, 0.5, interruption_source=source)
+        fields = {f.name: None for f in dataclasses.fields(Candidate)}
+        fields.update(
+            offer=offer, spot=True, hourly_price=1.0, expected_hours=2.0, expected_preemptions=0.0, expected_cost=2.0,
+            breakdown={}, finish_hours=2.0, meets_deadline=True, within_budget=True, base_hours=2.0,
+            hours_lost_per_preemption=0.1,
+        )  # fmt: skip
+        return Candidate(**fields)
+
+    obs = observation(
+        [cand("a", "trace"), cand("b", "market")],
+        now_h=1.03,
+        progress=0.5,
+        deadline_h=None,
+        current=None,
+        cooling=set(),
+        history=hist[:3],
+        step_h=0.1,
+    )
+    by = {z.key: z for z in obs.zones}
+    assert by["local/a/t"].interruption_rate is None and by["local/b/t"].interruption_rate == 0.5
+    assert by["local/b/t"].available is False and by["local/a/t"].available is None
+    assert obs.history == tuple(hist[:3])
