@@ -92,6 +92,9 @@ def observation(
     best = min(candidates, key=lambda c: c.expected_cost) if candidates else None
     remaining = best.base_hours if best is not None else 0.0
     total = remaining / (1.0 - progress) if progress < 1.0 else remaining
+    # When the planner finds the final save does not fit in the notice, a preemption loses work:
+    # say so (conservatively, the planner's whole loss per preemption), so no policy counts on it.
+    at_risk = 0.0 if best is None or best.final_save_fits else best.hours_lost_per_preemption
     return observe_job(
         now_h=now_h,
         work_done_h=total - remaining,
@@ -102,6 +105,8 @@ def observation(
         zones=zones.values(),
         history=history,
         step_h=step_h,
+        work_at_risk_h=at_risk,
+        expected_loss_h=at_risk,
         cooling=cooling,
     )
 
