@@ -34,24 +34,37 @@ from spotrun.control.state import Attempt, Job, JobStatus
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
+    from spotrun.planner import Candidate
+    from spotrun.policies.base import Decision
     from spotrun.spec import JobSpec
 
 
 class LaunchingMixin(ControllerCore):
     def _launch_next(self, job: Job, spec: JobSpec) -> bool | None:
         """Ask the policy what to run, then try its choice and the other candidates of the same
-        market best-first until one launches. False when none had capacity; None to wait."""
+        market best-first until one launches. False when none had capacity; None to wait. When
+        the policy's own choice finds no capacity, the policy is asked again at once, knowing it
+        (what a launch attempt reveals, as in the simulator: spotrun/policies/observe.py)."""
         candidates = self._candidates(job, spec)
         if not candidates:
             raise self._nothing_fits(job, spec)
-        decision = self._decide(job, spec, candidates, current=None)
-        if decision.kind == "wait":
-            return None
         allow_ondemand = spec.resources.spot is not True or spec.recovery.on_demand_fallback
-        candidates = order_for(decision, candidates, allow_ondemand=allow_ondemand) or candidates
+        for _ in range(len(candidates) + 1):
+            decision = self._decide(job, spec, candidates, current=None)
+            if decision.kind == "wait":
+                return None
+            ordered = order_for(decision, candidates, allow_ondemand=allow_ondemand) or candidates
+            outcome = self._launch_first(job, spec, ordered, decision)
+            if outcome is not None:
+                return outcome
+        return False
+
+    def _launch_first(self, job: Job, spec: JobSpec, ordered: list[Candidate], decision: Decision) -> bool | None:
+        """Try `ordered` best-first: True on a launch, False when none could start, None when the
+        policy's chosen zone had no capacity (ask the policy again)."""
         self._sweep(job.id, spec, keep=None)  # never two instances at once
         blocked: set[str] = set()  # "provider" or "provider/region" out of quota for this round
-        for cand in candidates:
+        for cand in ordered:
             offer = cand.offer
             if offer.provider in blocked or f"{offer.provider}/{offer.region}" in blocked:
                 continue
@@ -74,6 +87,8 @@ class LaunchingMixin(ControllerCore):
             outcome = self._try_launch(job, spec, attempt, offer, cand.spot)
             if outcome is True:
                 return True
+            if isinstance(outcome, NoCapacity) and cand.spot and offer.key == decision.zone:
+                return None
             if isinstance(outcome, QuotaExceeded):
                 scope = outcome.scope
                 blocked.add(offer.provider if scope == "provider" else f"{offer.provider}/{offer.region}")

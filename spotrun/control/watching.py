@@ -16,7 +16,7 @@ from spotrun.clouds.base import (
 )
 from spotrun.clouds.store import job_prefix
 from spotrun.control.core import ControllerCore
-from spotrun.control.decide import make_job_policy, observation
+from spotrun.control.decide import job_history, make_job_policy, observation
 from spotrun.control.outcome import (
     EXIT_AGENT_ERROR,
     EXIT_BUDGET,
@@ -183,7 +183,7 @@ class WatchingMixin(ControllerCore):
             deadline_h=None if spec.deadline is None else spec.deadline / 3600.0,
             current=current,
             cooling=cooling,
-            unavailable={a.offer_key for a in attempts if a.end_reason == "launch_failed"} & cooling,
+            history=job_history(attempts, lambda at: self._elapsed_job_seconds(job, attempts, at) / 3600.0),
             step_h=self.options.poll_interval * scale / 3600.0,
         )
         return self._policy(job, spec).decide(obs)
