@@ -306,9 +306,7 @@ def matrix_child(config: str, steps: int, term_at: int | None, kill_at: int | No
     return 0
 
 
-def run_matrix(
-    config: str, steps: int, ck_dir: Path, *, term_at: int | None = None, kill_at: int | None = None
-) -> Run:
+def run_matrix(config: str, steps: int, ck_dir: Path, *, term_at: int | None = None, kill_at: int | None = None) -> Run:
     args = [config, str(steps)]
     if term_at is not None:
         args += ["--term-at", str(term_at)]

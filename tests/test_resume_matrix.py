@@ -69,8 +69,7 @@ def test_interrupted_runs_end_bitwise_equal_to_the_uninterrupted_one(config: str
         else:
             last = third
         assert final(last) == final(baseline.result()), (
-            f"{config}: SIGTERM at {term_mid}, SIGKILL at {kill_at}, SIGTERM at {boundary} "
-            f"(SPOTRUN_TEST_SEED={SEED})"
+            f"{config}: SIGTERM at {term_mid}, SIGKILL at {kill_at}, SIGTERM at {boundary} (SPOTRUN_TEST_SEED={SEED})"
         )
 
 

@@ -42,7 +42,8 @@ class EndingMixin(ControllerCore):
         if not self._terminate(provider, instance, job.id):
             return
         if not detail:
-            detail = st.reason or (f"checkpoint step {exit_rec.get('checkpoint_step')}" if exit_rec else "")
+            step = f"checkpoint step {exit_rec.get('checkpoint_step')}" if exit_rec else ""
+            detail = (exit_rec or {}).get("error") or st.reason or step
         self.state.end_attempt(job.id, attempt.n, reason, self.clock.now(), exit_code=code, detail=detail)
 
     def _terminate(self, provider: Provider, instance: Instance, job_id: str) -> bool:
