@@ -199,7 +199,7 @@ class Stager:
         with torch.no_grad():
             for t, (off, n) in zip(tensors, places):  # noqa: B905
                 if n:
-                    buf[off : off + n].copy_(_bytes_of(t), non_blocking=t.device.type == "cuda")
+                    _copy(buf[off : off + n], _bytes_of(t))
         for device in cuda_devices:  # the copies above were asynchronous
             torch.cuda.synchronize(device)
         return Snapshot(meta=meta, nbytes=nbytes, buffer=buf)
@@ -243,12 +243,26 @@ def lower_thread_priority() -> None:
             pass
 
 
+_local = threading.local()
+
+
 def _bounce() -> tuple[Any, memoryview]:
-    """An 8 MiB page-aligned buffer (anonymous mmap) and a uint8 tensor over it."""
+    """This thread's 8 MiB page-aligned buffer (anonymous mmap) and a uint8 tensor over it."""
     import torch
 
-    mm = mmap.mmap(-1, _CHUNK)
-    return torch.frombuffer(mm, dtype=torch.uint8), memoryview(mm)
+    if getattr(_local, "bounce", None) is None:
+        mm = mmap.mmap(-1, _CHUNK)
+        _local.bounce = (torch.frombuffer(mm, dtype=torch.uint8), memoryview(mm))
+    return _local.bounce
+
+
+def _copy(dst: Any, src: Any) -> None:
+    """dst[:] = src for flat uint8 tensors: memmove between CPU tensors (torch's copy_ is several
+    times slower on byte views, and ctypes releases the GIL), copy_ when CUDA is involved."""
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), src.numel())
+    else:
+        dst.copy_(src, non_blocking=src.device.type == "cuda" and dst.is_pinned())
 
 
 def _fill(dst: Any, segments: list, starts: list[int], pos: int, n: int) -> None:
@@ -269,7 +283,7 @@ def _fill(dst: Any, segments: list, starts: list[int], pos: int, n: int) -> None
             dst[cursor - pos : off - pos].zero_()
             cursor = off
         upto = min(seg_end, end)
-        dst[cursor - pos : upto - pos].copy_(src[cursor - off : upto - off])
+        _copy(dst[cursor - pos : upto - pos], src[cursor - off : upto - off])
         cursor = upto
         i += 1
 
@@ -434,7 +448,7 @@ def _scatter(src: Any, segments: list, starts: list[int], pos: int, n: int) -> N
         off, dst = segments[i]
         lo, hi = max(off, pos), min(off + dst.numel(), end)
         if lo < hi:
-            dst[lo - off : hi - off].copy_(src[lo - pos : hi - pos])
+            _copy(dst[lo - off : hi - off], src[lo - pos : hi - pos])
         i += 1
 
 
