@@ -1,18 +1,17 @@
 """Checkpoints for a training script: save everything, resume bit for bit, survive preemption.
 
-Usage::
+Usage (README's "Your training script" is a complete, tested example)::
 
-    from spotrun.checkpoint import Checkpointer, ResumableLoader
+    from spotrun.checkpoint import EXIT_PREEMPTED, Checkpointer, ResumableLoader
 
-    loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2,
-                        generator=torch.Generator().manual_seed(0))     # its own generator: required
-    data = ResumableLoader(loader)
+    data = ResumableLoader(DataLoader(ds, batch_size=64, shuffle=True, num_workers=2))
     ck = Checkpointer(model=model, optimizer=opt, scheduler=sched, scaler=None, loader=data,
+                      state={"ema": ema, "best": 0.0},  # state_dict()/load_state_dict() objects, plain values
                       every_steps=500, every_seconds=None, keep=3, total_steps=10_000)
     step = ck.restore()                      # steps already done (0 on a fresh start)
     while step < 10_000:
         for x, y in data:                    # picks up mid-epoch, in the same batch order
-            ...forward, backward, opt.step(), sched.step()...
+            ...forward, backward, opt.step(), sched.step(); ck.state["best"] = ...
             step += 1
             if ck.step(step):                # saves when due; True: preempted, state saved
                 sys.exit(EXIT_PREEMPTED)
@@ -21,30 +20,36 @@ Usage::
     ck.close()
 
 What a checkpoint holds: the model, optimizer, scheduler and GradScaler state dicts, the data
-position, Python/numpy/torch/CUDA RNG states, the step, and `ck.extra` (a dict of your own:
-plain values, tensors, numpy arrays). A run stopped and resumed from it ends with the same weights,
-bit for bit, as one that never stopped. On restore tensors are loaded to the CPU and the state dicts
-put them where the model and optimizer live.
+position (see `ResumableLoader`: exact for any sampler, or refused when built), everything in
+`state=` (objects through their state dicts; plain values — numbers, strings, tensors, numpy
+arrays, lists/dicts of them — are put back into `ck.state`), Python/numpy/torch/CUDA RNG states
+and the step. A run stopped and resumed from it ends with the same weights, bit for bit, as one
+that never stopped. On restore tensors are loaded to the CPU and the state dicts put them where
+the model and optimizer live.
 
 `ck.step(step)`, called after each optimizer step with the number of steps done:
-  * a periodic save (every `every_steps` steps and/or `every_seconds` seconds) copies the state to
-    CPU memory and returns; writing, fsync and commit happen in a background thread, one save in
-    flight at a time (a save that falls due while one is in flight waits for a later step);
+  * at `total_steps` it saves synchronously and returns False, even if a notice came in: the
+    run is finished, so the script should write its outputs rather than exit to be resumed;
   * after SIGTERM (the handler is installed by the Checkpointer), `request_save()`, or a
     preemption notice in `SPOTRUN_NOTICE_FILE`, it saves synchronously and returns True: exit then
-    (`EXIT_PREEMPTED` is the conventional 143). A second SIGTERM kills at once.
-  * at `total_steps` it saves synchronously; it also rewrites `SPOTRUN_PROGRESS_FILE` (about once a
-    second) with {"step", "total", "at"}.
-`ck.save(step, sync=True)` saves now; `ck.wait()` joins a background save; `ck.close()` (or a
-`with` block) waits and uninstalls the handler. Errors from a background save are raised by the
-next `step()`, `save()` or `wait()`. Periodic saves keep one CPU copy of the state (pinned memory
-when it lives on CUDA) for reuse from save to save; `close()` frees it.
+    (`EXIT_PREEMPTED` is the conventional 143). A second SIGTERM kills at once;
+  * a periodic save (every `every_steps` steps and/or `every_seconds` seconds) copies the state to
+    CPU memory and returns; writing, fsync and commit happen in background threads running at the
+    lowest CPU and I/O priority, one save in flight at a time (a save that falls due while one is
+    in flight waits for a later step);
+  * it also rewrites `SPOTRUN_PROGRESS_FILE` (about once a second) with {"step", "total", "at"}.
+`ck.save(step, sync=True)` saves now, straight from the live tensors (no staging copy);
+`ck.wait()` joins a background save; `ck.close()` (or a `with` block) waits and uninstalls the
+handler. Errors from a background save are raised by the next `step()`, `save()` or `wait()`.
+Periodic saves keep one CPU copy of the state (pinned memory when it lives on CUDA) for reuse
+from save to save; `close()` frees it.
 
 On disk (see checkpoint_format): `<root>/<%012d step>/` with `MANIFEST.json` written last; root is
 `SPOTRUN_CHECKPOINT_DIR`, else `./checkpoints`. `restore()` loads the newest checkpoint whose
-checksums hold and falls back to older ones; the last `keep` are kept. This module imports no torch
-until a Checkpointer is used, so the Agent can use `verify_checkpoint`, `complete_checkpoints`,
-`latest_checkpoint` and `MANIFEST_NAME` freely.
+bytes match its manifest's sha256 (checked as they are read: one pass) and falls back to older
+ones; the last `keep` are kept. This module imports no torch until a Checkpointer is used, so the
+Agent can use `verify_checkpoint`, `complete_checkpoints`, `latest_checkpoint` and
+`MANIFEST_NAME` freely.
 """
 
 from __future__ import annotations
@@ -434,24 +439,29 @@ class Checkpointer:
         return tree
 
     def save(self, step: int, *, sync: bool = True) -> None:
-        """Save the state at `step`. sync=False returns once the state is in CPU memory and
-        writes in the background (joining any save still in flight first)."""
-        from spotrun.checkpoint.io import Stager
+        """Save the state at `step`. sync=True writes straight from the live tensors (training is
+        paused: no copy, no buffer to allocate, so a preemption save in a fresh process costs what
+        any other does). sync=False copies the state into a reusable CPU buffer, returns, and
+        writes in the background at low priority (joining any save still in flight first)."""
+        from spotrun.checkpoint.io import Stager, live_snapshot
 
         self.wait()
         started = time.perf_counter()
-        if self._stager is None:
-            self._stager = Stager()
-        snapshot = self._stager.stage(self.tree(step))
+        if sync:
+            snapshot = live_snapshot(self.tree(step))
+        else:
+            if self._stager is None:
+                self._stager = Stager()
+            snapshot = self._stager.stage(self.tree(step))
         staged = time.perf_counter() - started
         self._last_save_step, self._last_save_time = step, time.monotonic()
         temp = new_temp_dir(self.root, step)
         if sync:
-            self._write(snapshot, step, temp, staged, started)
+            self._write(snapshot, step, temp, staged, started, False)
         else:
             self._thread = threading.Thread(
                 target=self._write_background,
-                args=(snapshot, step, temp, staged, started),
+                args=(snapshot, step, temp, staged, started, True),
                 name=f"spotrun-checkpoint-{step}",
             )
             self._thread.start()
@@ -462,11 +472,11 @@ class Checkpointer:
         except BaseException as e:  # surfaced by the next step()/save()/wait()
             self._error = e
 
-    def _write(self, snapshot: Any, step: int, temp: Path, staged: float, started: float) -> None:
+    def _write(self, snapshot: Any, step: int, temp: Path, staged: float, started: float, background: bool) -> None:
         from spotrun.checkpoint.io import write_snapshot
 
         try:
-            files = write_snapshot(snapshot, temp)
+            files = write_snapshot(snapshot, temp, background=background)
             write_manifest(temp, step, files)
             final = commit(temp, self.root, step)
         except BaseException:

@@ -288,9 +288,9 @@ def _fill(dst: Any, segments: list, starts: list[int], pos: int, n: int) -> None
         i += 1
 
 
-def _open_for_write(path: Path) -> tuple[int, bool]:
+def _open_for_write(path: Path, allow_direct: bool) -> tuple[int, bool]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    if _O_DIRECT:
+    if _O_DIRECT and allow_direct:
         try:
             return os.open(path, flags | _O_DIRECT, 0o644), True
         except OSError as e:
@@ -305,10 +305,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _write_shard(path: Path, snap: Snapshot, start: int, end: int) -> tuple[int, str]:
+def _write_shard(path: Path, snap: Snapshot, start: int, end: int, allow_direct: bool = True) -> tuple[int, str]:
     """Write blob bytes [start, end) to `path`, fsynced; return (size, sha256)."""
     h = hashlib.sha256()
-    fd, direct = _open_for_write(path)
+    fd, direct = _open_for_write(path, allow_direct)
     size = end - start
     staged = snap.buffer is not None
     if staged:
@@ -316,6 +316,7 @@ def _write_shard(path: Path, snap: Snapshot, start: int, end: int) -> tuple[int,
     else:
         bounce, bounce_view = _bounce()
         starts = [off for off, _ in snap.segments]
+    refused = False
     try:
         for pos in range(start, end, _CHUNK):
             n = min(_CHUNK, end - pos)
@@ -333,26 +334,20 @@ def _write_shard(path: Path, snap: Snapshot, start: int, end: int) -> tuple[int,
             except OSError as e:  # a file system that took O_DIRECT at open but not at write
                 if not direct or e.errno != errno.EINVAL:
                     raise
-                os.close(fd)
-                os.unlink(path)
-                return _write_buffered(path, snap, start, end)
+                refused = True
+                break
             if not direct and _writeback is not None:
                 _writeback(fd, pos - start, n)
-        if direct and size % _PAGE:
-            os.ftruncate(fd, size)
-        os.fsync(fd)
+        else:
+            if direct and size % _PAGE:
+                os.ftruncate(fd, size)
+            os.fsync(fd)
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        os.close(fd)
+    if refused:
+        os.unlink(path)
+        return _write_shard(path, snap, start, end, allow_direct=False)
     return size, h.hexdigest()
-
-
-def _write_buffered(path: Path, snap: Snapshot, start: int, end: int) -> tuple[int, str]:
-    global _O_DIRECT
-    _O_DIRECT = 0  # this file system refuses it: don't ask again in this process
-    return _write_shard(path, snap, start, end)
 
 
 def _write_small(path: Path, data: bytes) -> tuple[int, str]:
