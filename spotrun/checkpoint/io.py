@@ -200,6 +200,9 @@ class Stager:
             for t, (off, n) in zip(tensors, places):  # noqa: B905
                 if n:
                     _copy(buf[off : off + n], _bytes_of(t))
+                pad = -n % _ALIGN  # zeros, not stale memory, between tensors: the files are deterministic
+                if pad:
+                    ctypes.memset(buf.data_ptr() + off + n, 0, pad)
         for device in cuda_devices:  # the copies above were asynchronous
             torch.cuda.synchronize(device)
         return Snapshot(meta=meta, nbytes=nbytes, buffer=buf)
