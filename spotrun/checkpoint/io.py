@@ -44,6 +44,7 @@ STATE_FILE = "state.pkl"
 SHARD_BYTES = 64 * 1024 * 1024
 _CHUNK = 8 * 1024 * 1024
 _ALIGN = 64
+_PARALLEL_COPY = 64 * 1024 * 1024  # stage bigger states on every core
 _PAGE = 4096  # O_DIRECT alignment of buffers, file offsets and lengths
 _STATE_VERSION = 1
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
@@ -196,13 +197,23 @@ class Stager:
         nbytes = pickle.loads(meta)["nbytes"]
         cuda_devices = {t.device for t in tensors if t.device.type == "cuda"}
         buf = self.reserve(nbytes, bool(cuda_devices))
+
+        def copy(job: tuple[Any, tuple[int, int]]) -> None:
+            t, (off, n) = job
+            if n:
+                _copy(buf[off : off + n], _bytes_of(t))
+            pad = -n % _ALIGN  # zeros, not stale memory, between tensors: the files are deterministic
+            if pad:
+                ctypes.memset(buf.data_ptr() + off + n, 0, pad)
+
+        jobs = list(zip(tensors, places))  # noqa: B905
         with torch.no_grad():
-            for t, (off, n) in zip(tensors, places):  # noqa: B905
-                if n:
-                    _copy(buf[off : off + n], _bytes_of(t))
-                pad = -n % _ALIGN  # zeros, not stale memory, between tensors: the files are deterministic
-                if pad:
-                    ctypes.memset(buf.data_ptr() + off + n, 0, pad)
+            if nbytes >= _PARALLEL_COPY and not cuda_devices:  # memmove releases the GIL: use the cores
+                with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                    list(pool.map(copy, sorted(jobs, key=lambda j: -j[1][1])))
+            else:
+                for job in jobs:
+                    copy(job)
         for device in cuda_devices:  # the copies above were asynchronous
             torch.cuda.synchronize(device)
         return Snapshot(meta=meta, nbytes=nbytes, buffer=buf)
@@ -365,7 +376,7 @@ def _write_small(path: Path, data: bytes) -> tuple[int, str]:
 
 def writer_threads() -> int:
     """Threads that write and hash shards at once: enough to keep the disk busy while others hash."""
-    return max(2, min(4, os.cpu_count() or 1))
+    return max(2, min(4, 2 * (os.cpu_count() or 1)))
 
 
 def shard_name(i: int) -> str:
