@@ -214,18 +214,19 @@ def measure(nbytes: int, repeats: int, base: Path) -> dict[str, Any]:
     return {"bytes": state_bytes, "seconds": med, "samples": t}
 
 
-def run(gibs: list[float], repeats: int, directory: str | Path) -> dict[str, Any]:
+def run(gibs: list[float], repeats: list[int], directory: str | Path) -> dict[str, Any]:
     from spotrun.checkpoint.io import writer_threads
 
     base = Path(tempfile.mkdtemp(prefix=".spotrun-bench-", dir=directory))
     load_before = os.getloadavg()[0]
     try:
-        sizes = {str(g): measure(int(g * GIB), repeats, base) for g in gibs}
+        counts = repeats if len(repeats) == len(gibs) else [repeats[0]] * len(gibs)
+        sizes = {str(g): measure(int(g * GIB), n, base) for g, n in zip(gibs, counts)}  # noqa: B905
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return {
         "sizes": sizes,
-        "repeats": repeats,
+        "repeats": counts,
         "writer_threads": writer_threads(),
         "directory": str(Path(directory).resolve()),
         "load_average": [load_before, os.getloadavg()[0]],
@@ -257,7 +258,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
     lines = [
         "## Checkpoint I/O",
         "",
-        f"`{command}` — medians of {r['repeats']} interleaved rounds per size, in `{r['directory']}`; "
+        f"`{command}` — medians of {'/'.join(map(str, r['repeats']))} interleaved rounds (per size), in "
+        f"`{r['directory']}`; "
         f"spotrun writes and reads with {r['writer_threads']} threads; load average "
         f"{r['load_average'][0]:.1f} before, {r['load_average'][1]:.1f} after (a shared machine: "
         "other jobs' CPU use lowers every CPU-bound line).",
@@ -317,13 +319,13 @@ def markdown(r: dict[str, Any], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="checkpoint I/O vs the disk (dd direct, parallel streams), stall")
     p.add_argument("--gib", type=float, nargs="+", default=[0.5, 2.0], help="state sizes in GiB")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, nargs="+", default=[3], help="rounds: one count, or one per size")
     p.add_argument("--dir", default=".", help="where to write (the disk under test); cleaned up after")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     args = p.parse_args(argv)
     result = run(args.gib, args.repeats, args.dir)
     command = "python scripts/bench_checkpoint.py " + " ".join(
-        ["--gib", *(f"{g:g}" for g in args.gib), "--repeats", str(args.repeats)]
+        ["--gib", *(f"{g:g}" for g in args.gib), "--repeats", *map(str, args.repeats)]
     )
     print(json.dumps(result, indent=1) if args.json else markdown(result, command))
     return 0

@@ -689,3 +689,44 @@ def test_writes_fall_back_to_buffered_io_where_o_direct_is_refused(tmp_path: Pat
         assert state_hash(back) == state_hash(model)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Each fetch adds noise from the fetching process's torch RNG (a worker's, or the global one)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, True)], ids=["main-process", "persistent-workers"])
+def test_an_epoch_left_part_way_and_a_checkpoint_both_resume_exactly(workers: int, persistent: bool) -> None:
+    def loader() -> ResumableLoader:
+        torch.manual_seed(3)
+        return ResumableLoader(
+            DataLoader(_Augmented(), batch_size=4, shuffle=True, num_workers=workers, persistent_workers=persistent)
+        )
+
+    def take(data: ResumableLoader, count: int, out: list) -> None:
+        while count:
+            for batch in data:
+                out.append(batch.tolist())
+                torch.rand(())  # training draws from the global RNG between batches
+                count -= 1
+                if not count:
+                    break
+
+    expected: list = []
+    take(loader(), 15, expected)  # 6 batches an epoch: crosses two epoch ends
+    got: list = []
+    first = loader()
+    take(first, 4, got)
+    take(first, 3, got)  # iterated again after leaving the epoch part-way, in the same process
+    rng = torch.get_rng_state()
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    torch.set_rng_state(rng)  # the Checkpointer restores the global RNG with the position
+    take(resumed, 8, got)
+    assert got == expected

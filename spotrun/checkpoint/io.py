@@ -240,16 +240,20 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30}.get(platform.machine())
 
 
+BACKGROUND_NICE = 19  # CPU niceness of background writer threads (0: leave it)
+
+
 def lower_thread_priority() -> None:
-    """Make the calling thread yield to training: nice 19 and best-effort I/O priority 7 (Linux
-    applies both per thread). Best effort: silently nothing where not allowed or not Linux."""
+    """Make the calling thread yield to training: nice BACKGROUND_NICE and best-effort I/O
+    priority 7 (Linux applies both per thread). Best effort: nothing where not allowed or not Linux."""
     if not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, 19)
-    except (OSError, AttributeError):
-        pass
+    if BACKGROUND_NICE:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+        except (OSError, AttributeError):
+            pass
     if _IOPRIO_SYSCALL is not None:
         try:
             ctypes.CDLL(None, use_errno=True).syscall(_IOPRIO_SYSCALL, 1, tid, (2 << 13) | 7)
