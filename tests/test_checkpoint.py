@@ -7,9 +7,11 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -183,7 +185,7 @@ def test_a_step_is_committed_once(tmp_path: Path) -> None:
     ck.save(5)
     ck.extra["tag"] = "second"
     ck.save(5)
-    assert checkpoint_io.read_state(tmp_path / step_dirname(5))["extra"]["tag"] == "first"
+    assert checkpoint_io.read_state(tmp_path / step_dirname(5))["state"]["tag"] == "first"
     assert [p.name for p in tmp_path.iterdir()] == [step_dirname(5)]
 
 
@@ -265,7 +267,7 @@ def test_scheduler_and_grad_scaler_state_round_trip(tmp_path: Path) -> None:
 def test_unsupported_values_fail_at_save_time_naming_the_key(tmp_path: Path) -> None:
     ck = Checkpointer(root=tmp_path, handle_signals=False)
     ck.extra["cfg"] = {"when": time.gmtime()}
-    with pytest.raises(TypeError, match=r"state\['extra'\]\['cfg'\]\['when'\]"):
+    with pytest.raises(TypeError, match=r"state\['state'\]\['cfg'\]\['when'\]"):
         ck.save(1)
     assert list(tmp_path.iterdir()) == []
 
@@ -344,10 +346,13 @@ def test_the_data_position_resumes_with_worker_processes() -> None:
 
 def test_loaders_that_cannot_resume_exactly_are_refused() -> None:
     ds = TensorDataset(torch.arange(10))
-    with pytest.raises(ValueError, match="generator"):
-        ResumableLoader(DataLoader(ds, shuffle=True))
-    with pytest.raises(ValueError, match="persistent_workers"):
-        ResumableLoader(DataLoader(ds, num_workers=1, persistent_workers=True, generator=torch.Generator()))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(3))
+
+    with pytest.raises(ValueError, match="map-style"):
+        ResumableLoader(DataLoader(Stream()))
     with pytest.raises(TypeError, match="ResumableLoader"):
         Checkpointer(loader=DataLoader(ds, generator=torch.Generator()), handle_signals=False)
 
@@ -540,3 +545,188 @@ def test_sigkill_during_a_background_save_never_leaves_a_loadable_torn_checkpoin
         ck.save(step + 1)  # and the dead writer's temp folder is cleaned up
         assert not list(root.glob(TMP_PREFIX + "*"))
     assert torn_seen, "the kill never landed mid-save: the test did not test anything"
+
+
+# --- extra state, completion, one-pass restore, live and background writes ----------------------
+
+
+class _Metric:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def state_dict(self) -> dict:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = list(state["values"])
+
+
+def test_state_takes_objects_with_state_dicts_and_plain_values(tmp_path: Path) -> None:
+    model, _, _ = small_setup()
+    ema, metric = torch.nn.Linear(8, 2), _Metric()
+    metric.values = [0.5, 0.25]
+    ck = Checkpointer(
+        model=model, root=tmp_path, state={"ema": ema, "metric": metric, "best": 1.5}, handle_signals=False
+    )
+    ck.state["best"] = 0.75
+    ck.save(3)
+    expected = state_hash(ema)
+
+    ema2, metric2 = torch.nn.Linear(8, 2), _Metric()
+    back = Checkpointer(
+        model=model, root=tmp_path, state={"ema": ema2, "metric": metric2, "best": 9.0}, handle_signals=False
+    )
+    assert back.restore() == 3
+    assert state_hash(ema2) == expected and metric2.values == [0.5, 0.25] and back.state["best"] == 0.75
+    assert back.state["ema"] is ema2  # objects are loaded in place, not replaced
+
+    with pytest.raises(CheckpointError, match=r"no state for \['extra_thing'\]"):
+        Checkpointer(root=tmp_path, state={"extra_thing": 1}, handle_signals=False).restore()
+    with pytest.raises(TypeError, match=r"state\['cfg'\].*struct_time"):
+        Checkpointer(root=tmp_path, state={"cfg": time.gmtime()}, handle_signals=False)
+
+    class SaveOnly:
+        def state_dict(self) -> dict:
+            return {}
+
+    with pytest.raises(TypeError, match="no load_state_dict"):
+        Checkpointer(root=tmp_path, state={"half": SaveOnly()}, handle_signals=False)
+
+
+def test_a_notice_at_the_last_step_does_not_stop_the_run(tmp_path: Path) -> None:
+    model, _, _ = small_setup()
+    ck = Checkpointer(model=model, root=tmp_path, total_steps=5, every_steps=100)
+    try:
+        ck.step(4)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert ck.preempting()
+        assert ck.step(5) is False  # finished: write the outputs, exit 0
+        assert latest_checkpoint(tmp_path).name == step_dirname(5)
+    finally:
+        ck.close()
+
+
+def test_restore_reads_every_byte_once_and_checks_it_as_it_reads(tmp_path: Path, monkeypatch) -> None:
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB: one shard
+    ck = Checkpointer(model=model, root=tmp_path, keep=None, handle_signals=False)
+    ck.save(1)
+    with torch.no_grad():
+        model.weight.add_(1)
+    ck.save(2)
+    good = state_hash(model)
+
+    read, hashed = [0], []
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset):
+        n = real_preadv(fd, buffers, offset)
+        read[0] += n
+        return n
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    monkeypatch.setattr(
+        ckpt, "verify_checkpoint", lambda p, deep=True: hashed.append(deep) or verify_checkpoint(p, deep=deep)
+    )
+    fresh = torch.nn.Linear(1024, 1024)
+    assert Checkpointer(model=fresh, root=tmp_path, handle_signals=False).restore() == 2
+    shards = sum(f.stat().st_size for f in (tmp_path / step_dirname(2)).glob("tensors-*.bin"))
+    assert read[0] == shards and state_hash(fresh) == good and True not in hashed  # one pass, no separate hashing
+
+    shard = tmp_path / step_dirname(2) / "tensors-0000.bin"
+    with open(shard, "r+b") as f:  # flip one bit: same size, so only the hash can tell
+        f.seek(12345)
+        byte = f.read(1)[0]
+        f.seek(12345)
+        f.write(bytes([byte ^ 0x10]))
+    older = torch.nn.Linear(1024, 1024)
+    assert Checkpointer(model=older, root=tmp_path, handle_signals=False).restore() == 1  # fell back
+    assert not torch.equal(older.weight, fresh.weight)
+
+
+def test_a_synchronous_save_writes_from_the_live_tensors_without_a_staging_buffer(tmp_path: Path) -> None:
+    model = torch.nn.Linear(300, 301)  # odd sizes: partial pages, padding between tensors
+    ck = Checkpointer(model=model, root=tmp_path, handle_signals=False)
+    ck.save(1, sync=True)
+    assert ck._stager is None  # nothing allocated: a first (preemption) save costs what any other does
+    ck.save(2, sync=False)
+    ck.wait()
+    live, staged = (tmp_path / step_dirname(1)), (tmp_path / step_dirname(2))
+    for name in ("tensors-0000.bin",):
+        assert (live / name).read_bytes() == (staged / name).read_bytes()
+    back = torch.nn.Linear(300, 301)
+    Checkpointer(model=back, root=tmp_path, handle_signals=False).restore()
+    assert state_hash(back) == state_hash(model)
+
+
+def test_background_writers_run_at_the_lowest_priority(tmp_path: Path, monkeypatch) -> None:
+    seen: list[tuple[str, int]] = []
+    real = checkpoint_io._write_shard
+
+    def spy(path, snap, start, end):
+        seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return real(path, snap, start, end)
+
+    monkeypatch.setattr(checkpoint_io, "_write_shard", spy)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    ck = Checkpointer(model=torch.nn.Linear(64, 64), root=tmp_path, handle_signals=False)
+    ck.save(1, sync=True)
+    ck.save(2, sync=False)
+    ck.wait()
+    assert [nice for _, nice in seen] == [base, 19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
+
+
+def test_writes_fall_back_to_buffered_io_where_o_direct_is_refused(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no tmpfs at /dev/shm")
+    root = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        model = torch.nn.Linear(200, 300)
+        Checkpointer(model=model, root=root, handle_signals=False).save(1)
+        back = torch.nn.Linear(200, 300)
+        assert Checkpointer(model=back, root=root, handle_signals=False).restore() == 1
+        assert state_hash(back) == state_hash(model)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Each fetch adds noise from the fetching process's torch RNG (a worker's, or the global one)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, True)], ids=["main-process", "persistent-workers"])
+def test_an_epoch_left_part_way_and_a_checkpoint_both_resume_exactly(workers: int, persistent: bool) -> None:
+    def loader() -> ResumableLoader:
+        torch.manual_seed(3)
+        return ResumableLoader(
+            DataLoader(_Augmented(), batch_size=4, shuffle=True, num_workers=workers, persistent_workers=persistent)
+        )
+
+    def take(data: ResumableLoader, count: int, out: list) -> None:
+        while count:
+            for batch in data:
+                out.append(batch.tolist())
+                torch.rand(())  # training draws from the global RNG between batches
+                count -= 1
+                if not count:
+                    break
+
+    expected: list = []
+    take(loader(), 15, expected)  # 6 batches an epoch: crosses two epoch ends
+    got: list = []
+    first = loader()
+    take(first, 4, got)
+    take(first, 3, got)  # iterated again after leaving the epoch part-way, in the same process
+    rng = torch.get_rng_state()
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    torch.set_rng_state(rng)  # the Checkpointer restores the global RNG with the position
+    take(resumed, 8, got)
+    assert got == expected

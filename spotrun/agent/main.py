@@ -290,7 +290,8 @@ class Agent:
             self.log.note("something outside the workload still holds its output open")
         self.uploader.stop()
         self._final_checkpoint()
-        outcome = Outcome(code, "completed" if code == 0 else "failed", phase=ended_in)
+        error = self.log.last_error() if code else ""
+        outcome = Outcome(code, "completed" if code == 0 else "failed", error, phase=ended_in)
         if code == 0:
             try:
                 count = upload_outputs(self.store, self.prefix, self.paths.output)

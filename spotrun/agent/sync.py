@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -44,6 +45,11 @@ def _safe_rel(rel: str) -> bool:
 # --------------------------------------------------------------------------- logs
 
 
+_TAIL_BYTES = 8192
+_ERROR_CHARS = 400
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception): .+$", re.M)
+
+
 class LogShipper:
     """Merged stdout/stderr, shipped in order as line-preserving chunks `log/%08d`.
 
@@ -62,16 +68,26 @@ class LogShipper:
         # an Agent restarted on the same attempt continues the sequence instead of overwriting it
         self.seq = len(store.list(jobfile.log_prefix(job_prefix, attempt)))
         self._reader: threading.Thread | None = None
+        self._tail = b""  # the workload's last output, for last_error()
 
     def feed(self, data: bytes) -> None:
         with self._lock:
             self._buf += data
+            self._tail = (self._tail + data)[-_TAIL_BYTES:]
         if self.echo is not None:
             try:
                 self.echo.write(data)
                 self.echo.flush()
             except (OSError, ValueError):
                 pass
+
+    def last_error(self) -> str:
+        """The workload's last `SomeError: message` line (a Python exception, e.g. the checkpoint
+        library refusing a loader), for the exit record: '' when there is none."""
+        with self._lock:
+            tail = self._tail.decode(errors="replace")
+        found = _ERROR_LINE.findall(tail)
+        return found[-1].strip()[:_ERROR_CHARS] if found else ""
 
     def note(self, text: str) -> None:
         """A line from the Agent itself, marked so `spotrun logs` readers can tell."""

@@ -1,18 +1,17 @@
 """Checkpoints for a training script: save everything, resume bit for bit, survive preemption.
 
-Usage::
+Usage (README's "Your training script" is a complete, tested example)::
 
-    from spotrun.checkpoint import Checkpointer, ResumableLoader
+    from spotrun.checkpoint import EXIT_PREEMPTED, Checkpointer, ResumableLoader
 
-    loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2,
-                        generator=torch.Generator().manual_seed(0))     # its own generator: required
-    data = ResumableLoader(loader)
+    data = ResumableLoader(DataLoader(ds, batch_size=64, shuffle=True, num_workers=2))
     ck = Checkpointer(model=model, optimizer=opt, scheduler=sched, scaler=None, loader=data,
+                      state={"ema": ema, "best": 0.0},  # state_dict()/load_state_dict() objects, plain values
                       every_steps=500, every_seconds=None, keep=3, total_steps=10_000)
     step = ck.restore()                      # steps already done (0 on a fresh start)
     while step < 10_000:
         for x, y in data:                    # picks up mid-epoch, in the same batch order
-            ...forward, backward, opt.step(), sched.step()...
+            ...forward, backward, opt.step(), sched.step(); ck.state["best"] = ...
             step += 1
             if ck.step(step):                # saves when due; True: preempted, state saved
                 sys.exit(EXIT_PREEMPTED)
@@ -21,30 +20,36 @@ Usage::
     ck.close()
 
 What a checkpoint holds: the model, optimizer, scheduler and GradScaler state dicts, the data
-position, Python/numpy/torch/CUDA RNG states, the step, and `ck.extra` (a dict of your own:
-plain values, tensors, numpy arrays). A run stopped and resumed from it ends with the same weights,
-bit for bit, as one that never stopped. On restore tensors are loaded to the CPU and the state dicts
-put them where the model and optimizer live.
+position (see `ResumableLoader`: exact for any sampler, or refused when built), everything in
+`state=` (objects through their state dicts; plain values — numbers, strings, tensors, numpy
+arrays, lists/dicts of them — are put back into `ck.state`), Python/numpy/torch/CUDA RNG states
+and the step. A run stopped and resumed from it ends with the same weights, bit for bit, as one
+that never stopped. On restore tensors are loaded to the CPU and the state dicts put them where
+the model and optimizer live.
 
 `ck.step(step)`, called after each optimizer step with the number of steps done:
-  * a periodic save (every `every_steps` steps and/or `every_seconds` seconds) copies the state to
-    CPU memory and returns; writing, fsync and commit happen in a background thread, one save in
-    flight at a time (a save that falls due while one is in flight waits for a later step);
+  * at `total_steps` it saves synchronously and returns False, even if a notice came in: the
+    run is finished, so the script should write its outputs rather than exit to be resumed;
   * after SIGTERM (the handler is installed by the Checkpointer), `request_save()`, or a
     preemption notice in `SPOTRUN_NOTICE_FILE`, it saves synchronously and returns True: exit then
-    (`EXIT_PREEMPTED` is the conventional 143). A second SIGTERM kills at once.
-  * at `total_steps` it saves synchronously; it also rewrites `SPOTRUN_PROGRESS_FILE` (about once a
-    second) with {"step", "total", "at"}.
-`ck.save(step, sync=True)` saves now; `ck.wait()` joins a background save; `ck.close()` (or a
-`with` block) waits and uninstalls the handler. Errors from a background save are raised by the
-next `step()`, `save()` or `wait()`. Periodic saves keep one CPU copy of the state (pinned memory
-when it lives on CUDA) for reuse from save to save; `close()` frees it.
+    (`EXIT_PREEMPTED` is the conventional 143). A second SIGTERM kills at once;
+  * a periodic save (every `every_steps` steps and/or `every_seconds` seconds) copies the state to
+    CPU memory and returns; writing, fsync and commit happen in background threads running at the
+    lowest CPU and I/O priority, one save in flight at a time (a save that falls due while one is
+    in flight waits for a later step);
+  * it also rewrites `SPOTRUN_PROGRESS_FILE` (about once a second) with {"step", "total", "at"}.
+`ck.save(step, sync=True)` saves now, straight from the live tensors (no staging copy);
+`ck.wait()` joins a background save; `ck.close()` (or a `with` block) waits and uninstalls the
+handler. Errors from a background save are raised by the next `step()`, `save()` or `wait()`.
+Periodic saves keep one CPU copy of the state (pinned memory when it lives on CUDA) for reuse
+from save to save; `close()` frees it.
 
 On disk (see checkpoint_format): `<root>/<%012d step>/` with `MANIFEST.json` written last; root is
 `SPOTRUN_CHECKPOINT_DIR`, else `./checkpoints`. `restore()` loads the newest checkpoint whose
-checksums hold and falls back to older ones; the last `keep` are kept. This module imports no torch
-until a Checkpointer is used, so the Agent can use `verify_checkpoint`, `complete_checkpoints`,
-`latest_checkpoint` and `MANIFEST_NAME` freely.
+bytes match its manifest's sha256 (checked as they are read: one pass) and falls back to older
+ones; the last `keep` are kept. This module imports no torch until a Checkpointer is used, so the
+Agent can use `verify_checkpoint`, `complete_checkpoints`, `latest_checkpoint` and
+`MANIFEST_NAME` freely.
 """
 
 from __future__ import annotations
@@ -157,10 +162,10 @@ def _notice() -> dict | None:
 
 def _notice_deadline(notice: dict) -> float | None:
     deadline = notice.get("deadline")
-    if isinstance(deadline, int | float):
+    if isinstance(deadline, (int, float)):
         return float(deadline)
     left = notice.get("seconds_left")
-    if isinstance(left, int | float):
+    if isinstance(left, (int, float)):
         return notice["_mtime"] + float(left)
     return None
 
@@ -221,6 +226,50 @@ def _write_progress(path: str, step: int, total: int | None) -> None:
     os.replace(tmp, path)
 
 
+# --- what to save besides the model ------------------------------------------------------------
+
+
+def _stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _check_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Checkpointer(state=...): objects with state_dict()/load_state_dict(), or plain values
+    (numbers, strings, bytes, None, tensors, numpy arrays, and lists/tuples/dicts/sets of them)."""
+    if state is None:
+        return {}
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state= takes a dict of name -> object or value, got {type(state).__name__}")
+    from spotrun.checkpoint.io import check_plain
+
+    for name, value in state.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"state= names must be non-empty strings, got {name!r}")
+        if _stateful(value):
+            continue
+        if callable(getattr(value, "state_dict", None)):
+            raise TypeError(f"state[{name!r}] has state_dict() but no load_state_dict(): it could not be restored")
+        check_plain(value, f"state[{name!r}]")  # TypeError naming the key and what is allowed
+    return dict(state)
+
+
+def _read_newest(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """Read the newest checkpoint whose bytes match its manifest (checked while reading: one
+    pass); fall back to older ones past torn or corrupt ones."""
+    from spotrun.checkpoint.format import step_dirs_newest_first
+    from spotrun.checkpoint.io import TornCheckpointError, read_state
+
+    for path in step_dirs_newest_first(root):
+        if not verify_checkpoint(path, deep=False):
+            log.warning("skipping torn checkpoint %s (manifest or sizes wrong)", path)
+            continue
+        try:
+            return path, read_state(path, read_manifest(path))
+        except (TornCheckpointError, OSError, EOFError) as e:
+            log.warning("skipping corrupt checkpoint %s: %s", path, e)
+    return None
+
+
 # --- the Checkpointer -------------------------------------------------------------------------
 
 
@@ -242,6 +291,7 @@ class Checkpointer:
         scheduler: Any = None,
         scaler: Any = None,
         loader: Any = None,
+        state: Mapping[str, Any] | None = None,
         every_steps: int | None = None,
         every_seconds: float | None = None,
         keep: int | None | _FromEnv = FROM_ENV,
@@ -262,6 +312,7 @@ class Checkpointer:
             raise ValueError(f"every_seconds must be > 0, got {every_seconds}")
         if loader is not None and not hasattr(loader, "load_state_dict"):
             raise TypeError("loader must be a ResumableLoader (wrap your DataLoader in it, and iterate that)")
+        self.state: dict[str, Any] = _check_state(state)
         self.objects = {
             name: obj
             for name, obj in (
@@ -276,7 +327,6 @@ class Checkpointer:
         self.every_steps, self.every_seconds, self.keep = every_steps, every_seconds, keep
         self.total_steps = total_steps
         self.root = Path(root or os.environ.get("SPOTRUN_CHECKPOINT_DIR") or DEFAULT_ROOT)
-        self.extra: dict[str, Any] = {}
         self.restored_from: Path | None = None
         self.last_saved_step: int | None = None
         self._last_save_step = 0  # the step the interval counts from
@@ -296,19 +346,25 @@ class Checkpointer:
         """Load the newest complete checkpoint under root into every object; return its step
         (0 when there is none). Torn checkpoints are skipped."""
         from spotrun.checkpoint.data import restore_rng
-        from spotrun.checkpoint.io import read_state
 
-        path = latest_checkpoint(self.root)
-        if path is None:
+        found = _read_newest(self.root)
+        if found is None:
             log.info("no checkpoint under %s: starting fresh", self.root)
             return 0
-        state = read_state(path)
+        path, state = found
         for name, obj in self.objects.items():
             if name not in state:
                 raise CheckpointError(f"{path} holds no {name} state")
             obj.load_state_dict(state[name])
-        self.extra.clear()
-        self.extra.update(state["extra"])
+        saved = state.get("state", {})
+        missing = [name for name in self.state if name not in saved]
+        if missing:
+            raise CheckpointError(f"{path} holds no state for {missing} (added to state= after it was written?)")
+        for name, value in saved.items():
+            if _stateful(self.state.get(name)):
+                self.state[name].load_state_dict(value)
+            else:
+                self.state[name] = value
         restore_rng(state["rng"])
         step = int(state["step"])
         self.restored_from, self.last_saved_step = path, step
@@ -324,9 +380,16 @@ class Checkpointer:
 
     def step(self, step: int) -> bool:
         """Call after each optimizer step with the number of steps done. Saves when due; returns
-        True when the script should stop (preemption: the state at `step` is then on disk)."""
+        True when the script should stop (preemption: the state at `step` is then on disk).
+        Completion wins over a late notice: at `total_steps` it saves and returns False, so the
+        script finishes (writes its outputs) instead of exiting to be resumed for nothing."""
         self._raise_background_error()
         self._report_progress(step)
+        if self.total_steps is not None and step >= self.total_steps:
+            if self.last_saved_step != step:
+                self.save(step, sync=True)
+            self._report_progress(step, force=True)
+            return False
         if self.preempting():
             if self.last_saved_step != step:
                 log.warning("preempted: saving step %d before stopping", step)
@@ -336,10 +399,6 @@ class Checkpointer:
         if _requests.save.is_set():
             _requests.save.clear()
             self.save(step, sync=True)
-        elif self.total_steps is not None and step >= self.total_steps:
-            if self.last_saved_step != step:
-                self.save(step, sync=True)
-            self._report_progress(step, force=True)
         elif self._due(step) and not self._busy():
             self.save(step, sync=False)
         return False
@@ -365,33 +424,44 @@ class Checkpointer:
 
     # -- save --
 
-    def state(self, step: int) -> dict[str, Any]:
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The older name of `state`: plain values of your own, saved and restored with the rest."""
+        return self.state
+
+    def tree(self, step: int) -> dict[str, Any]:
         """The tree a checkpoint holds (live tensors: copy before training moves on)."""
         from spotrun.checkpoint.data import capture_rng
 
-        state = {name: obj.state_dict() for name, obj in self.objects.items()}
-        state.update(step=step, rng=capture_rng(), extra=dict(self.extra))
-        return state
+        tree = {name: obj.state_dict() for name, obj in self.objects.items()}
+        own = {name: value.state_dict() if _stateful(value) else value for name, value in self.state.items()}
+        tree.update(step=step, rng=capture_rng(), state=own)
+        return tree
 
     def save(self, step: int, *, sync: bool = True) -> None:
-        """Save the state at `step`. sync=False returns once the state is in CPU memory and
-        writes in the background (joining any save still in flight first)."""
-        from spotrun.checkpoint.io import Stager
+        """Save the state at `step`. sync=True writes straight from the live tensors (training is
+        paused: no copy, no buffer to allocate, so a preemption save in a fresh process costs what
+        any other does). sync=False copies the state into a reusable CPU buffer, returns, and
+        writes in the background at low priority (joining any save still in flight first)."""
+        from spotrun.checkpoint.io import Stager, live_snapshot
 
         self.wait()
         started = time.perf_counter()
-        if self._stager is None:
-            self._stager = Stager()
-        snapshot = self._stager.stage(self.state(step))
+        if sync:
+            snapshot = live_snapshot(self.tree(step))
+        else:
+            if self._stager is None:
+                self._stager = Stager()
+            snapshot = self._stager.stage(self.tree(step))
         staged = time.perf_counter() - started
         self._last_save_step, self._last_save_time = step, time.monotonic()
         temp = new_temp_dir(self.root, step)
         if sync:
-            self._write(snapshot, step, temp, staged, started)
+            self._write(snapshot, step, temp, staged, started, False)
         else:
             self._thread = threading.Thread(
                 target=self._write_background,
-                args=(snapshot, step, temp, staged, started),
+                args=(snapshot, step, temp, staged, started, True),
                 name=f"spotrun-checkpoint-{step}",
             )
             self._thread.start()
@@ -402,11 +472,11 @@ class Checkpointer:
         except BaseException as e:  # surfaced by the next step()/save()/wait()
             self._error = e
 
-    def _write(self, snapshot: Any, step: int, temp: Path, staged: float, started: float) -> None:
+    def _write(self, snapshot: Any, step: int, temp: Path, staged: float, started: float, background: bool) -> None:
         from spotrun.checkpoint.io import write_snapshot
 
         try:
-            files = write_snapshot(snapshot, temp)
+            files = write_snapshot(snapshot, temp, background=background)
             write_manifest(temp, step, files)
             final = commit(temp, self.root, step)
         except BaseException:

@@ -157,7 +157,7 @@ def verify_checkpoint(path: Path | str, *, deep: bool = True) -> bool:
             digests = list(pool.map(lambda r: sha256_file(path / r), rels))
     except OSError:
         return False
-    return all(d == files[r]["sha256"] for r, d in zip(rels, digests, strict=True))
+    return all(d == files[r]["sha256"] for r, d in zip(rels, digests))  # noqa: B905 (3.9: no strict=)
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -167,6 +167,11 @@ def _step_dirs(root: Path) -> list[Path]:
         return []
     dirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and _STEP_DIR.match(e.name)]
     return sorted(dirs, key=lambda p: p.name)
+
+
+def step_dirs_newest_first(root: Path | str) -> list[Path]:
+    """Every folder under root named like a checkpoint, newest first (not verified)."""
+    return list(reversed(_step_dirs(Path(root))))
 
 
 def complete_checkpoints(root: Path | str, *, deep: bool = True) -> list[Path]:

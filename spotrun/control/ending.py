@@ -44,7 +44,8 @@ class EndingMixin(ControllerCore):
             return
         if not detail:
             step = exit_rec.checkpoint_step if exit_rec else None
-            detail = st.reason or (f"checkpoint step {step}" if step is not None else "")
+            error = exit_rec.error if exit_rec else ""
+            detail = error or st.reason or (f"checkpoint step {step}" if step is not None else "")
         self.state.end_attempt(job.id, attempt.n, reason, self.clock.now(), exit_code=code, detail=detail)
 
     def _terminate(self, provider: Provider, instance: Instance, job_id: str) -> bool:

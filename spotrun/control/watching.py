@@ -98,6 +98,8 @@ class WatchingMixin(ControllerCore):
             if failures > spec.recovery.max_restarts:
                 limit = spec.recovery.max_restarts
                 reason = f"workload exited with code {code} ({failures} failures > max_restarts {limit})"
+                if exit_rec is not None and exit_rec.error:
+                    reason += f": {exit_rec.error}"
                 raise JobFinished(JobStatus.FAILED, EXIT_FAILED, reason, job_exit_code=code)
             return
         if st.status in (InstanceStatus.TERMINATED, InstanceStatus.FAILED):
