@@ -267,7 +267,10 @@ def unpack(tar_gz: str | Path, dest: str | Path) -> Path:
         target_dir = Path(tempfile.mkdtemp(prefix=".unpack-", dir=_parent(dest))) if single else dest
         target_dir.mkdir(parents=True, exist_ok=True)
         try:
-            tar.extractall(target_dir, members=_safe_members(tar), filter="data")
+            # filter= exists from 3.12 (and some 3.9-3.11 patch releases); a VM's 3.9 may lack it,
+            # and _safe_members already refuses absolute paths, ".." and links
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(target_dir, members=_safe_members(tar), **safe)
         except (tarfile.FilterError, UnsafeArchive) as e:
             if single:
                 shutil.rmtree(target_dir, ignore_errors=True)

@@ -185,7 +185,7 @@ class Agent:
         env.setdefault("PYTHONUNBUFFERED", "1")  # logs arrive as they are printed
         env.update(job.env)
         names = ("CHECKPOINT_DIR", "DATA_DIR", "OUTPUT_DIR", "NOTICE_FILE", "PROGRESS_FILE")
-        env.update({f"SPOTRUN_{n}": v for n, v in zip(names, dirs, strict=True)})
+        env.update({f"SPOTRUN_{n}": v for n, v in zip(names, dirs)})  # noqa: B905 (3.9 on VMs)
         env["SPOTRUN_JOB_ID"] = self.boot.job_id
         env["SPOTRUN_ATTEMPT"] = str(self.boot.attempt)
         return env

@@ -175,7 +175,7 @@ class ResumableLoader:
         if self._start_states is None:
             self._start_states = [g.get_state() for g in self._generators]
         else:  # an epoch restored from a checkpoint or left part-way: begin it again at its start
-            for g, s in zip(self._generators, self._start_states, strict=True):
+            for g, s in zip(self._generators, self._start_states):  # noqa: B905 (3.9)
                 g.set_state(s)
         return self._run(self.consumed)
 

@@ -125,7 +125,7 @@ def verify_checkpoint(path: Path | str, *, deep: bool = True) -> bool:
             digests = list(pool.map(lambda r: sha256_file(path / r), rels))
     except OSError:
         return False
-    return all(d == files[r]["sha256"] for r, d in zip(rels, digests, strict=True))
+    return all(d == files[r]["sha256"] for r, d in zip(rels, digests))  # noqa: B905 (3.9)
 
 
 def _step_dirs(root: Path) -> list[Path]:

@@ -131,7 +131,7 @@ class Stager:
             buf = self._buffer = None  # free the old one before allocating the new
             buf = self._buffer = torch.empty(max(offset, 1), dtype=torch.uint8, pin_memory=cuda)
         with torch.no_grad():
-            for t, (off, nbytes, _, shape) in zip(tensors, metas, strict=True):
+            for t, (off, nbytes, _, shape) in zip(tensors, metas):  # noqa: B905 (3.9)
                 if nbytes:
                     dst = buf[off : off + nbytes].view(t.dtype).view(shape)
                     dst.copy_(t, non_blocking=t.device.type == "cuda")

@@ -105,6 +105,7 @@ class LaunchingMixin(ControllerCore):
             spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
             spotrun_package=self._agent_package(store_url) if cloud else "",
             extra=offer.provider if cloud else "",
+            spotrun_sha256=self._agent_packed.sha256 if cloud and self._agent_packed else "",
         )
         try:
             instance = self._with_retries(

@@ -241,6 +241,8 @@ class RecoverySpec(_Model):
     zone_cooldown: float = 1800.0  # seconds a zone is avoided after it preempted the job
     on_demand_fallback: Flag = True  # fall back to on-demand when no spot capacity fits
     policy: str = "spotrun"  # relaunch policy: spotrun, greedy, failover, uniform-progress, on-demand
+    max_boot_failures: int = 3  # attempts whose VM never started the Agent, before the job fails
+    boot_timeout: float | None = None  # seconds from "VM running" to the Agent's start; None: the cloud's default
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -255,6 +257,10 @@ class RecoverySpec(_Model):
     _max_restarts = field_validator("max_restarts", mode="before")(_whole(0))
     _max_preemptions = field_validator("max_preemptions", mode="before")(lambda v: None if v is None else _whole(0)(v))
     _zone_cooldown = field_validator("zone_cooldown", mode="before")(units.parse_duration_s)
+    _max_boot_failures = field_validator("max_boot_failures", mode="before")(_whole(1))
+    _boot_timeout = field_validator("boot_timeout", mode="before")(
+        lambda v: None if v is None else units.parse_duration_s(v)
+    )
 
 
 class WorkloadHint(_Model):

@@ -200,6 +200,11 @@ class FakeGCE(RestFake):
         r("GET", Z + r"/acceleratorTypes/(?P<acc>[^/]+)", self._acc_get)
         r("GET", Z + r"/acceleratorTypes", self._acc_list)
         r("GET", r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/(?P<key>[a-z-]+)", self._metadata)
+        r(
+            "GET",
+            r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/service-accounts/default/token",
+            self._sa_token,
+        )
 
     def _guard(self, req: Request) -> Response | None:
         """Authorization, project and zone checks, and injected rate limits."""
@@ -462,6 +467,27 @@ class FakeGCE(RestFake):
         zone = req.params["zone"]
         items = [self._accelerator(zone, n) for n in sorted(self.accelerators.get(zone, set()))]
         return Response(200, {"kind": "compute#acceleratorTypeList", "items": items})
+
+    def _sa_token(self, req: Request) -> Response:
+        """The VM's service-account token, as the metadata server hands it out; 404 for a VM
+        launched without a service account (it has no identity)."""
+        if req.header("metadata-flavor") != "Google":
+            return Response(403, "Missing Metadata-Flavor:Google header.")
+        with self.lock:
+            inst = self.instance(req.params["name"])
+            if inst is None:
+                return Response(404, "instance gone")
+            if not inst.get("serviceAccounts"):
+                return Response(404, "no service account")
+        token = {"access_token": f"vm-token-{req.params['name']}", "expires_in": 3599, "token_type": "Bearer"}
+        return Response(200, token)
+
+    def startup_script(self, name: str) -> str:
+        """The instance's `startup-script` metadata, as the guest agent reads and runs it."""
+        inst = self.instance(name)
+        assert inst is not None, f"no instance {name}"
+        items = {i["key"]: i["value"] for i in inst.get("metadata", {}).get("items", [])}
+        return items["startup-script"]
 
     def _metadata(self, req: Request) -> Response:
         if req.header("metadata-flavor") != "Google":

@@ -79,6 +79,7 @@ def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
 
 class AWSProvider(Provider):
     name = "aws"
+    boot_timeout = 600.0  # a Deep Learning AMI boots in 1-3 min; the Agent's install takes ~30 s more
 
     @classmethod
     def options_from_spec(cls, spec: Any) -> dict[str, Any]:

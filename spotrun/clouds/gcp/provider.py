@@ -172,6 +172,7 @@ def from_operation_error(op: Any) -> ProviderError | None:
 
 class GCPProvider(Provider):
     name = "gcp"
+    boot_timeout = 600.0  # a Deep Learning VM boots in 1-2 min (GPU driver set-up included); the install ~30 s
 
     def __init__(
         self,
