@@ -87,7 +87,7 @@ def own_process_group() -> dict[str, Any]:
     """Popen arguments that start the child in a process group of its own (same session).
     `process_group=` is 3.11+; the Agent also runs on a VM's Python 3.9, where `setpgid` in the
     child (`preexec_fn`) does the same."""
-    if sys.version_info >= (3, 11):
+    if sys.version_info >= (3, 11):  # noqa: UP036 -- the VM's python3 may be 3.9
         return {"process_group": 0}
     return {"preexec_fn": os.setpgrp}
 

@@ -67,7 +67,7 @@ class Throttled(ProviderError):
 # --------------------------------------------------------------------------- instances
 
 
-class InstanceStatus(str, Enum):
+class InstanceStatus(str, Enum):  # noqa: UP042 -- StrEnum is 3.11+
     """A string enum (`enum.StrEnum` is 3.11+; this module also runs on a VM's Python 3.9)."""
 
     __str__ = str.__str__
@@ -170,7 +170,7 @@ def render_bootstrap_script(boot: Boot) -> str:
             '  echo "[spotrun-boot] BOOT FAILED: this image has no python3 (the Agent needs 3.9 or newer)"',
             "  exit 1",
             "fi",
-            f"# the program is spotrun/clouds/vmboot.py of spotrun {boot.spotrun_spec or 'this version'}, zlib + base64",
+            "# the program is spotrun/clouds/vmboot.py of the controller's spotrun, zlib + base64",
             'python3 -c \'import base64, sys, zlib; sys.argv[0] = "vmboot"; '
             f'exec(compile(zlib.decompress(base64.b64decode("{program}")), "vmboot", "exec"))\'',
             "",

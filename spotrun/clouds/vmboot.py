@@ -47,7 +47,7 @@ class BootError(Exception):
 
 
 def log(message):
-    line = "[spotrun-boot %s] %s" % (time.strftime("%H:%M:%S"), message)
+    line = "[spotrun-boot {}] {}".format(time.strftime("%H:%M:%S"), message)
     print(line, flush=True)
     _append(line + "\n")
 
@@ -77,15 +77,15 @@ def aws_credentials(imds):
     """The instance profile's temporary credentials, from IMDSv2."""
     status, _, token = http("PUT", imds + "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"})
     if status != 200:
-        raise BootError("IMDSv2 refused a token (HTTP %s) at %s" % (status, imds))
+        raise BootError(f"IMDSv2 refused a token (HTTP {status}) at {imds}")
     headers = {"X-aws-ec2-metadata-token": token.decode()}
     base = imds + "/latest/meta-data/iam/security-credentials/"
     status, _, roles = http("GET", base, headers)
     if status != 200 or not roles.strip():
-        raise BootError("this instance has no instance profile (IMDS %s): it cannot read the store" % status)
+        raise BootError(f"this instance has no instance profile (IMDS {status}): it cannot read the store")
     status, _, doc = http("GET", base + roles.decode().split()[0], headers)
     if status != 200:
-        raise BootError("IMDS gave no credentials for the instance profile (HTTP %s)" % status)
+        raise BootError(f"IMDS gave no credentials for the instance profile (HTTP {status})")
     creds = json.loads(doc)
     status, _, zone = http("GET", imds + "/latest/meta-data/placement/availability-zone", headers)
     creds["Region"] = zone.decode()[:-1] if status == 200 else os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
@@ -107,18 +107,18 @@ def sigv4_headers(method, url, region, creds, body, service="s3", now=None):
             method,
             parts.path or "/",
             query,
-            "".join("%s:%s\n" % (k, headers[k]) for k in names),
+            "".join(f"{k}:{headers[k]}\n" for k in names),
             ";".join(names),
             payload,
         ]
     )
-    scope = "%s/%s/%s/aws4_request" % (stamp[:8], region, service)
+    scope = f"{stamp[:8]}/{region}/{service}/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
     key = ("AWS4" + creds["SecretAccessKey"]).encode()
     for part in (stamp[:8], region, service, "aws4_request"):
         key = hmac.new(key, part.encode(), hashlib.sha256).digest()
     signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-    headers["Authorization"] = "AWS4-HMAC-SHA256 Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+    headers["Authorization"] = "AWS4-HMAC-SHA256 Credential={}/{}, SignedHeaders={}, Signature={}".format(
         creds["AccessKeyId"],
         scope,
         ";".join(names),
@@ -136,8 +136,8 @@ class S3:
     def _url(self, key):
         path = urllib.parse.quote(key, safe="/-_.~")
         if self.endpoint:
-            return "%s/%s/%s" % (self.endpoint.rstrip("/"), self.bucket, path)
-        return "https://%s.s3.%s.amazonaws.com/%s" % (self.bucket, self.region, path)
+            return "{}/{}/{}".format(self.endpoint.rstrip("/"), self.bucket, path)
+        return f"https://{self.bucket}.s3.{self.region}.amazonaws.com/{path}"
 
     def request(self, method, key, body=None):
         for _ in range(2):
@@ -160,19 +160,17 @@ class GCS:
         url = metadata + "/computeMetadata/v1/instance/service-accounts/default/token"
         status, _, doc = http("GET", url, {"Metadata-Flavor": "Google"})
         if status != 200:
-            raise BootError(
-                "the metadata server gave no service-account token (HTTP %s): does the VM have one?" % status
-            )
+            raise BootError(f"the metadata server gave no service-account token (HTTP {status}): does the VM have one?")
         self.auth = {"Authorization": "Bearer " + json.loads(doc)["access_token"]}
         self.api = (os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com").rstrip("/")
 
     def request(self, method, key, body=None):
         name = urllib.parse.quote(key, safe="")
         if method == "GET":
-            url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.api, self.bucket, name)
+            url = f"{self.api}/storage/v1/b/{self.bucket}/o/{name}?alt=media"
             status, _, data = http("GET", url, self.auth)
         else:
-            url = "%s/upload/storage/v1/b/%s/o?uploadType=media&name=%s" % (self.api, self.bucket, name)
+            url = f"{self.api}/upload/storage/v1/b/{self.bucket}/o?uploadType=media&name={name}"
             headers = dict(self.auth, **{"Content-Type": "application/octet-stream"})
             status, _, data = http("POST", url, headers, body)
         return status, data
@@ -194,7 +192,7 @@ class Blob:
         self.endpoint = (
             conn.get("BlobEndpoint")
             or os.environ.get("AZURE_STORAGE_ACCOUNT_URL")
-            or "https://%s.blob.core.windows.net" % self.account
+            or f"https://{self.account}.blob.core.windows.net"
         ).rstrip("/")
         self.token = None
         if not self.key:
@@ -205,11 +203,11 @@ class Blob:
             )
             status, _, doc = http("GET", url, {"Metadata": "true"})
             if status != 200:
-                raise BootError("IMDS gave no managed-identity token (HTTP %s): does the VM have an identity?" % status)
+                raise BootError(f"IMDS gave no managed-identity token (HTTP {status}): does the VM have an identity?")
             self.token = json.loads(doc)["access_token"]
 
     def request(self, method, key, body=None):
-        url = "%s/%s/%s" % (self.endpoint, self.container, urllib.parse.quote(key, safe="/-_.~"))
+        url = "{}/{}/{}".format(self.endpoint, self.container, urllib.parse.quote(key, safe="/-_.~"))
         headers = {"x-ms-date": time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()), "x-ms-version": self.VERSION}
         if method == "PUT":
             headers["x-ms-blob-type"] = "BlockBlob"
@@ -223,11 +221,11 @@ class Blob:
 
     def _shared_key(self, method, url, headers, length):
         path = urllib.parse.urlsplit(url).path
-        ms = "".join("%s:%s\n" % (k, headers[k]) for k in sorted(headers) if k.startswith("x-ms-"))
+        ms = "".join(f"{k}:{headers[k]}\n" for k in sorted(headers) if k.startswith("x-ms-"))
         fields = [method, "", "", str(length) if length else "", "", headers.get("Content-Type", "")]
         text = "\n".join(fields + [""] * 6) + "\n" + ms + "/" + self.account + path
         digest = hmac.new(base64.b64decode(self.key), text.encode(), hashlib.sha256).digest()
-        return "SharedKey %s:%s" % (self.account, base64.b64encode(digest).decode())
+        return f"SharedKey {self.account}:{base64.b64encode(digest).decode()}"
 
 
 # --------------------------------------------------------------------------- the store
@@ -247,7 +245,7 @@ def open_store(url, notice):
         container, _, account = parts.netloc.partition("@")
         base = metadata.split("/metadata/")[0] if "/metadata/" in metadata else metadata
         return Blob(container, account, (base or "http://169.254.169.254").rstrip("/")), prefix
-    raise BootError("no way to read a %r store from a VM" % parts.scheme)
+    raise BootError(f"no way to read a {parts.scheme!r} store from a VM")
 
 
 def join(*parts):
@@ -262,14 +260,14 @@ def run(command, what, timeout=PIP_TIMEOUT):
     try:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise BootError("%s took more than %ss" % (what, timeout)) from None
+        raise BootError(f"{what} took more than {timeout}s") from None
     text = done.stdout.decode(errors="replace")
     if text:
         sys.stdout.write(text)
         sys.stdout.flush()
         _append(text)
     if done.returncode != 0:
-        raise BootError("%s failed (exit %s); its output is above" % (what, done.returncode))
+        raise BootError(f"{what} failed (exit {done.returncode}); its output is above")
 
 
 def pip_command(home):
@@ -288,7 +286,7 @@ def unpack(data, dest):
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         for member in tar.getmembers():
             if member.name.startswith("/") or ".." in member.name.split("/") or not (member.isfile() or member.isdir()):
-                raise BootError("the Agent package holds an unsafe entry %r" % member.name)
+                raise BootError(f"the Agent package holds an unsafe entry {member.name!r}")
         tar.extractall(dest)
 
 
@@ -298,23 +296,25 @@ def install(boot, store, prefix):
     home = os.path.join(INSTALL_ROOT, sha[:16] or "unversioned")
     src, deps, done = os.path.join(home, "src"), os.path.join(home, "deps"), os.path.join(home, ".installed")
     if sha and os.path.exists(done):
-        log("the Agent %s is already installed at %s" % (sha[:16], home))
+        log(f"the Agent {sha[:16]} is already installed at {home}")
         return src, deps
     url = boot.get("spotrun_package") or ""
     if not url:
         raise BootError("the boot record names no Agent package")
     key = urllib.parse.urlsplit(url).path.strip("/")
     key = key[len(prefix) :].strip("/") if prefix and key.startswith(prefix) else key
-    log("fetching the Agent package %s" % url)
+    log(f"fetching the Agent package {url}")
     status, data = store.request("GET", join(prefix, key))
     if status != 200:
         raise BootError(
-            "could not read the Agent package %s: HTTP %s %s" % (url, status, data[:300].decode(errors="replace"))
+            "could not read the Agent package {}: HTTP {} {}".format(url, status, data[:300].decode(errors="replace"))
         )
     got = hashlib.sha256(data).hexdigest()
     if got != sha:
-        raise BootError("corrupt Agent package %s: sha256 %s, the controller recorded %s" % (url, got, sha or "none"))
-    log("sha256 verified (%s, %d bytes)" % (sha[:16], len(data)))
+        raise BootError(
+            "corrupt Agent package {}: sha256 {}, the controller recorded {}".format(url, got, sha or "none")
+        )
+    log(f"sha256 verified ({sha[:16]}, {len(data)} bytes)")
     os.makedirs(home, exist_ok=True)
     unpack(data, src)
     with open(os.path.join(src, "vm-requirements.json")) as f:
@@ -324,7 +324,7 @@ def install(boot, store, prefix):
         run(
             [*pip, "install", "--disable-pip-version-check", "--no-warn-script-location", "--retries", "2"]
             + ["--timeout", "20", "--target", deps, *requirements],
-            "pip install of the Agent's dependencies (%s)" % " ".join(requirements),
+            "pip install of the Agent's dependencies ({})".format(" ".join(requirements)),
         )
     open(done, "w").close()
     return src, deps
@@ -336,7 +336,7 @@ def start_agent(src, deps, boot_b64):
     env["PYTHONPATH"] = os.pathsep.join([src, deps])
     env["SPOTRUN_CHECKPOINT_PYTHONPATH"] = src  # what the workload gets: spotrun.checkpoint only
     env["SPOTRUN_BOOT_B64"] = boot_b64
-    log("starting the Agent: %s -m spotrun.agent" % sys.executable)
+    log(f"starting the Agent: {sys.executable} -m spotrun.agent")
     agent = subprocess.Popen(
         [sys.executable, "-m", "spotrun.agent"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -356,33 +356,37 @@ def ship_log(store, prefix, boot):
             data = f.read()[-200000:]
         key = join(prefix, boot["job_prefix"], "attempts", str(boot["attempt"]), "boot.log")
         status, _ = store.request("PUT", key, data)
-        print("[spotrun-boot] boot log -> %s (HTTP %s)" % (key, status), flush=True)
+        print(f"[spotrun-boot] boot log -> {key} (HTTP {status})", flush=True)
     except Exception as e:  # noqa: BLE001 -- the console still has it
-        print("[spotrun-boot] could not ship the boot log: %r" % (e,), flush=True)
+        print(f"[spotrun-boot] could not ship the boot log: {e!r}", flush=True)
 
 
 def main():
     boot_b64 = os.environ["SPOTRUN_BOOT_B64"]
     boot = json.loads(base64.b64decode(boot_b64))
-    log("spotrun bootstrap: job %s attempt %s, python %s" % (boot["job_id"], boot["attempt"], sys.version.split()[0]))
+    log(
+        "spotrun bootstrap: job {} attempt {}, python {}".format(
+            boot["job_id"], boot["attempt"], sys.version.split()[0]
+        )
+    )
     # A shutdown's SIGTERM is for the Agent (it checkpoints); this process must outlive it, or the
     # Agent's output pipe would break under it. A handler, unlike SIG_IGN, is not inherited.
     signal.signal(signal.SIGTERM, lambda *_: None)
     store = prefix = None
     try:
-        if sys.version_info < (3, 9):
-            raise BootError("this image's python3 is %s; the Agent needs 3.9 or newer" % sys.version.split()[0])
+        if sys.version_info < (3, 9):  # noqa: UP036 -- this runs on the image's python3
+            raise BootError(f"this image's python3 is {sys.version.split()[0]}; the Agent needs 3.9 or newer")
         store, prefix = open_store(boot["store_url"], boot.get("notice"))
         src, deps = install(boot, store, prefix)
         code = start_agent(src, deps, boot_b64)
         if code != 0:
-            raise BootError("the Agent exited with %s" % code)
+            raise BootError(f"the Agent exited with {code}")
         log("the Agent finished")
         return 0
     except BootError as e:
-        log("BOOT FAILED: %s" % e)
+        log(f"BOOT FAILED: {e}")
     except Exception as e:  # noqa: BLE001 -- anything else is a failed boot too, explained
-        log("BOOT FAILED: %r" % (e,))
+        log(f"BOOT FAILED: {e!r}")
     if store is not None:
         ship_log(store, prefix, boot)
     return 1
