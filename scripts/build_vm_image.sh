@@ -76,11 +76,14 @@ chroot "$work/rootfs" /opt/pytorch/bin/python -c 'import torch, sys; assert sys.
 say "cp39 wheelhouse of the VM's dependencies ..."
 # what spotrun/agent/package.py VM_PACKAGES names (the store SDKs), resolved by the image's own
 # pip on its own Python 3.9 (environment markers, e.g. botocore's urllib3<1.27 on 3.9, follow it)
-chroot "$work/rootfs" python3 -m pip download -q --dest /tmp/wheels --only-binary=:all: \
-  --index-url https://pypi.org/simple \
+# (this machine's CA bundle: an intercepting proxy's CA is in the host's, not in bullseye's)
+cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/tmp/host-ca.crt"
+chroot "$work/rootfs" env -i PATH=/usr/bin:/bin HOME=/root python3 -m pip download -q --dest /tmp/wheels \
+  --only-binary=:all: --cert /tmp/host-ca.crt --index-url https://pypi.org/simple \
   "boto3>=1.34" "google-cloud-storage>=2.16" "azure-storage-blob>=12.20" "azure-identity>=1.16" \
   >>"$work/build.log" 2>&1 || fail "pip download of the cp39 wheels failed"
 mv "$work/rootfs/tmp/wheels" "$work/wheels"
+rm -f "$work/rootfs/tmp/host-ca.crt"
 rm -rf "$work/rootfs/root/.cache"
 
 rm -rf "$OUT"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -92,7 +91,7 @@ def test_preempted_on_gcp_finished_on_azure_bit_for_bit(
     workdir.mkdir()
     shutil.copy(ROOT / "examples" / "train.py", workdir / "train.py")
     reference = Reference(workdir, TRAIN, script="train.py")
-    run_line = f"{sys.executable} train.py " + " ".join(TRAIN + SLOW)
+    run_line = "python train.py " + " ".join(TRAIN + SLOW)
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(SPEC.format(workdir=workdir, run=json.dumps(run_line), gs=store_url, az=az_url))
     spec = load_spec(spec_path)

@@ -91,7 +91,15 @@ class VM:
             return ""
 
 
-def start_vm(name: str, script: str, *, env: dict[str, str], console: Path, index_url: str | None = None) -> VM:
+def start_vm(
+    name: str,
+    script: str,
+    *,
+    env: dict[str, str],
+    console: Path,
+    index_url: str | None = None,
+    mounts: dict[Path, str] | None = None,
+) -> VM:
     """Boot one VM running `script` (the user-data, byte for byte) as root with bash."""
     image = image_dir()
     tmp = Path(tempfile.mkdtemp(prefix=f"vm-{name}-"))
@@ -123,6 +131,8 @@ def start_vm(name: str, script: str, *, env: dict[str, str], console: Path, inde
         "-v",
         f"{wheels}:{wheels}:ro",
     ]
+    for host, target in (mounts or {}).items():
+        args += ["-v", f"{host}:{target}:ro"]
     for key in sorted(env):
         args += ["-e", key]  # values through the client's environment
     args += ["--rootfs", f"{image / 'rootfs'}:O", "bash", "/var/lib/cloud/instance/user-data.txt"]

@@ -1,0 +1,86 @@
+"""Everything a cloud VM imports runs on the image's own Python 3.9 (issue 11): the Agent, the notice
+watchers, the store clients, the checkpoint format, the bootstrap program. Compiled and imported by
+the emulated image's real python3 (Debian 11's 3.9), so a 3.10+ construct (StrEnum,
+Popen(process_group=), zip(strict=), match, X | Y at runtime, tarfile filter=) fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fakes import vm_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VM_MODULES = [
+    "spotrun.agent.main",
+    "spotrun.agent.fetch",
+    "spotrun.agent.sync",
+    "spotrun.agent.workload",
+    "spotrun.agent.notice",
+    "spotrun.agent.jobfile",
+    "spotrun.clouds",
+    "spotrun.clouds.base",
+    "spotrun.clouds.store",
+    "spotrun.clouds.vmboot",
+    "spotrun.clouds.aws.notice",
+    "spotrun.clouds.aws.store",
+    "spotrun.clouds.gcp.notice",
+    "spotrun.clouds.gcp.store",
+    "spotrun.clouds.azure.notice",
+    "spotrun.clouds.azure.store",
+    "spotrun.checkpoint",
+    "spotrun.checkpoint.format",
+    "spotrun.bundle",
+]
+
+PROBE = """
+import importlib, sys
+assert sys.version_info[:2] == (3, 9), sys.version
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+from spotrun.clouds.base import InstanceStatus
+assert f"{InstanceStatus.RUNNING}" == "running" and InstanceStatus("preempted") is InstanceStatus.PREEMPTED
+from spotrun.agent.workload import own_process_group
+import subprocess
+child = subprocess.run(["sh", "-c", "ps -o pgid= $$ 2>/dev/null || cat /proc/$$/stat"], **own_process_group())
+print("VM-SIDE-OK", len(sys.argv) - 1)
+"""
+
+
+def run_in_vm(tmp_path: Path, script: str, env: dict[str, str]) -> tuple[int, str]:
+    why = vm_image.unavailable()
+    if why:
+        pytest.skip(why)
+    console = tmp_path / "console.log"
+    vm = vm_image.start_vm(
+        f"spotrun-probe-{tmp_path.name}"[:60], "#!/bin/bash\n" + script, env=env, console=console, mounts={ROOT: "/src"}
+    )
+    try:
+        code = vm.process.wait(timeout=120)
+    finally:
+        vm.kill()
+    return code, console.read_text()
+
+
+def test_the_vm_side_imports_on_the_images_python39(tmp_path: Path) -> None:
+    code, out = run_in_vm(
+        tmp_path, 'cd /src && PYTHONPATH=/src python3 -c "$PROBE" ' + " ".join(VM_MODULES), {"PROBE": PROBE}
+    )
+    assert code == 0, out
+    assert f"VM-SIDE-OK {len(VM_MODULES)}" in out
+
+
+def test_the_image_is_what_a_cloud_base_image_is(tmp_path: Path) -> None:
+    """No working venv, no `python` command, no torch on the system python3, no cloud CLI: the
+    bootstrap may not rely on any of them. The PyTorch environment is separate."""
+    checks = (
+        "python3 -m venv /tmp/v >/dev/null 2>&1 && echo HAS-VENV; command -v python && echo HAS-PYTHON; "
+        "python3 -c 'import torch' 2>/dev/null && echo HAS-TORCH; "
+        "for c in aws gcloud gsutil az; do command -v $c && echo HAS-CLI; done; "
+        "/opt/pytorch/bin/python -c 'import torch, sys; print(\"TORCH\", sys.version_info[:2] >= (3, 10))'"
+    )
+    code, out = run_in_vm(tmp_path, checks, {})
+    assert "HAS-" not in out, out
+    assert "TORCH True" in out, out
