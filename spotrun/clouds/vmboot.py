@@ -142,7 +142,10 @@ class S3:
     def request(self, method, key, body=None):
         for _ in range(2):
             url = self._url(key)
-            status, headers, data = http(method, url, sigv4_headers(method, url, self.region, self.creds, body), body)
+            headers = sigv4_headers(method, url, self.region, self.creds, body)
+            if body is not None:  # else urllib says x-www-form-urlencoded, and a server may parse it away
+                headers["Content-Type"] = "application/octet-stream"
+            status, headers, data = http(method, url, headers, body)
             moved = {k.lower(): v for k, v in headers.items()}.get("x-amz-bucket-region")
             if status in (301, 400) and moved and moved != self.region:
                 self.region = moved  # the bucket lives in another region: sign for that one

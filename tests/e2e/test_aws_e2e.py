@@ -29,6 +29,7 @@ from tests.fakes.cloud_e2e import (
     ROOT,
     ControllerRun,
     Reference,
+    assert_booted_on_the_image,
     assert_failed_booting,
     corrupt_agent_package,
     exit_record,
@@ -124,6 +125,7 @@ def preempted_then_finished(
             ("aws", "us-east-1b", "completed"),
         ], emu.report()
         assert resumed.format(step=saved) in emu.instance(attempts[1].instance_id).agent_log()
+        assert_booted_on_the_image(emu.emulator, attempts[1].instance_id)
         assert state_reason(first) == SPOT_TERMINATION
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never interrupted

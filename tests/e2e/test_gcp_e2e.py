@@ -20,6 +20,7 @@ from tests.fakes.cloud_e2e import (
     BOOT_FAILURES,
     ControllerRun,
     Reference,
+    assert_booted_on_the_image,
     assert_failed_booting,
     corrupt_agent_package,
     exit_record,
@@ -102,6 +103,7 @@ def test_gcp_preempted_then_finished_in_another_zone_bit_for_bit(
             ("gcp", "us-central1-b", "completed"),
         ]
         assert f"RESUMED_FROM={saved}" in emu.instance(attempts[1].instance_id).agent_log()
+        assert_booted_on_the_image(emu.emulator, attempts[1].instance_id)
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never interrupted
     assert gce.instances == {}  # nothing left running (or billed)

@@ -273,3 +273,16 @@ def assert_failed_booting(result: JobResult, controller: Controller, job_id: str
     assert BOOT_FAILURES[failure] in result.reason, result.reason  # the boot log's own words
     assert "BOOT FAILED" in result.reason, result.reason
     assert BOOT_FAILURES[failure] in controller.state.job(job_id).reason  # what `spotrun status` shows
+
+
+def assert_booted_on_the_image(emulator: Any, instance_id: str) -> None:
+    """Where the emulated VM image runs here, the instance really was a VM: its unmodified
+    bootstrap ran on the image's Python 3.9, verified the Agent package and installed it."""
+    from tests.fakes import vm_image
+
+    if vm_image.unavailable():
+        return
+    assert emulator.mode == "vm", emulator.why_not_vm
+    console = emulator.instance(instance_id).agent_log()
+    assert "spotrun bootstrap: job" in console and ", python 3.9." in console, console[-3000:]
+    assert "sha256 verified" in console and "starting the Agent: /usr/bin/python3 -m spotrun.agent" in console
