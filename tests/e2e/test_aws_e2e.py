@@ -20,6 +20,7 @@ import pytest
 
 from spotrun.catalog.model import Offer
 from spotrun.clouds.aws.provider import AWSProvider
+from spotrun.clouds.base import Instance
 from spotrun.clouds.store import open_store
 from spotrun.control.controller import EXIT_BAD_INPUT
 from tests.fakes import vm_image
@@ -292,11 +293,12 @@ def test_expired_credentials_stop_the_job_with_a_clear_message(tmp_path: Path, a
     assert live_ids() == []
 
 
-@pytest.mark.parametrize("failure", sorted(BOOT_FAILURES))
+@pytest.mark.parametrize("failure", [*sorted(BOOT_FAILURES), "no-identity"])
 def test_aws_boot_failures_end_the_job_with_the_boot_log(tmp_path: Path, aws: MotoServer, failure: str) -> None:  # noqa: F811
-    """The VM's bootstrap fails (its package index is unreachable; the Agent package is corrupt): each
-    attempt is a boot failure with its boot log in S3, and after max_boot_failures the job ends
-    FAILED with the log's last lines; every instance is terminated."""
+    """The VM's bootstrap fails (its package index is unreachable; the Agent package is corrupt; the
+    instance has no usable identity, so it cannot even write its boot log to S3): each attempt is a
+    boot failure, and after max_boot_failures the job ends FAILED with the boot log's last lines,
+    read from S3 or else from EC2's console output; every instance is terminated."""
     if vm_image.unavailable():
         pytest.skip(f"needs the emulated VM image: {vm_image.unavailable()}")
     store_url = make_bucket(f"spotrun-e2e-boot-{failure}")
@@ -310,9 +312,19 @@ def test_aws_boot_failures_end_the_job_with_the_boot_log(tmp_path: Path, aws: Mo
     controller = make_controller(tmp_path, providers={"aws": provider}, offers=offers, store_url=store_url)
     job = controller.submit(spec)
     index = vm_image.UNREACHABLE_INDEX if failure == "index-unreachable" else None
-    with AWSEmulator(tmp_path / "instances", regions=[REGION], env=aws.env(), index_url=index) as emu:
+    identity = failure != "no-identity"
+    emu = AWSEmulator(tmp_path / "instances", regions=[REGION], env=aws.env(), index_url=index, identity=identity)
+    with emu:
         result = ControllerRun(controller, job).start().join(240, emu.report)
-        assert_failed_booting(result, controller, job, failure, limit=2)
-        assert open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")
+        first = Instance.from_dict(controller.state.attempts(job)[0].instance or {})
+        if failure == "no-identity":
+            assert_failed_booting(
+                result, controller, job, "index-unreachable", limit=2, expect="has no instance profile"
+            )
+            assert not open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")  # it could not write it
+        else:
+            assert_failed_booting(result, controller, job, failure, limit=2)
+            assert open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")
+        assert "BOOT FAILED" in provider.console_output(first)  # EC2 keeps the console after termination
     assert live_ids() == []
     assert provider.list_owned(job) == []

@@ -58,6 +58,36 @@ def spot_terminate(region: str, instance_id: str) -> bool:
     return True
 
 
+# instance id -> its serial console, for moto's GetConsoleOutput (which otherwise answers a canned
+# 2006 kernel log for every instance); installed by `serve_consoles`
+CONSOLES: dict[str, Any] = {}
+
+
+def serve_consoles() -> None:
+    """moto's EC2 GetConsoleOutput answers with an emulated VM's console where there is one (moto's
+    server runs in this process; EC2 returns the console's latest output, base64-encoded)."""
+    from moto.core.responses import ActionResult
+    from moto.core.utils import utcnow
+    from moto.ec2.responses.general import General
+    from moto.ec2.utils import Base64EncodedString
+
+    if getattr(General, "_spotrun_consoles", False):
+        return
+    canned = General.get_console_output
+
+    def get_console_output(self: Any) -> Any:
+        instance_id = self._get_param("InstanceId")
+        source = CONSOLES.get(instance_id)
+        if source is None:
+            return canned(self)
+        instance = self.ec2_backend.get_instance(instance_id)  # InvalidInstanceID.NotFound as EC2
+        output = Base64EncodedString.from_raw_string(source()[-64 * 1024 :])  # EC2 keeps the last 64 KB
+        return ActionResult({"InstanceId": instance.id, "Timestamp": utcnow(), "Output": output})
+
+    General.get_console_output = get_console_output
+    General._spotrun_consoles = True
+
+
 class AWSEmulator:
     def __init__(
         self,
@@ -68,8 +98,10 @@ class AWSEmulator:
         notice_poll_interval: float = 0.2,
         interval: float = 0.05,
         index_url: str | None = None,
+        identity: bool = True,
     ) -> None:
         self.regions = list(regions)
+        self.identity = identity  # False: IMDS serves no role credentials (a broken instance profile)
         self.endpoint = env.get("AWS_ENDPOINT_URL", "")
         self.role_of: dict[str, str | None] = {}
         self.notice_poll_interval = notice_poll_interval
@@ -85,7 +117,13 @@ class AWSEmulator:
             prepare=self._prepare,
             release=self._release,
             interval=interval,
-            vm=VMHooks(self._user_data, self._vm_env, index_url=index_url, powered_off=self._powered_off),
+            vm=VMHooks(
+                self._user_data,
+                self._vm_env,
+                index_url=index_url,
+                powered_off=self._powered_off,
+                console=CONSOLES.__setitem__,
+            ),
         )
 
     # ------------------------------------------------------------------ cloud side
@@ -139,7 +177,7 @@ class AWSEmulator:
         imds = FakeIMDS(
             instance_id=instance_id,
             zone=self.zone_of.get(instance_id, ""),
-            role=self.role_of.get(instance_id),
+            role=self.role_of.get(instance_id) if self.identity else None,
             credentials=(TEST_ACCESS_KEY, TEST_SECRET_KEY),
         )
         notice = {**boot.notice, "endpoint": imds.url, "poll_interval": self.notice_poll_interval}
@@ -153,6 +191,7 @@ class AWSEmulator:
     # ------------------------------------------------------------------ test side
 
     def start(self) -> AWSEmulator:
+        serve_consoles()
         self.emulator.start()
         return self
 

@@ -54,6 +54,7 @@ class VMHooks:
     shutdown_grace: float | None = None
     index_url: str | None = None
     powered_off: Callable[[str], None] | None = None  # the VM's OS ended by itself: tell the cloud
+    console: Callable[[str, Callable[[], str]], None] | None = None  # give the cloud the VM's serial console
 
 
 @dataclass
@@ -213,6 +214,8 @@ class InstanceEmulator:
             env = self.vm.env_of(instance_id, handle)
             name = f"spotrun-vm-{os.getpid()}-{instance_id}"[:120]
             vm = vm_image.start_vm(name, script, env=env, console=log_path, index_url=self.vm.index_url)
+            if self.vm.console is not None:
+                self.vm.console(instance_id, vm.read_console)
             with self._lock:
                 self.started[instance_id] = EmulatedInstance(instance_id, boot, root, log_path, vm.process, handle, vm)
             return

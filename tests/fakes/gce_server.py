@@ -71,6 +71,7 @@ class FakeGCE(RestFake):
         self.operations: dict[tuple[str, str], dict[str, Any]] = {}
         self.request_ids: dict[str, tuple[str, str]] = {}
         self.preempted: set[str] = set()  # instance names whose metadata says TRUE
+        self.serial_sources: dict[str, Any] = {}  # name -> () -> str: its serial console (emulated VMs)
         self.accelerators = {z: set(ACCELERATORS) for z in zones}
         self.exhausted: set[str] = set()
         self._fail_next: list[dict[str, Any]] = []
@@ -192,6 +193,7 @@ class FakeGCE(RestFake):
         r("POST", Z + r"/instances", self._insert)
         r("GET", Z + r"/instances", self._list)
         r("GET", Z + r"/instances/(?P<name>[^/]+)", self._get)
+        r("GET", Z + r"/instances/(?P<name>[^/]+)/serialPort", self._serial)
         r("DELETE", Z + r"/instances/(?P<name>[^/]+)", self._delete)
         r("GET", P + r"/aggregated/instances", self._aggregated)
         r("GET", Z + r"/operations/(?P<op>[^/]+)", self._op_get)
@@ -378,6 +380,30 @@ class FakeGCE(RestFake):
             if inst is None:
                 return _error(404, "notFound", f"The resource 'instances/{req.params['name']}' was not found")
             return Response(200, inst)
+
+    def _serial(self, req: Request) -> Response:
+        """instances.getSerialPortOutput: port 1 is the console the emulated VM printed on."""
+        denied = self._guard(req)
+        if denied:
+            return denied
+        port = req.query.get("port", "1")
+        if port not in ("1", "2", "3", "4"):
+            return _error(400, "invalid", f"Invalid value for field 'port': '{port}'. Must be between 1 and 4.")
+        with self.lock:
+            inst = self.instances.get((req.params["zone"], req.params["name"]))
+            if inst is None:
+                return _error(404, "notFound", f"The resource 'instances/{req.params['name']}' was not found")
+            source = self.serial_sources.get(req.params["name"])
+        contents = source() if source is not None and port == "1" else ""
+        start = int(req.query.get("start", "0") or 0)
+        body = {
+            "kind": "compute#serialPortOutput",
+            "contents": contents[start:],
+            "start": str(start),
+            "next": str(len(contents)),
+            "selfLink": inst["selfLink"] + f"/serialPort?port={port}",
+        }
+        return Response(200, body)
 
     def _delete(self, req: Request) -> Response:
         denied = self._guard(req)

@@ -59,6 +59,7 @@ class GCPEmulator:
                 shutdown_grace=shutdown_grace,
                 index_url=index_url,
                 powered_off=gce.guest_shutdown,
+                console=gce.serial_sources.__setitem__,
             ),
         )
 

@@ -364,6 +364,13 @@ class AWSProvider(Provider):
             )
         return InstanceState(InstanceStatus.EXITED, exit_code=exit_code, reason=why)
 
+    def console_output(self, instance: Instance) -> str:
+        """EC2's GetConsoleOutput (the serial console, where cloud-init prints the bootstrap's output;
+        EC2 keeps it for a while after the instance terminated)."""
+        ec2 = self.api.client("ec2", instance.region)
+        found = self.api.call(ec2.get_console_output, InstanceId=instance.instance_id, Latest=True)
+        return str(found.get("Output") or "")
+
     def terminate(self, instance: Instance) -> None:
         ec2 = self.api.client("ec2", instance.region)
         try:

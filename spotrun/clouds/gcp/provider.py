@@ -436,6 +436,24 @@ class GCPProvider(Provider):
 
     # -------------------------------------------------------------- poll / terminate / list
 
+    def console_output(self, instance: Instance) -> str:
+        """Compute Engine's serial port 1 output (the startup script's output is logged there);
+        "" once the VM is deleted."""
+        from google.api_core import exceptions as gexc
+
+        client = self._client("instances")
+        try:
+            found = self._call(
+                lambda: client.get_serial_port_output(
+                    project=self.project, zone=instance.zone, instance=instance.instance_id, port=1
+                )
+            )
+        except BadRequest as e:
+            if isinstance(e.__cause__, gexc.NotFound):
+                return ""
+            raise
+        return found.contents or ""
+
     def poll(self, instance: Instance) -> InstanceState:
         from google.api_core import exceptions as gexc
 
