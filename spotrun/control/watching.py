@@ -237,7 +237,7 @@ class WatchingMixin(ControllerCore):
         if not text.strip():
             try:
                 text = provider.console_output(instance)
-            except ProviderError as e:
+            except Exception as e:  # noqa: BLE001 -- a log we cannot read never stops the job's accounting
                 self.state.add_event(job.id, self.clock.now(), "boot_log", f"reading the console failed: {e}")
         kept = [line.rstrip() for line in text.splitlines() if line.strip()]
         return "\n".join(kept[-lines:])

@@ -109,11 +109,12 @@ def test_gcp_preempted_then_finished_in_another_zone_bit_for_bit(
     assert gce.instances == {}  # nothing left running (or billed)
 
 
-@pytest.mark.parametrize("failure", sorted(BOOT_FAILURES))
+@pytest.mark.parametrize("failure", [*sorted(BOOT_FAILURES), "no-identity"])
 def test_gcp_boot_failures_end_the_job_with_the_boot_log(
     tmp_path: Path, gce: FakeGCE, gcs_emulator: GCSEmulator, failure: str
 ) -> None:
-    """A failing startup script: boot log in GCS, FAILED after max_boot_failures, no VM left."""
+    """A failing startup script: boot log in GCS (or, for a VM without a service account, which cannot
+    write it, from the serial port), FAILED after max_boot_failures, no VM left."""
     if vm_image.unavailable():
         pytest.skip(f"needs the emulated VM image: {vm_image.unavailable()}")
     bucket = unique("e2e-gcp-boot")
@@ -129,7 +130,7 @@ def test_gcp_boot_failures_end_the_job_with_the_boot_log(
         endpoint=gce.url,
         credentials=gce_credentials(),
         imds_endpoint=gce.metadata_endpoint,
-        service_account=SA,
+        service_account=None if failure == "no-identity" else SA,
     )
     offers = [t4_offer("us-central1-a", 0.10), t4_offer("us-central1-b", 0.13)]
     controller = make_controller(tmp_path, providers={"gcp": provider}, offers=offers, store_url=store_url)
@@ -137,6 +138,10 @@ def test_gcp_boot_failures_end_the_job_with_the_boot_log(
     index = vm_image.UNREACHABLE_INDEX if failure == "index-unreachable" else None
     with GCPEmulator(gce, tmp_path / "vms", env=gcs_emulator.env(), index_url=index) as emu:
         result = ControllerRun(controller, job).start().join(240, emu.report)
-        assert_failed_booting(result, controller, job, failure, limit=2)
-        assert open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")
+        if failure == "no-identity":  # read from the VM's serial port before it was deleted
+            assert_failed_booting(result, controller, job, failure, limit=2, expect="no service-account token")
+            assert not open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")
+        else:
+            assert_failed_booting(result, controller, job, failure, limit=2)
+            assert open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")
     assert gce.instances == {}

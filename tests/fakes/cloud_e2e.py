@@ -269,6 +269,7 @@ def assert_failed_booting(
 ) -> None:
     """The job ended FAILED (exit 1) after `limit` boot failures, and says why with the boot log."""
     expect = expect or BOOT_FAILURES[failure]
+    assert expect
     assert (result.status.value, result.exit_code) == ("FAILED", 1), result
     attempts = controller.state.attempts(job_id)
     assert [a.end_reason for a in attempts] == ["boot_failed"] * limit, [(a.end_reason, a.detail) for a in attempts]

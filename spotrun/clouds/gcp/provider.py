@@ -440,14 +440,14 @@ class GCPProvider(Provider):
         """Compute Engine's serial port 1 output (the startup script's output is logged there);
         "" once the VM is deleted."""
         from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1
 
         client = self._client("instances")
+        request = compute_v1.GetSerialPortOutputInstanceRequest(
+            project=self.project, zone=instance.zone, instance=instance.instance_id, port=1
+        )
         try:
-            found = self._call(
-                lambda: client.get_serial_port_output(
-                    project=self.project, zone=instance.zone, instance=instance.instance_id, port=1
-                )
-            )
+            found = self._call(lambda: client.get_serial_port_output(request=request))
         except BadRequest as e:
             if isinstance(e.__cause__, gexc.NotFound):
                 return ""
