@@ -84,3 +84,40 @@ def test_the_image_is_what_a_cloud_base_image_is(tmp_path: Path) -> None:
     code, out = run_in_vm(tmp_path, checks, {})
     assert "HAS-" not in out, out
     assert "TORCH True" in out, out
+
+
+DRIVER = """
+import json, os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, "/src")
+from spotrun.agent.workload import LIB_ENV, process_runtime_env
+base = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", LIB_ENV: "/src"}
+env = process_runtime_env(base, Path("/tmp/shims"))  # what the Agent gives a workload without image:
+configs = json.loads(os.environ["CONFIGS"])
+for name, setup, run in configs:
+    for command in ([setup] if setup else []) + [run + " --help"]:
+        done = subprocess.run(["bash", "-c", command], cwd="/src/examples", env=env, capture_output=True, text=True)
+        print(name, repr(command), "->", done.returncode, done.stderr[-800:], flush=True)
+        if done.returncode != 0:
+            sys.exit(1)
+print("CONFIGS-OK", len(configs))
+"""
+
+
+def test_every_config_runs_as_written_in_the_images_default_runtime(tmp_path: Path) -> None:
+    """Each configs/*.yaml's `setup` and `run` (the exact command line, `--help` appended so the CPU
+    VM stops after train.py imported torch and spotrun.checkpoint and parsed its arguments) in the
+    runtime the Agent gives a workload without `image:` on the emulated image: `python` is the
+    image's PyTorch environment, spotrun.checkpoint comes from the Agent's tree."""
+    import json
+
+    from spotrun.spec import load_spec
+
+    configs = []
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        spec = load_spec(path)
+        assert Path(spec.workdir or "").resolve() == (ROOT / "examples").resolve(), path
+        configs.append((path.name, spec.setup, spec.run.strip()))
+    code, out = run_in_vm(tmp_path, 'python3 -c "$DRIVER"', {"DRIVER": DRIVER, "CONFIGS": json.dumps(configs)})
+    assert code == 0, out
+    assert f"CONFIGS-OK {len(configs)}" in out, out
