@@ -328,3 +328,4 @@ def test_aws_boot_failures_end_the_job_with_the_boot_log(tmp_path: Path, aws: Mo
         assert "BOOT FAILED" in provider.console_output(first)  # EC2 keeps the console after termination
     assert live_ids() == []
     assert provider.list_owned(job) == []
+    assert vm_image.leftover_vms() == []  # no VM container left behind

@@ -135,3 +135,4 @@ def test_azure_boot_failures_end_the_job_with_the_boot_log(
         assert_failed_booting(result, controller, job, failure, limit=2)
         assert open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")
     assert [r["name"] for r in arm.of_kind("vm") + arm.of_kind("nic")] == []
+    assert vm_image.leftover_vms() == []  # no VM container left behind

@@ -145,3 +145,4 @@ def test_gcp_boot_failures_end_the_job_with_the_boot_log(
             assert_failed_booting(result, controller, job, failure, limit=2)
             assert open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")
     assert gce.instances == {}
+    assert vm_image.leftover_vms() == []  # no VM container left behind

@@ -276,7 +276,20 @@ def assert_failed_booting(
     assert f"{limit} boot failures (max_boot_failures {limit})" in result.reason, result.reason
     assert expect in result.reason, result.reason  # the boot log's own words
     assert "BOOT FAILED" in result.reason, result.reason
-    assert expect in controller.state.job(job_id).reason  # what `spotrun status` shows
+    assert expect in controller.state.job(job_id).reason
+    status = spotrun_status(controller, job_id)  # what the user sees
+    assert "FAILED" in status and expect in status and "boot_failed" in status, status
+
+
+def spotrun_status(controller: Controller, job_id: str) -> str:
+    """`spotrun status <job>` as a user runs it, on the controller's own state database."""
+    home = Path(controller.state.path).parent
+    env = {"PATH": "/usr/bin:/bin", "SPOTRUN_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "spotrun", "status", job_id], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def assert_booted_on_the_image(emulator: Any, instance_id: str) -> None:

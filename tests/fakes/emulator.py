@@ -212,7 +212,7 @@ class InstanceEmulator:
         if self.vm is not None:
             script = self.vm.script_of(instance_id)
             env = self.vm.env_of(instance_id, handle)
-            name = f"spotrun-vm-{os.getpid()}-{instance_id}"[:120]
+            name = f"{vm_image.vm_prefix()}{instance_id}"[:120]
             vm = vm_image.start_vm(name, script, env=env, console=log_path, index_url=self.vm.index_url)
             if self.vm.console is not None:
                 self.vm.console(instance_id, vm.read_console)

@@ -149,6 +149,17 @@ def start_vm(
     return VM(name, process, console, tmp)
 
 
+def vm_prefix() -> str:
+    """The container-name prefix of this test process's VMs (other processes' VMs are not ours)."""
+    return f"spotrun-vm-{os.getpid()}-"
+
+
+def leftover_vms() -> list[str]:
+    """This process's VM containers that still exist (running or not): none once an emulator stopped."""
+    done = subprocess.run([*PODMAN, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True, timeout=60)
+    return [n for n in done.stdout.split() if n.startswith(vm_prefix())]
+
+
 def wait_gone(vms: list[VM], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while any(vm.alive() for vm in vms) and time.monotonic() < deadline:
