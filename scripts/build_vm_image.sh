@@ -57,7 +57,7 @@ debootstrap --variant=minbase --include=python3 bookworm "$env_root" "$MIRROR" \
   >>"$work/build.log" 2>&1 || fail "debootstrap bookworm failed"
 rm -rf "$env_root/var/cache/apt/archives/"*.deb "$env_root/var/lib/apt/lists/"*
 say "torch (CPU) into the PyTorch environment ..."
-"$PY" -m pip install -q --no-compile --target "$env_root/usr/lib/python3/dist-packages" torch==2.13.0 numpy \
+"$PY" -m pip install -q --target "$env_root/usr/lib/python3/dist-packages" torch==2.13.0 numpy \
   >>"$work/build.log" 2>&1 || fail "pip install torch into the PyTorch environment failed"
 mkdir -p "$work/rootfs/opt/pytorch/bin"
 cat >"$work/rootfs/opt/pytorch/bin/python" <<'EOF'
