@@ -40,7 +40,7 @@ if ! command -v debootstrap >/dev/null 2>&1; then
 fi
 start=$(date +%s)
 work="$OUT.partial"
-rm -rf "$CACHE"/vm-*  # other recipes' images and half-built ones
+rm -rf "$CACHE"/vm-*.partial  # half-built ones (an older recipe's image stays: a test may be using it)
 mkdir -p "$work"
 fail() { say "$* (log: $work/build.log); the VM-image tests will skip"; exit 0; }
 
