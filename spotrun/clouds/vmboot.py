@@ -325,7 +325,15 @@ def install(boot, store, prefix):
     if requirements:
         pip = pip_command(home)
         run(
-            [*pip, "install", "--disable-pip-version-check", "--no-warn-script-location", "--retries", "2"]
+            [
+                *pip,
+                "install",
+                "--disable-pip-version-check",
+                "--no-warn-script-location",
+                "--no-compile",
+                "--retries",
+                "2",
+            ]
             + ["--timeout", "20", "--target", deps, *requirements],
             "pip install of the Agent's dependencies ({})".format(" ".join(requirements)),
         )
