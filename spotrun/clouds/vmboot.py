@@ -360,6 +360,15 @@ def start_agent(src, deps, boot_b64):
     return agent.wait()
 
 
+def agent_started(store, prefix, boot):
+    """Did the Agent get as far as its first heartbeat (then it is no boot failure)?"""
+    key = join(prefix, boot["job_prefix"], "attempts", str(boot["attempt"]), "heartbeat")
+    try:
+        return store.request("GET", key)[0] == 200
+    except Exception:  # noqa: BLE001 -- unknown: count it as not started, and ship the log
+        return False
+
+
 def ship_log(store, prefix, boot):
     """The boot log to `<job>/attempts/<n>/boot.log`, where the controller reads it."""
     try:
@@ -390,10 +399,10 @@ def main():
         store, prefix = open_store(boot["store_url"], boot.get("notice"))
         src, deps = install(boot, store, prefix)
         code = start_agent(src, deps, boot_b64)
-        if code != 0:
-            raise BootError(f"the Agent exited with {code}")
-        log("the Agent finished")
-        return 0
+        if code != 0 and not agent_started(store, prefix, boot):
+            raise BootError(f"the Agent exited with {code} before its first heartbeat; its output is above")
+        log(f"the Agent finished (exit {code})")  # past its start, the Agent reports for itself
+        return code
     except BootError as e:
         log(f"BOOT FAILED: {e}")
     except Exception as e:  # noqa: BLE001 -- anything else is a failed boot too, explained

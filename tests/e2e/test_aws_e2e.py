@@ -126,7 +126,8 @@ def preempted_then_finished(
             ("aws", "us-east-1b", "completed"),
         ], emu.report()
         assert resumed.format(step=saved) in emu.instance(attempts[1].instance_id).agent_log()
-        assert_booted_on_the_image(emu.emulator, attempts[1].instance_id)
+        for attempt in attempts:
+            assert_booted_on_the_image(emu.emulator, attempt.instance_id)
         assert state_reason(first) == SPOT_TERMINATION
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never interrupted

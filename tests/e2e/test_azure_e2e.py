@@ -105,7 +105,8 @@ def test_azure_evicted_then_finished_in_another_zone_bit_for_bit(
         ]
         assert arm.vm(attempts[1].instance_id) is None or attempts[1].instance_id not in arm.running_boots()
         assert f"RESUMED_FROM={saved}" in emu.instance(attempts[1].instance_id).agent_log()
-        assert_booted_on_the_image(emu.emulator, attempts[1].instance_id)
+        for attempt in attempts:
+            assert_booted_on_the_image(emu.emulator, attempt.instance_id)
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never evicted
     assert [r["name"] for r in arm.of_kind("vm") + arm.of_kind("nic")] == []  # nothing left behind

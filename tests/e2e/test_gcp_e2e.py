@@ -103,7 +103,8 @@ def test_gcp_preempted_then_finished_in_another_zone_bit_for_bit(
             ("gcp", "us-central1-b", "completed"),
         ]
         assert f"RESUMED_FROM={saved}" in emu.instance(attempts[1].instance_id).agent_log()
-        assert_booted_on_the_image(emu.emulator, attempts[1].instance_id)
+        for attempt in attempts:
+            assert_booted_on_the_image(emu.emulator, attempt.instance_id)
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never interrupted
     assert gce.instances == {}  # nothing left running (or billed)

@@ -303,3 +303,4 @@ def assert_booted_on_the_image(emulator: Any, instance_id: str) -> None:
     console = emulator.instance(instance_id).agent_log()
     assert "spotrun bootstrap: job" in console and ", python 3.9." in console, console[-3000:]
     assert "sha256 verified" in console and "starting the Agent: /usr/bin/python3 -m spotrun.agent" in console
+    assert "BOOT FAILED" not in console, console[-3000:]  # a preempted or finished attempt booted fine
