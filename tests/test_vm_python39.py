@@ -125,3 +125,17 @@ def test_every_config_runs_as_written_in_the_images_default_runtime(tmp_path: Pa
     code, out = run_in_vm(tmp_path, 'python3 -c "$DRIVER"', {"DRIVER": DRIVER, "CONFIGS": json.dumps(configs)})
     assert code == 0, out
     assert f"CONFIGS-OK {len(configs)}" in out, out
+
+
+def test_an_image_without_pip_or_venv_fails_the_boot_with_a_reason(tmp_path: Path) -> None:
+    """The bootstrap takes `python3 -m pip`, else pip from a venv; with neither it says what to do."""
+    probe = (
+        "from spotrun.clouds import vmboot\n"
+        "print('PIP', vmboot.pip_command('/tmp/h'))\n"
+        "import shutil; shutil.rmtree('/usr/lib/python3/dist-packages/pip')\n"
+        "try:\n    vmboot.pip_command('/tmp/h')\nexcept vmboot.BootError as e:\n    print('REFUSED', e)\n"
+    )
+    code, out = run_in_vm(tmp_path, 'cd /src && PYTHONPATH=/src python3 -c "$PROBE"', {"PROBE": probe})
+    assert code == 0, out
+    assert "PIP ['/usr/bin/python3', '-m', 'pip']" in out, out
+    assert "REFUSED this image's python3 has neither pip nor venv" in out, out
