@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 test-services: $(STAMP)
 	bash scripts/install_test_services.sh $(PY)
 	bash scripts/install_podman.sh
+	bash scripts/build_vm_image.sh $(PY)
 
 test: test-services
 	$(PY) -m pytest -q -ra

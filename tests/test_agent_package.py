@@ -1,17 +1,30 @@
 """The Agent a cloud VM installs: this spotrun packed into the job's store, fetched by the VM's
-bootstrap with its cloud's CLI, installable by pip."""
+bootstrap (spotrun/clouds/vmboot.py, standard library only) over the store's REST API with the VM's
+own identity, installable by pip."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from spotrun import __version__
 from spotrun.agent import package as agent_package
-from spotrun.clouds.base import Boot, render_bootstrap_script
+from spotrun.clouds import vmboot
+from spotrun.clouds.base import Boot, extract_boot, render_bootstrap_script
+from tests.fakes.storage_emulators import (  # noqa: F401  (fixtures)
+    Azurite,
+    azurite_fixture,
+    azurite_server_fixture,
+    make_azure_container,
+    unique,
+)
 
 
 def test_the_package_is_deterministic_and_carries_its_metadata() -> None:
@@ -41,55 +54,68 @@ def test_pip_installs_it_and_the_agent_imports_from_the_install(tmp_path: Path) 
     assert out.stdout.strip() == str(target / "spotrun" / "__init__.py")
 
 
-def fetch_with_stub_clis(tmp_path: Path, boot: Boot) -> tuple[int, str]:
-    """Run the bootstrap's own `fetch_agent` with stand-ins for aws/gcloud/gsutil/az that log their
-    arguments and write the file they were asked for."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(parents=True)
-    log = tmp_path / "calls.log"
-    for cli in ("aws", "gcloud", "gsutil", "az"):
-        stub = bin_dir / cli
-        stub.write_text(
-            "#!/bin/bash\n"
-            f'echo "{cli} $*" >> {log}\n'
-            'for i in "$@"; do last="$i"; done\n'
-            'prev=""; for i in "$@"; do [ "$prev" = "-f" ] && last="$i"; prev="$i"; done\n'
-            '[[ "$last" == /* ]] && echo agent > "$last"\n'
-            "exit 0\n"
-        )
-        stub.chmod(0o755)
+def test_the_package_declares_python_39_and_each_clouds_vm_requirements() -> None:
+    with tarfile.open(agent_package.build().path) as tar:
+        pyproject = tar.extractfile("pyproject.toml").read().decode()  # type: ignore[union-attr]
+        vm = json.loads(tar.extractfile("vm-requirements.json").read())  # type: ignore[union-attr]
+    assert 'requires-python = ">=3.9"' in pyproject
+    assert vm == {
+        "aws": ["boto3>=1.34"],
+        "gcp": ["google-cloud-storage>=2.16"],
+        "azure": ["azure-identity>=1.16", "azure-storage-blob>=12.20"],
+    }  # the store SDKs only: a VM never installs the compute SDKs, the CLI's deps or torch
+
+
+def test_the_bootstrap_carries_no_credential_and_fits_aws_user_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-key-value",
+        "AZURE_STORAGE_CONNECTION_STRING": "AccountKey=k",
+    }.items():
+        monkeypatch.setenv(name, value)
+    boot = Boot("j", 1, "s3://b/p", "jobs/j", spotrun_package="s3://b/p/agent/x.tar.gz", spotrun_sha256="ab" * 32)
     script = render_bootstrap_script(boot)
-    head = script[: script.index("python3 -m venv")]  # everything before the install: exports + fetch_agent
-    head = head.replace("trap 'shutdown -h now' EXIT", "").replace("AGENT=/tmp/", f"AGENT={tmp_path}/")
-    body = head + 'fetch_agent && test -s "$AGENT"\n'
-    proc = subprocess.run(
-        ["bash", "-c", body], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, capture_output=True, text=True, timeout=30
-    )
-    return proc.returncode, log.read_text() if log.exists() else ""
+    assert len(script.encode()) < 16384  # EC2's user-data limit
+    assert "s3cr3t" not in script and "AccountKey" not in script
+    assert "aws s3" not in script and "gcloud" not in script and "az login" not in script  # no cloud CLI needed
+    assert extract_boot(script) == boot
 
 
-def boot_for(url: str, extra: str, **env: str) -> Boot:
-    return Boot("j", 1, url.rsplit("/agent/", 1)[0], "jobs/j", spotrun_package=url, extra=extra, env=env)
+def test_sigv4_matches_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM's own S3 signer (stdlib only) signs exactly as botocore does, at the same instant."""
+    import datetime
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    creds = {
+        "AccessKeyId": "AKIDEXAMPLE",
+        "SecretAccessKey": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        "Token": "tok",
+    }
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: when)
+    for method, body in (("GET", b""), ("PUT", b"boot log\n")):
+        url = "https://bkt.s3.eu-west-1.amazonaws.com/runs/jobs/j-1/attempts/2/boot.log"
+        ours = vmboot.sigv4_headers(method, url, "eu-west-1", creds, body, now=when)
+        request = AWSRequest(
+            method=method, url=url, data=body, headers={"x-amz-content-sha256": ours["x-amz-content-sha256"]}
+        )
+        botocore.auth.S3SigV4Auth(
+            Credentials("AKIDEXAMPLE", creds["SecretAccessKey"], "tok"), "s3", "eu-west-1"
+        ).add_auth(request)
+        assert ours["Authorization"] == request.headers["Authorization"]
 
 
-def test_the_bootstrap_fetches_the_package_with_each_clouds_cli(tmp_path: Path) -> None:
-    code, calls = fetch_with_stub_clis(tmp_path / "s3", boot_for("s3://bkt/runs/agent/spotrun-x.tar.gz", "aws"))
-    assert code == 0 and calls.startswith("aws s3 cp --only-show-errors s3://bkt/runs/agent/spotrun-x.tar.gz ")
-    code, calls = fetch_with_stub_clis(tmp_path / "gs", boot_for("gs://bkt/runs/agent/spotrun-x.tar.gz", "gcp"))
-    assert code == 0 and calls.startswith("gcloud storage cp gs://bkt/runs/agent/spotrun-x.tar.gz ")
-    code, calls = fetch_with_stub_clis(
-        tmp_path / "az", boot_for("az://ckpt/runs/agent/spotrun-x.tar.gz", "azure", AZURE_STORAGE_ACCOUNT="acme")
-    )
-    assert code == 0
-    login, download = calls.splitlines()
-    assert login == "az login --identity"
-    assert "--account-name acme -c ckpt -n runs/agent/spotrun-x.tar.gz -f" in download
-    code, calls = fetch_with_stub_clis(tmp_path / "az2", boot_for("az://ckpt@other/agent/spotrun-y.tar.gz", "azure"))
-    assert code == 0 and "--account-name other -c ckpt -n agent/spotrun-y.tar.gz -f" in calls
-
-
-def test_without_a_package_the_bootstrap_falls_back_to_the_index(tmp_path: Path) -> None:
-    script = render_bootstrap_script(Boot("j", 1, "s3://b/p", "jobs/j", spotrun_spec="spotrun[aws]==0.1.0"))
-    assert "PKG=''" in script and "pip install -q 'spotrun[aws]==0.1.0'" in script
-    code, calls = fetch_with_stub_clis(tmp_path, Boot("j", 1, "s3://b/p", "jobs/j"))
-    assert code != 0 and calls == ""  # no package: nothing fetched, the else branch installs from the index
+def test_the_vm_reads_and_writes_azure_blob_signed_with_shared_key(
+    azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azurite checks SharedKey signatures: a wrong one is refused (403), ours is accepted."""
+    container = unique("vmboot")
+    make_azure_container(azurite, container)
+    store, prefix = vmboot.open_store(f"az://{container}/runs", {})
+    assert store.request("PUT", "runs/jobs/j/attempts/1/boot.log", b"hello from the VM\n")[0] == 201
+    status, data = store.request("GET", "runs/jobs/j/attempts/1/boot.log")
+    assert (status, data, prefix) == (200, b"hello from the VM\n", "runs")
+    store.key = base64.b64encode(b"not the account key").decode()
+    assert store.request("GET", "runs/jobs/j/attempts/1/boot.log")[0] == 403

@@ -106,6 +106,11 @@ class ScriptedProvider(Provider):
                 json.dumps({"code": code, "reason": reason}).encode(),
             )
             return InstanceState(InstanceStatus.EXITED, exit_code=code)
+        if outcome == "run-then-hang":  # one heartbeat, then silence
+            outcome = "hang"
+            self.fate[instance.instance_id] = (outcome, boot)
+            beat = json.dumps({"at": self.clock.now(), "phase": "running"}).encode()
+            self.store.put_bytes(f"jobs/{boot.job_id}/attempts/{boot.attempt}/heartbeat", beat)
         if outcome == "run":  # a live Agent heartbeats; "hang" does not
             beat = json.dumps({"at": self.clock.now(), "phase": "running"}).encode()
             self.store.put_bytes(f"jobs/{boot.job_id}/attempts/{boot.attempt}/heartbeat", beat)
@@ -128,7 +133,7 @@ SPEC = """
 name: ctl
 resources: {{gpu: "A100:1"}}
 run: python train.py
-recovery: {{max_restarts: {restarts}, zone_cooldown: 1h}}
+recovery: {{max_restarts: {restarts}, zone_cooldown: 1h{recovery}}}
 {extra}
 """
 
@@ -141,10 +146,10 @@ def env(tmp_path: Path):
     return state, store, clock
 
 
-def make(env, script, offers, restarts: int = 1, extra: str = "", tmp: Path | None = None):
+def make(env, script, offers, restarts: int = 1, extra: str = "", tmp: Path | None = None, recovery: str = ""):
     state, store, clock = env
     spec_file = Path(store.root).parent / "job.yaml"
-    spec_file.write_text(SPEC.format(restarts=restarts, extra=extra))
+    spec_file.write_text(SPEC.format(restarts=restarts, extra=extra, recovery=recovery))
     spec = load_spec(spec_file)
     provider = ScriptedProvider(store, script, clock)
     controller = Controller(
@@ -238,12 +243,38 @@ def test_budget_exhausted_stops_with_exit_4(env):
     assert provider.list_owned(job) == []
 
 
-def test_an_instance_without_heartbeats_is_replaced(env):
-    controller, provider, job = make(env, {"a": ["hang"], "b": [("exit", 0)]}, [offer("a", 1.0), offer("b", 1.5)])
+def test_an_instance_whose_agent_never_starts_is_a_boot_failure_and_replaced(env):
+    """No first heartbeat within the boot allowance (counted from "running"): a boot failure, with
+    the boot log the VM left in the store."""
+    script = {"a": ["hang", ("exit", 0)], "b": [("exit", 0)]}
+    controller, provider, job = make(env, script, [offer("a", 1.0), offer("b", 1.5)])
+    env[1].put_bytes(f"jobs/{job}/attempts/1/boot.log", b"pip: no route to host\n[spotrun-boot] BOOT FAILED: pip\n")
+    assert controller.run(job).exit_code == 0
+    assert reasons(env[0], job) == [("a", "boot_failed"), ("a", "completed")]  # not the zone's fault: no cooldown
+    detail = env[0].attempts(job)[0].detail
+    assert "after the cloud reported the VM running (recovery.boot_timeout)" in detail and "BOOT FAILED: pip" in detail
+    assert not any(f.alive for f in provider.launched)
+
+
+def test_max_boot_failures_fail_the_job_with_the_boot_log(env):
+    script = {"a": ["hang", "hang", ("exit", 0)]}
+    controller, provider, job = make(env, script, [offer("a", 1.0)], restarts=0, recovery=", max_boot_failures: 2")
+    for n in (1, 2):
+        env[1].put_bytes(f"jobs/{job}/attempts/{n}/boot.log", f"line one\nBOOT FAILED: attempt {n}\n".encode())
+    result = controller.run(job)
+    assert (result.status.value, result.exit_code) == ("FAILED", 1)
+    assert reasons(env[0], job) == [("a", "boot_failed"), ("a", "boot_failed")]  # a boot failure cools no zone
+    assert "2 boot failures (max_boot_failures 2)" in result.reason and "BOOT FAILED: attempt 2" in result.reason
+    assert not any(f.alive for f in provider.launched)
+
+
+def test_an_agent_that_stops_heartbeating_is_lost(env):
+    controller, provider, job = make(
+        env, {"a": ["run-then-hang"], "b": [("exit", 0)]}, [offer("a", 1.0), offer("b", 1.5)]
+    )
     assert controller.run(job).exit_code == 0
     assert reasons(env[0], job) == [("a", "lost"), ("b", "completed")]
     assert env[0].attempts(job)[0].detail == "no heartbeat"
-    assert not any(f.alive for f in provider.launched)
 
 
 def test_cancel_terminates_everything_with_exit_130(env):

@@ -8,7 +8,6 @@ import errno
 import hashlib
 import json
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from spotrun.agent.fetch import AgentFailure, fetch_bundle, fetch_store_data
 from spotrun.agent.sync import CheckpointUploader, restore_latest
 from spotrun.bundle import pack_dir, pack_path
 from spotrun.checkpoint.format import MANIFEST_NAME, latest_checkpoint, write_manifest
-from spotrun.clouds.base import Boot, render_bootstrap_script
+from spotrun.clouds.base import Boot
 from spotrun.clouds.store import LocalStore
 from spotrun.control.records import ExitRecord, Heartbeat
 from spotrun.control.state import JobStatus
@@ -193,23 +192,25 @@ def test_a_poisoned_code_bundle_is_refused(tmp_path: Path) -> None:
     assert err.value.kind == "bundle"
 
 
-def test_a_poisoned_agent_package_is_not_installed(tmp_path: Path) -> None:
-    good = tmp_path / "good.tar.gz"
-    good.write_bytes(b"the package the controller built")
-    boot = Boot("j", 1, "s3://b", "jobs/j", spotrun_package="s3://b/agent/x.tar.gz",
-                spotrun_package_sha256=hashlib.sha256(good.read_bytes()).hexdigest())  # fmt: skip
-    script = render_bootstrap_script(boot)
-    lines = [line for line in script.splitlines() if line.startswith(("PKG", "verify_agent()"))]
-    assert len(lines) == 3
-    agent = tmp_path / "agent.tar.gz"
+def test_a_poisoned_agent_package_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM's bootstrap (clouds/vmboot.py, run on the image's python3) checks the package's
+    sha256 against the one the controller recorded before unpacking or installing anything."""
+    from spotrun.clouds import vmboot
 
-    def verified(content: bytes) -> bool:
-        agent.write_bytes(content)
-        shell = "\n".join([*lines, f"AGENT={agent}", "verify_agent"])
-        return subprocess.run(["bash", "-c", shell], check=False).returncode == 0
+    good = b"the package the controller built"
 
-    assert verified(good.read_bytes())
-    assert not verified(b"a swapped package")  # falls back to the package index instead
+    class Store:
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def request(self, method: str, key: str) -> tuple[int, bytes]:
+            return 200, self.data
+
+    monkeypatch.setattr(vmboot, "INSTALL_ROOT", str(tmp_path / "opt"))
+    boot = {"spotrun_package": "s3://b/agent/x.tar.gz", "spotrun_sha256": hashlib.sha256(good).hexdigest()}
+    with pytest.raises(vmboot.BootError, match="corrupt Agent package"):
+        vmboot.install(boot, Store(b"a swapped package"), "")
+    assert not (tmp_path / "opt").exists() or not any((tmp_path / "opt").rglob("*"))
 
 
 def test_the_controller_reuploads_a_content_addressed_key_holding_other_bytes(env, tmp_path: Path) -> None:

@@ -335,7 +335,7 @@ def test_full_spec_loads_with_units_paths_and_names_normalized(tmp_path: Path) -
     assert (spec.checkpoint.dir, spec.checkpoint.interval, spec.checkpoint.keep) == ("/ckpt", 1800.0, 2)
     assert spec.recovery.model_dump() == {
         "max_restarts": 5, "max_preemptions": 20, "zone_cooldown": 3600.0, "on_demand_fallback": False,
-        "policy": "spotrun", "capacity_wait": 600.0,
+        "policy": "spotrun", "capacity_wait": 600.0, "max_boot_failures": 3, "boot_timeout": None,
     }  # fmt: skip
     assert spec.budget == 1250.5 and spec.deadline == 172800.0
     w = spec.workload
@@ -543,3 +543,15 @@ def test_unknown_relaunch_policy_lists_the_known_ones(tmp_path):
         "job.yaml:4:11: recovery.policy: unknown policy 'yolo'; "
         "allowed: on-demand, greedy, failover, uniform-progress, spotrun"
     )
+
+
+def test_boot_failure_settings_take_units_and_refuse_nonsense(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        'name: x\nrun: python train.py\nresources: {gpu: "T4:1"}\nrecovery: {max_boot_failures: 5, boot_timeout: 20m}\n'
+    )
+    spec = load_spec(path)
+    assert (spec.recovery.max_boot_failures, spec.recovery.boot_timeout) == (5, 1200.0)
+    path.write_text('name: x\nrun: python train.py\nresources: {gpu: "T4:1"}\nrecovery: {max_boot_failures: 0}\n')
+    with pytest.raises(SpecError, match="max_boot_failures"):
+        load_spec(path)

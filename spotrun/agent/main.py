@@ -203,7 +203,7 @@ class Agent:
         env.update(job.env)
         env.update(self._secrets)
         names = ("CHECKPOINT_DIR", "DATA_DIR", "OUTPUT_DIR", "NOTICE_FILE", "PROGRESS_FILE")
-        env.update({f"SPOTRUN_{n}": v for n, v in zip(names, dirs, strict=True)})
+        env.update({f"SPOTRUN_{n}": v for n, v in zip(names, dirs)})  # noqa: B905 (3.9 on VMs)
         env["SPOTRUN_JOB_ID"] = self.boot.job_id
         env["SPOTRUN_ATTEMPT"] = str(self.boot.attempt)
         return env

@@ -5,13 +5,16 @@ whether or not spotrun is on a package index the VM can reach.
 The archive holds a generated `pyproject.toml` (name, version, dependencies and extras read from
 the installed package's own metadata) and the `spotrun/` package files. It is content-addressed
 (`agent/spotrun-<version>-<sha>.tar.gz` at the store's root), so it is uploaded once per code
-version and shared by every job in the store. The VM's bootstrap fetches it with its own cloud
-identity (`aws s3 cp`, `gcloud storage cp`, `az storage blob download`) and falls back to
-`pip install spotrun==<version>` where that fails.
+version and shared by every job in the store. The VM's bootstrap (clouds/vmboot.py) fetches it
+over the store's REST API with the VM's own identity, checks its sha256 against the boot record,
+unpacks it and puts it on PYTHONPATH (no venv needed). The Agent's side of spotrun runs on Python
+3.9 and newer (`requires-python` below says so); `vm-requirements.json` lists, per cloud, the
+only dependencies a VM pip-installs from its package index: that cloud's store SDK.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -23,6 +26,9 @@ from spotrun import __version__
 AGENT_PREFIX = "agent"
 SKIPPED = {"__pycache__"}
 EXTRAS = ("aws", "gcp", "azure")  # what a VM may need; never the dev or train extras
+# Of each cloud's extra, what the Agent imports on a VM (its store client); not the compute SDKs.
+VM_PACKAGES = {"aws": ("boto3",), "gcp": ("google-cloud-storage",), "azure": ("azure-storage-blob", "azure-identity")}
+VM_PYTHON = ">=3.9"
 
 
 def _requirements() -> tuple[list[str], dict[str, list[str]]]:
@@ -53,7 +59,7 @@ def pyproject_text() -> str:
         "[project]",
         'name = "spotrun"',
         f'version = "{__version__}"',
-        'requires-python = ">=3.10"',
+        f'requires-python = "{VM_PYTHON}"',
         f"dependencies = {_toml_list(core)}",
         "",
         "[project.optional-dependencies]",
@@ -69,6 +75,16 @@ def pyproject_text() -> str:
     return "\n".join(lines)
 
 
+def vm_requirements() -> dict[str, list[str]]:
+    """{cloud: pip requirements a VM of that cloud installs}, with the versions spotrun declares."""
+    _, extras = _requirements()
+    out: dict[str, list[str]] = {}
+    for cloud, names in VM_PACKAGES.items():
+        wanted = [r for r in extras.get(cloud, []) if re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() in names]
+        out[cloud] = sorted(wanted)
+    return out
+
+
 def build(dest: Path | None = None):  # -> spotrun.bundle.Packed
     """Pack the running spotrun as an installable source archive; same code → same sha256."""
     from spotrun.bundle import pack_path
@@ -78,6 +94,7 @@ def build(dest: Path | None = None):  # -> spotrun.bundle.Packed
         staging = Path(tmp) / "src"
         shutil.copytree(package, staging / "spotrun", ignore=shutil.ignore_patterns(*SKIPPED, "*.pyc"))
         (staging / "pyproject.toml").write_text(pyproject_text())
+        (staging / "vm-requirements.json").write_text(json.dumps(vm_requirements(), indent=1, sort_keys=True))
         return pack_path(staging, dest=dest)
 
 

@@ -22,15 +22,74 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from spotrun.agent.procs import group_members, signal_group
 
 # mount points inside a container (the checkpoint mount point comes from the job)
 CTR_WORK, CTR_DATA, CTR_OUTPUT, CTR_META = "/work", "/data", "/output", "/spotrun"
+CTR_LIB = "/opt/spotrun-lib"  # the Agent's own spotrun tree, read-only: `import spotrun.checkpoint`
+
+# Where images keep a separate PyTorch environment (tried in order when the job has no `image:`):
+# $SPOTRUN_PYTHON_ENV, the emulated test image's, the AWS Deep Learning AMIs' conda env, conda.
+PYTORCH_ENVS = ("/opt/pytorch/bin", "/opt/conda/envs/pytorch/bin", "/opt/conda/bin")
+# Set by the VM bootstrap (clouds/vmboot.py): the folder holding the Agent's `spotrun` package and
+# nothing else, so a workload on another Python imports spotrun.checkpoint, never the Agent's deps.
+LIB_ENV = "SPOTRUN_CHECKPOINT_PYTHONPATH"
+
+
+def process_runtime_env(env: dict[str, str], shims: Path) -> dict[str, str]:
+    """The default runtime (no `image:`): the image's PyTorch environment first on PATH, a `python`
+    command even where the image has only `python3` (Ubuntu), and spotrun.checkpoint importable.
+
+    Only on a VM the bootstrap installed (LIB_ENV set): a local instance keeps its caller's PATH."""
+    lib = env.get(LIB_ENV)
+    if not lib:
+        return env
+    out = dict(env)
+    current = out.get("PYTHONPATH", "")
+    user_path = "" if current == os.environ.get("PYTHONPATH", "") else current  # the job's own, kept
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (lib, user_path) if p)
+    found = [out["SPOTRUN_PYTHON_ENV"]] if out.get("SPOTRUN_PYTHON_ENV") else []
+    found += [d for d in PYTORCH_ENVS if Path(d, "python").exists()]
+    path = os.pathsep.join([*found[:1], out.get("PATH", "/usr/local/bin:/usr/bin:/bin")])
+    if shutil.which("python", path=path) is None and (python3 := shutil.which("python3", path=path)):
+        shims.mkdir(parents=True, exist_ok=True)
+        link = shims / "python"
+        if not link.exists():
+            link.symlink_to(python3)
+        path = os.pathsep.join([str(shims), path])
+    out["PATH"] = path
+    return out
+
+
+def gpu_args(cli: list[str], extra_args: list[str]) -> list[str]:
+    """How this container CLI passes every GPU, and a shared-memory size fit for DataLoader workers:
+    docker `--gpus all`; podman through CDI (`--device nvidia.com/gpu=all`) where CDI specs exist;
+    `--ipc=host` unless the job chose --ipc or --shm-size itself."""
+    args: list[str] = []
+    has_gpu = Path("/dev/nvidia0").exists()
+    if _flavor(cli) == "docker" and has_gpu and "--gpus" not in extra_args:
+        args += ["--gpus", "all"]
+    cdi = [*Path("/etc/cdi").glob("nvidia*"), *Path("/var/run/cdi").glob("nvidia*")]
+    if _flavor(cli) == "podman" and has_gpu and cdi and "--device" not in extra_args:
+        args += ["--device", "nvidia.com/gpu=all"]
+    if not any(a.startswith(("--ipc", "--shm-size")) for a in extra_args):
+        args += ["--ipc=host"]
+    return args
+
+
+def own_process_group() -> dict[str, Any]:
+    """Popen arguments that start the child in a process group of its own (same session).
+    `process_group=` is 3.11+; the Agent also runs on a VM's Python 3.9, where `setpgid` in the
+    child (`preexec_fn`) does the same."""
+    if sys.version_info >= (3, 11):  # noqa: UP036 -- the VM's python3 may be 3.9
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}
 
 
 class WorkloadError(Exception):
@@ -151,11 +210,11 @@ class ProcessWorkload(Workload):
         self._proc = subprocess.Popen(
             ["/bin/sh", str(entry)],
             cwd=paths.work,
-            env=env,
+            env=process_runtime_env(env, paths.meta / "shims"),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            process_group=0,  # its own group, same session as the Agent (see launcher.kill_agent)
+            **own_process_group(),  # its own group, same session as the Agent (see launcher.kill_agent)
         )
         assert self._proc.stdout is not None
         self.output = self._proc.stdout
@@ -273,10 +332,13 @@ class ContainerWorkload(Workload):
             (paths.meta, CTR_META),
         ):
             args += ["-v", f"{host}:{ctr}"]
+        lib = os.environ.get(LIB_ENV)
+        if lib:  # the Agent's spotrun (pure Python), so `import spotrun.checkpoint` works as is
+            args += ["-v", f"{lib}:{CTR_LIB}:ro"]
+            env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (CTR_LIB, env.get("PYTHONPATH", "")) if p)}
         for key in sorted(env):
             args += ["-e", key]  # names only: values travel in the client's environment, not argv
-        if _flavor(cli) == "docker" and Path("/dev/nvidia0").exists() and "--gpus" not in extra_args:
-            args += ["--gpus", "all"]
+        args += gpu_args(cli, extra_args)
         args += [*extra_args, image, "sh", f"{CTR_META}/entry.sh"]
         self._proc = subprocess.Popen(
             args,
@@ -285,7 +347,7 @@ class ContainerWorkload(Workload):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            process_group=0,
+            **own_process_group(),
         )
         assert self._proc.stdout is not None
         self.output = self._proc.stdout

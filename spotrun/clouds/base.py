@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 import json
 import shlex
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,7 +67,12 @@ class Throttled(ProviderError):
 # --------------------------------------------------------------------------- instances
 
 
-class InstanceStatus(StrEnum):
+class InstanceStatus(str, Enum):  # noqa: UP042 -- StrEnum is 3.11+
+    """A string enum (`enum.StrEnum` is 3.11+; this module also runs on a VM's Python 3.9)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
     PENDING = "pending"
     RUNNING = "running"
     PREEMPTED = "preempted"  # taken back by the cloud (spot interruption)
@@ -127,9 +133,9 @@ class Boot:
     env: dict[str, str] = field(default_factory=dict)  # extra non-secret env for the Agent
     spotrun_spec: str = ""  # pip requirement to install spotrun on a fresh VM, e.g. "spotrun[aws]==0.1.0"
     spotrun_package: str = ""  # store URL of the Agent package (spotrun/agent/package.py), tried first
-    spotrun_package_sha256: str = ""  # its sha256: checked before pip sees it (else the index is used)
     extra: str = ""  # the pip extra the VM needs for its cloud's store: "aws", "gcp" or "azure"
     labels: dict[str, str] = field(default_factory=dict)  # the spec's `labels:`, put on the cloud resources
+    spotrun_sha256: str = ""  # of the Agent package: the VM refuses a package that does not match
 
     def to_b64(self) -> str:
         return base64.b64encode(json.dumps(asdict(self), sort_keys=True).encode()).decode()
@@ -143,52 +149,40 @@ BOOT_MARKER = "SPOTRUN_BOOT_B64="
 
 
 def render_bootstrap_script(boot: Boot) -> str:
-    """The cloud-init / startup script: install spotrun, start the Agent with the boot record.
+    """The cloud-init / startup script, run as root by the image's own shell and `python3` (>= 3.9).
 
-    Shared by every cloud provider; the instance emulators in tests read the boot record back
-    with `extract_boot`, and run the same Agent.
+    It carries the boot record and the program `spotrun/clouds/vmboot.py` (compressed: AWS allows
+    16 KB of user-data), which fetches the Agent package from the store with the VM's own identity,
+    checks its sha256, installs it, ships the boot log to the store when the boot fails, and runs
+    the Agent. Shared by every cloud provider; the instance emulators in tests run it unmodified.
     """
-    requirement = boot.spotrun_spec or "spotrun"
-    extra = f"[{boot.extra}]" if boot.extra else ""
+    program = base64.b64encode(zlib.compress(_vmboot_source(), 9)).decode()
     return "\n".join(
         [
             "#!/bin/bash",
             "# spotrun bootstrap: installs the Agent and starts it. Contains no credentials.",
-            "set -euo pipefail",
             "# Whatever happens (a failed install included), the VM powers off when this script ends, so",
             "# it stops billing even before the controller's sweep (AWS and GCP instances are launched to",
             "# be deleted on shutdown; an Azure VM stops billing only once the controller deletes it).",
-            "trap 'shutdown -h now' EXIT",
+            "trap 'shutdown -h now 2>/dev/null || poweroff 2>/dev/null || true' EXIT",
             f"export {BOOT_MARKER}{boot.to_b64()}",
             *(f"export {k}={shlex.quote(v)}" for k, v in sorted(boot.env.items())),
-            f"PKG={shlex.quote(boot.spotrun_package)}",
-            f"PKG_SHA256={shlex.quote(boot.spotrun_package_sha256)}",
-            "AGENT=/tmp/spotrun-agent.tar.gz",
-            "# The Agent package from the job's store, read with this VM's own identity (the same code",
-            "# as the controller that launched it); else the package index.",
-            "fetch_agent() {",
-            '  case "$PKG" in',
-            '    s3://*) aws s3 cp --only-show-errors "$PKG" "$AGENT" ;;',
-            '    gs://*) gcloud storage cp "$PKG" "$AGENT" || gsutil -q cp "$PKG" "$AGENT" ;;',
-            "    az://*) rest=${PKG#az://}; first=${rest%%/*}; blob=${rest#*/}; container=${first%%@*}",
-            '      account=${first#*@}; [ "$account" = "$first" ] && account=${AZURE_STORAGE_ACCOUNT:-}',
-            "      az login --identity >/dev/null && az storage blob download --auth-mode login \\",
-            '        --account-name "$account" -c "$container" -n "$blob" -f "$AGENT" >/dev/null ;;',
-            "    *) return 1 ;;",
-            "  esac",
-            "}",
-            "python3 -m venv /opt/spotrun || true",
-            "# Installed only if it is the very package the controller built (a swapped object is refused).",
-            'verify_agent() { [ -n "$PKG_SHA256" ] && echo "$PKG_SHA256  $AGENT" | sha256sum -c --status; }',
-            'if [ -n "$PKG" ] && fetch_agent && verify_agent; then',
-            f'  /opt/spotrun/bin/pip install -q "$AGENT{extra}"',
-            "else",
-            f"  /opt/spotrun/bin/pip install -q {shlex.quote(requirement)}",
+            "if ! command -v python3 >/dev/null; then",
+            '  echo "[spotrun-boot] BOOT FAILED: this image has no python3 (the Agent needs 3.9 or newer)"',
+            "  exit 1",
             "fi",
-            "/opt/spotrun/bin/python -m spotrun.agent",
+            "# the program is spotrun/clouds/vmboot.py of the controller's spotrun, zlib + base64",
+            'python3 -c \'import base64, sys, zlib; sys.argv[0] = "vmboot"; '
+            f'exec(compile(zlib.decompress(base64.b64decode("{program}")), "vmboot", "exec"))\'',
             "",
         ]
     )
+
+
+def _vmboot_source() -> bytes:
+    from pathlib import Path
+
+    return (Path(__file__).parent / "vmboot.py").read_bytes()
 
 
 def extract_boot(script: str) -> Boot:
@@ -206,6 +200,9 @@ class Provider(ABC):
     """One cloud (or the local simulated market)."""
 
     name: str
+    # seconds from "the cloud reports the VM running" to the Agent's first heartbeat before the boot
+    # counts as failed (`recovery.boot_timeout` overrides it); None: the controller's default
+    boot_timeout: float | None = None
 
     @classmethod
     def options_from_spec(cls, spec: Any) -> dict[str, Any]:
@@ -244,6 +241,11 @@ class Provider(ABC):
         """Ask the instance to stop, giving its Agent `grace` seconds to checkpoint (as on a
         preemption notice). Default: terminate, whose OS shutdown sends the Agent SIGTERM."""
         self.terminate(instance)
+
+    def console_output(self, instance: Instance) -> str:
+        """The instance's console (serial port) output, where a failed boot leaves its log when it
+        could not write to the store; "" where the cloud keeps none."""
+        return ""
 
     def release_job(self, job_id: str) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Delete what the provider created for this job only (e.g. an IAM role), once it ended."""

@@ -137,10 +137,10 @@ class LaunchingMixin(ControllerCore):
             job_prefix=job_prefix(job.id),
             spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
             spotrun_package=self._agent_package(store_url) if cloud else "",
-            spotrun_package_sha256=self._agent_packed.sha256 if cloud else "",
             extra=offer.provider if cloud else "",
             env=secrets_env,
             labels=dict(spec.labels),
+            spotrun_sha256=self._agent_packed.sha256 if cloud and self._agent_packed else "",
         )
         try:
             instance = self._with_retries(

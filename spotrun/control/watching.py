@@ -102,11 +102,13 @@ class WatchingMixin(ControllerCore):
                     reason += f": {exit_rec.error}"
                 raise JobFinished(JobStatus.FAILED, EXIT_FAILED, reason, job_exit_code=code)
             return
+        heartbeat = read_heartbeat(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/heartbeat")
+        if heartbeat is None and self._check_boot(job, spec, attempt, provider, instance, st, store, now):
+            return
         if st.status in (InstanceStatus.TERMINATED, InstanceStatus.FAILED):
             self._end(provider, instance, job, attempt, "lost", exit_rec, st)
             return
 
-        heartbeat = read_heartbeat(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/heartbeat")
         self._check_heartbeat(provider, instance, job, attempt, st, heartbeat, now)
         self._check_limits(job, spec, now, running=(provider, instance, attempt))
         self._reconsider(job, spec, attempt, provider, instance, st, now)
@@ -216,11 +218,88 @@ class WatchingMixin(ControllerCore):
         heartbeat: dict[str, Any] | None,
         now: float,
     ) -> None:
-        if st.status != InstanceStatus.RUNNING or attempt.started_at is None:
-            return
-        last = heartbeat["at"] if heartbeat and heartbeat.get("at") is not None else attempt.started_at
+        if st.status != InstanceStatus.RUNNING or attempt.started_at is None or heartbeat is None:
+            return  # before the first heartbeat, the boot allowance applies (_check_boot)
+        last = heartbeat["at"] if heartbeat.get("at") is not None else attempt.started_at
         if now - last > self.options.heartbeat_timeout:
             self._end(provider, instance, job, attempt, "lost", None, st, detail="no heartbeat")
+
+    # ------------------------------------------------------------------ boot failures
+
+    @property
+    def _boot_clock(self) -> dict[tuple[str, int], float]:
+        """(job, attempt) -> when the cloud first reported its VM running (this controller's view)."""
+        return self.__dict__.setdefault("_boot_clock_", {})
+
+    def _boot_timeout(self, spec: JobSpec, provider: Provider) -> float:
+        """`recovery.boot_timeout`, else the cloud's default (`Provider.boot_timeout`), else the
+        controller's heartbeat timeout (the local provider)."""
+        chosen = spec.recovery.boot_timeout or getattr(provider, "boot_timeout", None)
+        return float(chosen or self.options.heartbeat_timeout)
+
+    def _check_boot(
+        self,
+        job: Job,
+        spec: JobSpec,
+        attempt: Attempt,
+        provider: Provider,
+        instance: Instance,
+        st: InstanceState,
+        store: Any,
+        now: float,
+    ) -> bool:
+        """An attempt whose Agent has not sent its first heartbeat is still booting. Its boot failed
+        when the VM went away, or when the boot allowance passed since the cloud first reported it
+        running (or since launch, for a VM the cloud never reported running). A boot failure ends
+        the attempt with the boot log's last lines; `max_boot_failures` of them fail the job."""
+        key = (job.id, attempt.n)
+        if st.status == InstanceStatus.RUNNING:
+            self._boot_clock.setdefault(key, now)
+        gone = st.status in (InstanceStatus.TERMINATED, InstanceStatus.FAILED)
+        timeout = self._boot_timeout(spec, provider)
+        since = self._boot_clock.get(key, attempt.started_at)
+        if not gone and (since is None or now - since <= timeout):
+            return False
+        if gone:
+            why = "the VM stopped before the Agent started"
+        elif key in self._boot_clock:
+            why = f"no Agent {timeout:.0f}s after the cloud reported the VM running (recovery.boot_timeout)"
+        else:
+            why = f"the cloud did not report the VM running within {timeout:.0f}s (recovery.boot_timeout)"
+        tail = self._boot_log_tail(job, attempt, provider, instance, store)
+        last = tail.splitlines()[-1] if tail else "no boot log"
+        self._end(provider, instance, job, attempt, "boot_failed", None, st, detail=f"{why}; {last}")
+        if attempt.n != getattr(self.state.open_attempt(job.id), "n", None):  # the attempt did end
+            self._boot_clock.pop(key, None)
+            self.state.add_event(job.id, now, "boot_failed", f"attempt {attempt.n}: {why}\n{tail}")
+            failures = sum(1 for a in self.state.attempts(job.id) if a.end_reason == "boot_failed")
+            limit = spec.recovery.max_boot_failures
+            if failures >= limit:
+                reason = f"{failures} boot failures (max_boot_failures {limit}): {why}. The boot log ends:\n{tail}"
+                raise JobFinished(JobStatus.FAILED, EXIT_FAILED, reason)
+        return True
+
+    def _boot_log_tail(
+        self, job: Job, attempt: Attempt, provider: Provider, instance: Instance, store: Any, lines: int = 15
+    ) -> str:
+        """The last lines of the VM's boot log: shipped by the bootstrap to the store, else read from
+        the cloud's console (serial port) output."""
+        from spotrun.clouds.store import NotFound
+
+        text = ""
+        try:
+            text = store.get_bytes(f"{job_prefix(job.id)}/attempts/{attempt.n}/boot.log").decode(errors="replace")
+        except NotFound:
+            pass
+        except Exception as e:  # noqa: BLE001 -- the console may still have it
+            self.state.add_event(job.id, self.clock.now(), "boot_log", f"reading boot.log failed: {e}")
+        if not text.strip():
+            try:
+                text = provider.console_output(instance)
+            except Exception as e:  # noqa: BLE001 -- a log we cannot read never stops the job's accounting
+                self.state.add_event(job.id, self.clock.now(), "boot_log", f"reading the console failed: {e}")
+        kept = [line.rstrip() for line in text.splitlines() if line.strip()]
+        return "\n".join(kept[-lines:])
 
     def _check_limits(
         self,

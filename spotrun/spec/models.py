@@ -255,6 +255,9 @@ class CheckpointSpec(_Model):
         return text
 
 
+_BOOT_TIMEOUT = _unit_required(units.parse_duration_s, "duration", "m", "10m, 15m")
+
+
 class RecoverySpec(_Model):
     max_restarts: int = 3  # retries after the job's own code fails (non-zero exit)
     max_preemptions: int | None = None  # None: no limit
@@ -262,6 +265,8 @@ class RecoverySpec(_Model):
     on_demand_fallback: Flag = True  # fall back to on-demand when no spot capacity fits
     policy: str = "spotrun"  # relaunch policy: spotrun, greedy, failover, uniform-progress, on-demand
     capacity_wait: float = 600.0  # real seconds to keep retrying (with backoff) while no offer has capacity
+    max_boot_failures: int = 3  # attempts whose VM never started the Agent, before the job fails
+    boot_timeout: float | None = None  # seconds from "VM running" to the Agent's start; None: the cloud's default
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -281,6 +286,12 @@ class RecoverySpec(_Model):
     _capacity_wait = field_validator("capacity_wait", mode="before")(
         _unit_required(units.parse_duration_s, "duration", "m", "10m, 1h")
     )
+    _max_boot_failures = field_validator("max_boot_failures", mode="before")(_whole(1))
+
+    @field_validator("boot_timeout", mode="before")
+    @classmethod
+    def _boot_timeout(cls, value: object, info: ValidationInfo) -> float | None:
+        return None if value is None else _BOOT_TIMEOUT(value, info)
 
 
 class WorkloadHint(_Model):

@@ -20,13 +20,19 @@ import pytest
 
 from spotrun.catalog.model import Offer
 from spotrun.clouds.aws.provider import AWSProvider
+from spotrun.clouds.base import Instance
 from spotrun.clouds.store import open_store
 from spotrun.control.controller import EXIT_BAD_INPUT
+from tests.fakes import vm_image
 from tests.fakes.aws_emulator import SPOT_TERMINATION, AWSEmulator
 from tests.fakes.cloud_e2e import (
+    BOOT_FAILURES,
     ROOT,
     ControllerRun,
     Reference,
+    assert_booted_on_the_image,
+    assert_failed_booting,
+    corrupt_agent_package,
     exit_record,
     make_controller,
     output_digest,
@@ -120,6 +126,8 @@ def preempted_then_finished(
             ("aws", "us-east-1b", "completed"),
         ], emu.report()
         assert resumed.format(step=saved) in emu.instance(attempts[1].instance_id).agent_log()
+        for attempt in attempts:
+            assert_booted_on_the_image(emu.emulator, attempt.instance_id)
         assert state_reason(first) == SPOT_TERMINATION
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never interrupted
@@ -284,3 +292,41 @@ def test_expired_credentials_stop_the_job_with_a_clear_message(tmp_path: Path, a
     assert "expired" in result.reason and "aws sso login" in result.reason
     assert "Traceback" not in result.reason
     assert live_ids() == []
+
+
+@pytest.mark.parametrize("failure", [*sorted(BOOT_FAILURES), "no-identity"])
+def test_aws_boot_failures_end_the_job_with_the_boot_log(tmp_path: Path, aws: MotoServer, failure: str) -> None:  # noqa: F811
+    """The VM's bootstrap fails (its package index is unreachable; the Agent package is corrupt; the
+    instance has no usable identity, so it cannot even write its boot log to S3): each attempt is a
+    boot failure, and after max_boot_failures the job ends FAILED with the boot log's last lines,
+    read from S3 or else from EC2's console output; every instance is terminated."""
+    if vm_image.unavailable():
+        pytest.skip(f"needs the emulated VM image: {vm_image.unavailable()}")
+    store_url = make_bucket(f"spotrun-e2e-boot-{failure}")
+    workdir = write_tiny_workdir(tmp_path / "work")
+    spec = write_spec(tmp_path / "job.yaml", name="e2e-aws-boot", gpu="V100", providers=["aws"], workdir=workdir,
+                      run="python tiny_train.py 5 5 0", recovery="{max_restarts: 0, max_boot_failures: 2}")  # fmt: skip
+    if failure == "corrupt-package":
+        corrupt_agent_package(store_url)
+    provider = AWSProvider(region=REGION, session=fast_session(REGION), regions=[REGION])
+    offers = [v100_offer("us-east-1a", 0.90), v100_offer("us-east-1b", 0.95)]
+    controller = make_controller(tmp_path, providers={"aws": provider}, offers=offers, store_url=store_url)
+    job = controller.submit(spec)
+    index = vm_image.UNREACHABLE_INDEX if failure == "index-unreachable" else None
+    identity = failure != "no-identity"
+    emu = AWSEmulator(tmp_path / "instances", regions=[REGION], env=aws.env(), index_url=index, identity=identity)
+    with emu:
+        result = ControllerRun(controller, job).start().join(240, emu.report)
+        first = Instance.from_dict(controller.state.attempts(job)[0].instance or {})
+        if failure == "no-identity":
+            assert_failed_booting(
+                result, controller, job, "index-unreachable", limit=2, expect="has no instance profile"
+            )
+            assert not open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")  # it could not write it
+        else:
+            assert_failed_booting(result, controller, job, failure, limit=2)
+            assert open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")
+        assert "BOOT FAILED" in provider.console_output(first)  # EC2 keeps the console after termination
+    assert live_ids() == []
+    assert provider.list_owned(job) == []
+    assert vm_image.leftover_vms() == []  # no VM container left behind

@@ -8,7 +8,6 @@ Events watcher on the VM's metadata path, and the store on Azurite through azure
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,16 @@ import pytest
 from spotrun.catalog.model import Offer
 from spotrun.clouds.azure.provider import AzureProvider
 from spotrun.clouds.store import open_store
+from tests.fakes import vm_image
 from tests.fakes.azure_emulator import AzureEmulator
 from tests.fakes.azure_server import RESOURCE_GROUP, SUBSCRIPTION, FakeARM, StaticToken, arm_fixture, arm_server_fixture  # noqa: F401  (fixtures)
 from tests.fakes.cloud_e2e import (
+    BOOT_FAILURES,
     ControllerRun,
     Reference,
+    assert_booted_on_the_image,
+    assert_failed_booting,
+    corrupt_agent_package,
     exit_record,
     make_controller,
     output_digest,
@@ -64,7 +68,7 @@ def test_azure_evicted_then_finished_in_another_zone_bit_for_bit(
         gpu="T4",
         providers=["azure"],
         workdir=workdir,
-        run=f"{sys.executable} tiny_train.py " + " ".join(ARGS),
+        run="python tiny_train.py " + " ".join(ARGS),
     )
     offers = [t4_offer("eastus-1", 0.16), t4_offer("eastus-2", 0.19)]
     controller = make_controller(tmp_path, providers={"azure": azure_provider(arm)}, offers=offers, store_url=store_url)
@@ -101,6 +105,35 @@ def test_azure_evicted_then_finished_in_another_zone_bit_for_bit(
         ]
         assert arm.vm(attempts[1].instance_id) is None or attempts[1].instance_id not in arm.running_boots()
         assert f"RESUMED_FROM={saved}" in emu.instance(attempts[1].instance_id).agent_log()
+        for attempt in attempts:
+            assert_booted_on_the_image(emu.emulator, attempt.instance_id)
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never evicted
     assert [r["name"] for r in arm.of_kind("vm") + arm.of_kind("nic")] == []  # nothing left behind
+
+
+@pytest.mark.parametrize("failure", sorted(BOOT_FAILURES))
+def test_azure_boot_failures_end_the_job_with_the_boot_log(
+    tmp_path: Path, arm: FakeARM, azurite: Azurite, failure: str
+) -> None:
+    """Failing custom data: boot log in Blob storage, FAILED after max_boot_failures, nothing left."""
+    if vm_image.unavailable():
+        pytest.skip(f"needs the emulated VM image: {vm_image.unavailable()}")
+    container = unique("e2e-azure-boot")
+    make_azure_container(azurite, container)
+    store_url = f"az://{container}/spotrun"
+    if failure == "corrupt-package":
+        corrupt_agent_package(store_url)
+    workdir = write_tiny_workdir(tmp_path / "work")
+    spec = write_spec(tmp_path / "job.yaml", name="e2e-azure-boot", gpu="T4", providers=["azure"], workdir=workdir,
+                      run="python tiny_train.py 5 5 0", recovery="{max_restarts: 0, max_boot_failures: 2}")  # fmt: skip
+    offers = [t4_offer("eastus-1", 0.16), t4_offer("eastus-2", 0.19)]
+    controller = make_controller(tmp_path, providers={"azure": azure_provider(arm)}, offers=offers, store_url=store_url)
+    job = controller.submit(spec)
+    index = vm_image.UNREACHABLE_INDEX if failure == "index-unreachable" else None
+    with AzureEmulator(arm, tmp_path / "vms", env=azurite.env(), index_url=index) as emu:
+        result = ControllerRun(controller, job).start().join(240, emu.report)
+        assert_failed_booting(result, controller, job, failure, limit=2)
+        assert open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")
+    assert [r["name"] for r in arm.of_kind("vm") + arm.of_kind("nic")] == []
+    assert vm_image.leftover_vms() == []  # no VM container left behind

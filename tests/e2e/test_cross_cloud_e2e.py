@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from tests.fakes.cloud_e2e import (
     ROOT,
     ControllerRun,
     Reference,
+    assert_booted_on_the_image,
     exit_record,
     make_controller,
     output_digest,
@@ -92,7 +92,7 @@ def test_preempted_on_gcp_finished_on_azure_bit_for_bit(
     workdir.mkdir()
     shutil.copy(ROOT / "examples" / "train.py", workdir / "train.py")
     reference = Reference(workdir, TRAIN, script="train.py")
-    run_line = f"{sys.executable} train.py " + " ".join(TRAIN + SLOW)
+    run_line = "python train.py " + " ".join(TRAIN + SLOW)
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(SPEC.format(workdir=workdir, run=json.dumps(run_line), gs=store_url, az=az_url))
     spec = load_spec(spec_path)
@@ -148,6 +148,8 @@ def test_preempted_on_gcp_finished_on_azure_bit_for_bit(
         azure_log = on_azure.instance(attempts[1].instance_id).agent_log()
         assert f"resuming at step {saved}/" in azure_log, report()
         assert "does not match its manifest" not in azure_log
+        assert_booted_on_the_image(on_gcp.emulator, attempts[0].instance_id)  # torch in the image's env, Agent on 3.9
+        assert_booted_on_the_image(on_azure.emulator, attempts[1].instance_id)
         assert [a.store_url for a in attempts] == [None, az_url]  # None: the job's own store
         moves = [e for e in controller.state.events(job) if e.kind == "store_move"]
     assert record["reason"] == "preempted" and 0 < saved < 40

@@ -8,7 +8,6 @@ VM's metadata path, and the store on a GCS emulator through google-cloud-storage
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,14 @@ import pytest
 from spotrun.catalog.model import Offer
 from spotrun.clouds.gcp.provider import GCPProvider
 from spotrun.clouds.store import open_store
+from tests.fakes import vm_image
 from tests.fakes.cloud_e2e import (
+    BOOT_FAILURES,
     ControllerRun,
     Reference,
+    assert_booted_on_the_image,
+    assert_failed_booting,
+    corrupt_agent_package,
     exit_record,
     make_controller,
     output_digest,
@@ -60,7 +64,7 @@ def test_gcp_preempted_then_finished_in_another_zone_bit_for_bit(
         gpu="T4",
         providers=["gcp"],
         workdir=workdir,
-        run=f"{sys.executable} tiny_train.py " + " ".join(ARGS),
+        run="python tiny_train.py " + " ".join(ARGS),
     )
     provider = GCPProvider(
         PROJECT,
@@ -99,6 +103,47 @@ def test_gcp_preempted_then_finished_in_another_zone_bit_for_bit(
             ("gcp", "us-central1-b", "completed"),
         ]
         assert f"RESUMED_FROM={saved}" in emu.instance(attempts[1].instance_id).agent_log()
+        for attempt in attempts:
+            assert_booted_on_the_image(emu.emulator, attempt.instance_id)
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never interrupted
     assert gce.instances == {}  # nothing left running (or billed)
+
+
+@pytest.mark.parametrize("failure", [*sorted(BOOT_FAILURES), "no-identity"])
+def test_gcp_boot_failures_end_the_job_with_the_boot_log(
+    tmp_path: Path, gce: FakeGCE, gcs_emulator: GCSEmulator, failure: str
+) -> None:
+    """A failing startup script: boot log in GCS (or, for a VM without a service account, which cannot
+    write it, from the serial port), FAILED after max_boot_failures, no VM left."""
+    if vm_image.unavailable():
+        pytest.skip(f"needs the emulated VM image: {vm_image.unavailable()}")
+    bucket = unique("e2e-gcp-boot")
+    make_gcs_bucket(gcs_emulator, bucket)
+    store_url = f"gs://{bucket}/spotrun"
+    if failure == "corrupt-package":
+        corrupt_agent_package(store_url)
+    workdir = write_tiny_workdir(tmp_path / "work")
+    spec = write_spec(tmp_path / "job.yaml", name="e2e-gcp-boot", gpu="T4", providers=["gcp"], workdir=workdir,
+                      run="python tiny_train.py 5 5 0", recovery="{max_restarts: 0, max_boot_failures: 2}")  # fmt: skip
+    provider = GCPProvider(
+        PROJECT,
+        endpoint=gce.url,
+        credentials=gce_credentials(),
+        imds_endpoint=gce.metadata_endpoint,
+        service_account=None if failure == "no-identity" else SA,
+    )
+    offers = [t4_offer("us-central1-a", 0.10), t4_offer("us-central1-b", 0.13)]
+    controller = make_controller(tmp_path, providers={"gcp": provider}, offers=offers, store_url=store_url)
+    job = controller.submit(spec)
+    index = vm_image.UNREACHABLE_INDEX if failure == "index-unreachable" else None
+    with GCPEmulator(gce, tmp_path / "vms", env=gcs_emulator.env(), index_url=index) as emu:
+        result = ControllerRun(controller, job).start().join(240, emu.report)
+        if failure == "no-identity":  # read from the VM's serial port before it was deleted
+            assert_failed_booting(result, controller, job, failure, limit=2, expect="no service-account token")
+            assert not open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")
+        else:
+            assert_failed_booting(result, controller, job, failure, limit=2)
+            assert open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")
+    assert gce.instances == {}
+    assert vm_image.leftover_vms() == []  # no VM container left behind

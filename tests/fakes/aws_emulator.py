@@ -13,6 +13,13 @@ A spot interruption, as EC2 does it:
     ... the Agent checkpoints and uploads ...
     emu.spot_terminate(instance_id)  # moto: terminated, StateReason Server.SpotInstanceTermination
 
+Where the emulated VM image is available (tests/fakes/vm_image.py), each instance is a container
+running its user-data unmodified: the bootstrap reads the instance profile's credentials from the
+instance's FakeIMDS (reached through `AWS_EC2_METADATA_SERVICE_ENDPOINT`, the SDKs' own IMDS
+override, as the link-local address would reach it) and S3 at moto (`AWS_ENDPOINT_URL`, standing in
+for the S3 DNS name); no key is in its environment. An instance whose OS powers off is terminated
+(`InstanceInitiatedShutdownBehavior=terminate`, as the provider launches them).
+
 moto has no API for a service-initiated termination, but its server runs in this process
 (`ThreadedMotoServer`), so `spot_terminate` sets the instance's state in moto's EC2 backend
 directly; every client, the provider's included, then sees it through the normal API.
@@ -28,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from spotrun.clouds.base import Boot, extract_boot
-from tests.fakes.emulator import EmulatedInstance, InstanceEmulator
+from tests.fakes.emulator import EmulatedInstance, InstanceEmulator, VMHooks
 from tests.fakes.imds import FakeIMDS
-from tests.fakes.moto_server import ec2_backend
+from tests.fakes.moto_server import TEST_ACCESS_KEY, TEST_SECRET_KEY, ec2_backend
 
 SPOT_TERMINATION = "Server.SpotInstanceTermination"
 
@@ -51,6 +58,36 @@ def spot_terminate(region: str, instance_id: str) -> bool:
     return True
 
 
+# instance id -> its serial console, for moto's GetConsoleOutput (which otherwise answers a canned
+# 2006 kernel log for every instance); installed by `serve_consoles`
+CONSOLES: dict[str, Any] = {}
+
+
+def serve_consoles() -> None:
+    """moto's EC2 GetConsoleOutput answers with an emulated VM's console where there is one (moto's
+    server runs in this process; EC2 returns the console's latest output, base64-encoded)."""
+    from moto.core.responses import ActionResult
+    from moto.core.utils import utcnow
+    from moto.ec2.responses.general import General
+    from moto.ec2.utils import Base64EncodedString
+
+    if getattr(General, "_spotrun_consoles", False):
+        return
+    canned = General.get_console_output
+
+    def get_console_output(self: Any) -> Any:
+        instance_id = self._get_param("InstanceId")
+        source = CONSOLES.get(instance_id)
+        if source is None:
+            return canned(self)
+        instance = self.ec2_backend.get_instance(instance_id)  # InvalidInstanceID.NotFound as EC2
+        output = Base64EncodedString.from_raw_string(source()[-64 * 1024 :])  # EC2 keeps the last 64 KB
+        return ActionResult({"InstanceId": instance.id, "Timestamp": utcnow(), "Output": output})
+
+    General.get_console_output = get_console_output
+    General._spotrun_consoles = True
+
+
 class AWSEmulator:
     def __init__(
         self,
@@ -60,8 +97,13 @@ class AWSEmulator:
         env: dict[str, str],
         notice_poll_interval: float = 0.2,
         interval: float = 0.05,
+        index_url: str | None = None,
+        identity: bool = True,
     ) -> None:
         self.regions = list(regions)
+        self.identity = identity  # False: IMDS serves no role credentials (a broken instance profile)
+        self.endpoint = env.get("AWS_ENDPOINT_URL", "")
+        self.role_of: dict[str, str | None] = {}
         self.notice_poll_interval = notice_poll_interval
         self.region_of: dict[str, str] = {}
         self.zone_of: dict[str, str] = {}
@@ -75,6 +117,13 @@ class AWSEmulator:
             prepare=self._prepare,
             release=self._release,
             interval=interval,
+            vm=VMHooks(
+                self._user_data,
+                self._vm_env,
+                index_url=index_url,
+                powered_off=self._powered_off,
+                console=CONSOLES.__setitem__,
+            ),
         )
 
     # ------------------------------------------------------------------ cloud side
@@ -100,17 +149,37 @@ class AWSEmulator:
                 for raw in reservation["Instances"]:
                     self.region_of[raw["InstanceId"]] = region
                     self.zone_of[raw["InstanceId"]] = raw["Placement"]["AvailabilityZone"]
+                    arn = (raw.get("IamInstanceProfile") or {}).get("Arn", "")
+                    self.role_of[raw["InstanceId"]] = arn.rsplit("/", 1)[-1] or None
                     ids.append(raw["InstanceId"])
         return ids
 
-    def _boot_of(self, instance_id: str) -> Boot:
+    def _user_data(self, instance_id: str) -> str:
         attribute = self._ec2(self.region_of[instance_id]).describe_instance_attribute(
             InstanceId=instance_id, Attribute="userData"
         )
-        return extract_boot(base64.b64decode(attribute["UserData"]["Value"]).decode())
+        return base64.b64decode(attribute["UserData"]["Value"]).decode()
+
+    def _boot_of(self, instance_id: str) -> Boot:
+        return extract_boot(self._user_data(instance_id))
+
+    def _vm_env(self, instance_id: str, imds: FakeIMDS) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": self.region_of[instance_id],
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url + "/",
+        }
+
+    def _powered_off(self, instance_id: str) -> None:
+        self._ec2(self.region_of[instance_id]).terminate_instances(InstanceIds=[instance_id])
 
     def _prepare(self, instance_id: str, boot: Boot) -> tuple[Boot, FakeIMDS]:
-        imds = FakeIMDS(instance_id=instance_id, zone=self.zone_of.get(instance_id, ""))
+        imds = FakeIMDS(
+            instance_id=instance_id,
+            zone=self.zone_of.get(instance_id, ""),
+            role=self.role_of.get(instance_id) if self.identity else None,
+            credentials=(TEST_ACCESS_KEY, TEST_SECRET_KEY),
+        )
         notice = {**boot.notice, "endpoint": imds.url, "poll_interval": self.notice_poll_interval}
         return replace(boot, notice=notice), imds
 
@@ -122,6 +191,7 @@ class AWSEmulator:
     # ------------------------------------------------------------------ test side
 
     def start(self) -> AWSEmulator:
+        serve_consoles()
         self.emulator.start()
         return self
 

@@ -13,6 +13,13 @@ poll it faster. An eviction, as Azure does it:
 
 The Agents' environment (`env`) stands in for the VM's managed identity: it points them at the
 test's object-store emulator.
+
+Where the emulated VM image is available (tests/fakes/vm_image.py), each VM is a container that
+runs its custom data unmodified. Azurite accepts no bearer token over plain HTTP, so the VM's
+"identity" in tests is Azurite's well-known account key (AZURE_STORAGE_CONNECTION_STRING in the
+VM's environment, never in the custom data): the bootstrap signs with SharedKey where a real VM
+takes a managed-identity token from IMDS. A VM whose OS powers off is deallocated; a deleted
+(evicted) VM gets an ACPI-like shutdown of `shutdown_grace` seconds first.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 
 from spotrun.clouds.base import Boot
 from tests.fakes.azure_server import FakeARM
-from tests.fakes.emulator import EmulatedInstance, InstanceEmulator
+from tests.fakes.emulator import EmulatedInstance, InstanceEmulator, VMHooks
 
 
 class AzureEmulator:
@@ -35,6 +42,8 @@ class AzureEmulator:
         env: dict[str, str],
         notice_poll_interval: float = 0.2,
         interval: float = 0.05,
+        shutdown_grace: float = 3.0,
+        index_url: str | None = None,
     ) -> None:
         self.arm = arm
         self.notice_poll_interval = notice_poll_interval
@@ -45,6 +54,13 @@ class AzureEmulator:
             env=env,
             prepare=self._prepare,
             interval=interval,
+            vm=VMHooks(
+                arm.custom_data,
+                lambda name, _: dict(env),
+                shutdown_grace=shutdown_grace,
+                index_url=index_url,
+                powered_off=arm.guest_shutdown,
+            ),
         )
 
     def _prepare(self, name: str, boot: Boot) -> tuple[Boot, None]:

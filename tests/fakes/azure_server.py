@@ -139,6 +139,13 @@ class FakeARM(RestFake):
                     out[vm["name"]] = extract_boot(base64.b64decode(data).decode())
         return out
 
+    def custom_data(self, name: str) -> str:
+        """A VM's custom data, decoded: the script cloud-init runs on it."""
+        with self.lock:
+            vm = next((v for v in self._of_kind("vm") if v["name"] == name), None)
+            assert vm is not None, f"no VM {name}"
+            return base64.b64decode(vm["properties"]["osProfile"]["customData"]).decode()
+
     def preempt(self, name: str, *, reclaim_after: float | None = None) -> dict[str, Any]:
         """Announce a Spot eviction of VM `name` through its Scheduled Events."""
         with self.lock:

@@ -24,7 +24,7 @@ from typing import Any
 
 from spotrun.catalog.model import Offer
 from spotrun.clock import SYSTEM_CLOCK
-from spotrun.clouds.store import NotFound, Store, job_prefix
+from spotrun.clouds.store import NotFound, Store, job_prefix, open_store
 from spotrun.control.controller import Controller, ControllerOptions, JobResult
 from spotrun.control.state import State
 from spotrun.spec import load_spec
@@ -95,7 +95,7 @@ resources:
 workdir: {workdir}
 run: {run}
 checkpoint: {{keep: 3}}
-recovery: {{max_restarts: 0, zone_cooldown: 1h}}
+recovery: {recovery}
 """
 
 
@@ -131,8 +131,19 @@ class Reference:
         raise AssertionError(f"no FINAL_WEIGHTS_SHA256 line in:\n{out}")
 
 
-def write_spec(path: Path, *, name: str, gpu: str, providers: list[str], workdir: Path, run: str) -> Any:
-    text = SPEC.format(name=name, gpu=gpu, providers=", ".join(providers), workdir=workdir, run=json.dumps(run))
+def write_spec(
+    path: Path,
+    *,
+    name: str,
+    gpu: str,
+    providers: list[str],
+    workdir: Path,
+    run: str,
+    recovery: str = "{max_restarts: 0, zone_cooldown: 1h}",
+) -> Any:
+    text = SPEC.format(
+        name=name, gpu=gpu, providers=", ".join(providers), workdir=workdir, run=json.dumps(run), recovery=recovery
+    )
     path.write_text(text)
     return load_spec(path)
 
@@ -229,3 +240,67 @@ def exit_record(store: Store, job_id: str, attempt: int) -> dict[str, Any] | Non
 
 def output_digest(store: Store, job_id: str) -> str:
     return store.get_bytes(f"{job_prefix(job_id)}/outputs/weights.sha256").decode().strip()
+
+
+# ---------------------------------------------------------------------- boot failures
+
+BOOT_FAILURES = {
+    # what breaks -> what the boot log's last lines must say
+    "index-unreachable": "pip install of the Agent's dependencies",
+    "corrupt-package": "corrupt Agent package",
+}
+
+
+def corrupt_agent_package(store_url: str) -> str:
+    """Put a damaged Agent package where the controller will find it already uploaded (it uploads
+    only a key that is missing): the VM must refuse it by its sha256. Returns its key."""
+    from spotrun.agent import package as agent_package
+
+    packed = agent_package.build()
+    key = agent_package.package_key(packed.sha256)
+    data = bytearray(packed.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    open_store(store_url).put_bytes(key, bytes(data))
+    return key
+
+
+def assert_failed_booting(
+    result: JobResult, controller: Controller, job_id: str, failure: str, limit: int, expect: str = ""
+) -> None:
+    """The job ended FAILED (exit 1) after `limit` boot failures, and says why with the boot log."""
+    expect = expect or BOOT_FAILURES[failure]
+    assert expect
+    assert (result.status.value, result.exit_code) == ("FAILED", 1), result
+    attempts = controller.state.attempts(job_id)
+    assert [a.end_reason for a in attempts] == ["boot_failed"] * limit, [(a.end_reason, a.detail) for a in attempts]
+    assert f"{limit} boot failures (max_boot_failures {limit})" in result.reason, result.reason
+    assert expect in result.reason, result.reason  # the boot log's own words
+    assert "BOOT FAILED" in result.reason, result.reason
+    assert expect in controller.state.job(job_id).reason
+    status = spotrun_status(controller, job_id)  # what the user sees
+    assert "FAILED" in status and expect in status and "boot_failed" in status, status
+
+
+def spotrun_status(controller: Controller, job_id: str) -> str:
+    """`spotrun status <job>` as a user runs it, on the controller's own state database."""
+    home = Path(controller.state.path).parent
+    env = {"PATH": "/usr/bin:/bin", "SPOTRUN_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "spotrun", "status", job_id], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def assert_booted_on_the_image(emulator: Any, instance_id: str) -> None:
+    """Where the emulated VM image runs here, the instance really was a VM: its unmodified
+    bootstrap ran on the image's Python 3.9, verified the Agent package and installed it."""
+    from tests.fakes import vm_image
+
+    if vm_image.unavailable():
+        return
+    assert emulator.mode == "vm", emulator.why_not_vm
+    console = emulator.instance(instance_id).agent_log()
+    assert "spotrun bootstrap: job" in console and ", python 3.9." in console, console[-3000:]
+    assert "sha256 verified" in console and "starting the Agent: /usr/bin/python3 -m spotrun.agent" in console
+    assert "BOOT FAILED" not in console, console[-3000:]  # a preempted or finished attempt booted fine

@@ -15,6 +15,12 @@ switched off, and the cloud part may `release` what it prepared.
 
 The clouds' emulators (tests/fakes/aws_emulator.py, ...) wrap this with their own listing,
 metadata server and "preempt this instance" helpers.
+
+With `vm=VMHooks(...)` and the emulated VM image available (tests/fakes/vm_image.py), an instance
+is a real operating system instead: a container over a Debian 11 image with Python 3.9 that runs
+the user-data the provider sent, unmodified, as root (bootstrap → Agent → workload). Where the
+image cannot run here, the emulator falls back to the in-process Agent above and says so
+(`mode`, `why_not_vm`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,24 @@ from pathlib import Path
 from typing import Any
 
 from spotrun.clouds.base import Boot
+from tests.fakes import vm_image
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class VMHooks:
+    """What a cloud's emulator tells the VM mode: the raw user-data of an instance, the VM's
+    environment (its endpoints: the stand-ins for link-local metadata and the cloud's DNS), how
+    its shutdown goes (`shutdown_grace` seconds of SIGTERM first, as GCE's and Azure's ACPI stop;
+    None: the power is cut at once) and its package index (None: the image's wheelhouse)."""
+
+    script_of: Callable[[str], str]
+    env_of: Callable[[str, Any], dict[str, str]]
+    shutdown_grace: float | None = None
+    index_url: str | None = None
+    powered_off: Callable[[str], None] | None = None  # the VM's OS ended by itself: tell the cloud
+    console: Callable[[str, Callable[[], str]], None] | None = None  # give the cloud the VM's serial console
 
 
 @dataclass
@@ -43,6 +65,8 @@ class EmulatedInstance:
     log_path: Path  # the Agent's own stdout/stderr
     process: subprocess.Popen[bytes]
     handle: Any = None  # what `prepare` returned for it (e.g. its metadata server)
+    vm: vm_image.VM | None = None  # in VM mode: the container (log_path is its console)
+    powered_off: bool = False  # in VM mode: its script ended and the cloud was told
     started_at: float = field(default_factory=time.time)
     stopped_at: float | None = None  # when the emulator killed it (the instance went away)
 
@@ -72,7 +96,13 @@ class InstanceEmulator:
         prepare: Prepare | None = None,
         release: Callable[[str, Any], None] | None = None,
         interval: float = 0.05,
+        vm: VMHooks | None = None,
     ) -> None:
+        self.why_not_vm = vm_image.unavailable() if vm is not None else "no VM hooks given"
+        self.vm = vm if self.why_not_vm is None else None
+        self.mode = "vm" if self.vm is not None else "process"
+        if vm is not None and self.vm is None:
+            log.warning("instance emulator: in-process Agents, not VMs: %s", self.why_not_vm)
         self.list_instances = list_instances
         self.boot_of = boot_of
         self.root = Path(root)
@@ -135,6 +165,7 @@ class InstanceEmulator:
     def report(self) -> str:
         """Every instance's Agent log, and emulator errors: what a failing test should print."""
         parts = [f"emulator errors: {self.errors}"] if self.errors else []
+        parts.append(f"instances ran as: {self.mode}" + (f" ({self.why_not_vm})" if self.mode != "vm" else ""))
         with self._lock:
             instances = list(self.started.values())
         for inst in instances:
@@ -159,6 +190,11 @@ class InstanceEmulator:
             known = dict(self.started)
         for instance_id in sorted(live - set(known)):
             self._boot(instance_id)
+        for instance_id, inst in known.items():  # a VM whose script ended powered itself off
+            if inst.vm is not None and not inst.vm.alive() and not inst.powered_off:
+                inst.powered_off = True
+                if instance_id in live and self.vm is not None and self.vm.powered_off is not None:
+                    self.vm.powered_off(instance_id)
         for instance_id, inst in known.items():
             if instance_id not in live and inst.stopped_at is None:
                 self._switch_off(inst)
@@ -173,6 +209,16 @@ class InstanceEmulator:
         root = self.root / instance_id
         root.mkdir(parents=True, exist_ok=True)
         log_path = root.parent / f"{instance_id}.agent.log"
+        if self.vm is not None:
+            script = self.vm.script_of(instance_id)
+            env = self.vm.env_of(instance_id, handle)
+            name = f"{vm_image.vm_prefix()}{instance_id}"[:120]
+            vm = vm_image.start_vm(name, script, env=env, console=log_path, index_url=self.vm.index_url)
+            if self.vm.console is not None:
+                self.vm.console(instance_id, vm.read_console)
+            with self._lock:
+                self.started[instance_id] = EmulatedInstance(instance_id, boot, root, log_path, vm.process, handle, vm)
+            return
         process = spawn_agent(boot, root, env=self.env, log_path=log_path)
         with self._lock:
             self.started[instance_id] = EmulatedInstance(instance_id, boot, root, log_path, process, handle)
@@ -181,11 +227,17 @@ class InstanceEmulator:
         """The VM is gone: every process of it dies at once (SIGKILL), its metadata server too."""
         from spotrun.clouds.local.launcher import kill_agent
 
-        kill_agent(inst.process.pid, inst.root)
-        try:
-            inst.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.errors.append(f"agent of {inst.instance_id} survived SIGKILL")
+        if inst.vm is not None:
+            grace = self.vm.shutdown_grace if self.vm is not None else None
+            inst.vm.shutdown(grace) if grace else inst.vm.kill()
+            if inst.vm.alive():
+                self.errors.append(f"VM {inst.instance_id} survived its power-off")
+        else:
+            kill_agent(inst.process.pid, inst.root)
+            try:
+                inst.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.errors.append(f"agent of {inst.instance_id} survived SIGKILL")
         inst.stopped_at = time.time()
         if self.release is not None:
             self.release(inst.instance_id, inst.handle)

@@ -71,6 +71,7 @@ class FakeGCE(RestFake):
         self.operations: dict[tuple[str, str], dict[str, Any]] = {}
         self.request_ids: dict[str, tuple[str, str]] = {}
         self.preempted: set[str] = set()  # instance names whose metadata says TRUE
+        self.serial_sources: dict[str, Any] = {}  # name -> () -> str: its serial console (emulated VMs)
         self.accelerators = {z: set(ACCELERATORS) for z in zones}
         self.exhausted: set[str] = set()
         self._fail_next: list[dict[str, Any]] = []
@@ -192,6 +193,7 @@ class FakeGCE(RestFake):
         r("POST", Z + r"/instances", self._insert)
         r("GET", Z + r"/instances", self._list)
         r("GET", Z + r"/instances/(?P<name>[^/]+)", self._get)
+        r("GET", Z + r"/instances/(?P<name>[^/]+)/serialPort", self._serial)
         r("DELETE", Z + r"/instances/(?P<name>[^/]+)", self._delete)
         r("GET", P + r"/aggregated/instances", self._aggregated)
         r("GET", Z + r"/operations/(?P<op>[^/]+)", self._op_get)
@@ -200,6 +202,11 @@ class FakeGCE(RestFake):
         r("GET", Z + r"/acceleratorTypes/(?P<acc>[^/]+)", self._acc_get)
         r("GET", Z + r"/acceleratorTypes", self._acc_list)
         r("GET", r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/(?P<key>[a-z-]+)", self._metadata)
+        r(
+            "GET",
+            r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/service-accounts/default/token",
+            self._sa_token,
+        )
 
     def _guard(self, req: Request) -> Response | None:
         """Authorization, project and zone checks, and injected rate limits."""
@@ -374,6 +381,30 @@ class FakeGCE(RestFake):
                 return _error(404, "notFound", f"The resource 'instances/{req.params['name']}' was not found")
             return Response(200, inst)
 
+    def _serial(self, req: Request) -> Response:
+        """instances.getSerialPortOutput: port 1 is the console the emulated VM printed on."""
+        denied = self._guard(req)
+        if denied:
+            return denied
+        port = req.query.get("port", "1")
+        if port not in ("1", "2", "3", "4"):
+            return _error(400, "invalid", f"Invalid value for field 'port': '{port}'. Must be between 1 and 4.")
+        with self.lock:
+            inst = self.instances.get((req.params["zone"], req.params["name"]))
+            if inst is None:
+                return _error(404, "notFound", f"The resource 'instances/{req.params['name']}' was not found")
+            source = self.serial_sources.get(req.params["name"])
+        contents = source() if source is not None and port == "1" else ""
+        start = int(req.query.get("start", "0") or 0)
+        body = {
+            "kind": "compute#serialPortOutput",
+            "contents": contents[start:],
+            "start": str(start),
+            "next": str(len(contents)),
+            "selfLink": inst["selfLink"] + f"/serialPort?port={port}",
+        }
+        return Response(200, body)
+
     def _delete(self, req: Request) -> Response:
         denied = self._guard(req)
         if denied:
@@ -462,6 +493,27 @@ class FakeGCE(RestFake):
         zone = req.params["zone"]
         items = [self._accelerator(zone, n) for n in sorted(self.accelerators.get(zone, set()))]
         return Response(200, {"kind": "compute#acceleratorTypeList", "items": items})
+
+    def _sa_token(self, req: Request) -> Response:
+        """The VM's service-account token, as the metadata server hands it out; 404 for a VM
+        launched without a service account (it has no identity)."""
+        if req.header("metadata-flavor") != "Google":
+            return Response(403, "Missing Metadata-Flavor:Google header.")
+        with self.lock:
+            inst = self.instance(req.params["name"])
+            if inst is None:
+                return Response(404, "instance gone")
+            if not inst.get("serviceAccounts"):
+                return Response(404, "no service account")
+        token = {"access_token": f"vm-token-{req.params['name']}", "expires_in": 3599, "token_type": "Bearer"}
+        return Response(200, token)
+
+    def startup_script(self, name: str) -> str:
+        """The instance's `startup-script` metadata, as the guest agent reads and runs it."""
+        inst = self.instance(name)
+        assert inst is not None, f"no instance {name}"
+        items = {i["key"]: i["value"] for i in inst.get("metadata", {}).get("items", [])}
+        return items["startup-script"]
 
     def _metadata(self, req: Request) -> Response:
         if req.header("metadata-flavor") != "Google":

@@ -12,6 +12,13 @@ Agent poll it faster than the 1 s a real VM uses. A preemption, as Compute Engin
 
 The Agents' environment (`env`) stands in for the VM's service account: it points them at the
 test's object-store emulator.
+
+Where the emulated VM image is available (tests/fakes/vm_image.py), each VM is a container that
+runs its `startup-script` unmodified: the bootstrap takes the VM's service-account token from the
+fake's metadata path (the provider's `imds_endpoint`, in the boot record) and reads GCS at
+`STORAGE_EMULATOR_HOST`. A VM whose OS powers off by itself is TERMINATED; a deleted VM (a
+reclaimed Spot VM) gets an ACPI-like shutdown: SIGTERM to every process, then `shutdown_grace`
+seconds later the power is cut (GCE gives 30 s; tests scale it down).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from spotrun.clouds.base import Boot
-from tests.fakes.emulator import EmulatedInstance, InstanceEmulator
+from tests.fakes.emulator import EmulatedInstance, InstanceEmulator, VMHooks
 from tests.fakes.gce_server import FakeGCE
 
 
@@ -34,6 +41,8 @@ class GCPEmulator:
         env: dict[str, str],
         notice_poll_interval: float = 0.2,
         interval: float = 0.05,
+        shutdown_grace: float = 3.0,
+        index_url: str | None = None,
     ) -> None:
         self.gce = gce
         self.notice_poll_interval = notice_poll_interval
@@ -44,6 +53,14 @@ class GCPEmulator:
             env=env,
             prepare=self._prepare,
             interval=interval,
+            vm=VMHooks(
+                gce.startup_script,
+                lambda name, _: dict(env),
+                shutdown_grace=shutdown_grace,
+                index_url=index_url,
+                powered_off=gce.guest_shutdown,
+                console=gce.serial_sources.__setitem__,
+            ),
         )
 
     def _prepare(self, name: str, boot: Boot) -> tuple[Boot, None]:

@@ -3,8 +3,10 @@
 It speaks the part of IMDS spotrun reads: `PUT /latest/api/token` (with the TTL header), then, with
 the token, `meta-data/spot/instance-action` (404 until `announce_interruption`),
 `meta-data/events/recommendations/rebalance` (404 until `recommend_rebalance`), `instance-id` and
-`placement/availability-zone`. A GET without a valid token gets 401, as on an instance launched
-with `HttpTokens=required`.
+`placement/availability-zone`, and, for an instance launched with an instance profile (`role`),
+`iam/security-credentials/` (the role's name) and `iam/security-credentials/<role>` (its temporary
+credentials: here the keys the test's moto accepts). A GET without a valid token gets 401, as on an
+instance launched with `HttpTokens=required`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,18 @@ def _iso(epoch: float) -> str:
 
 
 class FakeIMDS:
-    def __init__(self, instance_id: str = "i-0000000000000000", zone: str = "us-east-1a") -> None:
+    def __init__(
+        self,
+        instance_id: str = "i-0000000000000000",
+        zone: str = "us-east-1a",
+        *,
+        role: str | None = None,
+        credentials: tuple[str, str] = ("", ""),
+    ) -> None:
         self.instance_id = instance_id
         self.zone = zone
+        self.role = role
+        self.credentials = credentials
         self.tokens: dict[str, float] = {}  # token -> expiry (epoch)
         self.requests: list[tuple[str, str]] = []  # (method, path), for tests
         self._action: dict[str, str] | None = None
@@ -98,6 +109,19 @@ class FakeIMDS:
                     json.dumps(self._rebalance) if self._rebalance else None
                 ),
             }
+            if self.role:
+                key, secret = self.credentials
+                creds = {
+                    "Code": "Success",
+                    "Type": "AWS-HMAC",
+                    "AccessKeyId": key,
+                    "SecretAccessKey": secret,
+                    "Token": "fake-session-token",
+                    "LastUpdated": _iso(time.time()),
+                    "Expiration": _iso(time.time() + 6 * 3600),
+                }
+                documents["/latest/meta-data/iam/security-credentials/"] = self.role
+                documents[f"/latest/meta-data/iam/security-credentials/{self.role}"] = json.dumps(creds)
             body = documents.get(path)
             return (404, "") if body is None else (200, body)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import urllib.error
 import urllib.request
 from datetime import datetime
@@ -53,6 +54,10 @@ class AWSNotice:
         timeout: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        # AWS_EC2_METADATA_SERVICE_ENDPOINT is the SDKs' own override of the IMDS address (boto3
+        # and the CLI honor it); the watcher follows it like the VM's other IMDS clients do
+        if endpoint == DEFAULT_ENDPOINT and os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT"):
+            endpoint = os.environ["AWS_EC2_METADATA_SERVICE_ENDPOINT"]
         self.endpoint = endpoint.rstrip("/")
         self.poll_interval = poll_interval
         self.token_ttl = int(token_ttl)

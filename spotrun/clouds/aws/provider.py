@@ -79,6 +79,7 @@ def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
 
 class AWSProvider(Provider):
     name = "aws"
+    boot_timeout = 600.0  # a Deep Learning AMI boots in 1-3 min; the Agent's install takes ~30 s more
 
     @classmethod
     def options_from_spec(cls, spec: Any) -> dict[str, Any]:
@@ -363,6 +364,13 @@ class AWSProvider(Provider):
                 InstanceStatus.PREEMPTED, exit_code=exit_code, reason="preempted: the Agent saved and stopped"
             )
         return InstanceState(InstanceStatus.EXITED, exit_code=exit_code, reason=why)
+
+    def console_output(self, instance: Instance) -> str:
+        """EC2's GetConsoleOutput (the serial console, where cloud-init prints the bootstrap's output;
+        EC2 keeps it for a while after the instance terminated)."""
+        ec2 = self.api.client("ec2", instance.region)
+        found = self.api.call(ec2.get_console_output, InstanceId=instance.instance_id, Latest=True)
+        return str(found.get("Output") or "")
 
     def terminate(self, instance: Instance) -> None:
         ec2 = self.api.client("ec2", instance.region)

@@ -213,6 +213,7 @@ def _ssh_public_key() -> str:
 
 class AzureProvider(Provider):
     name = "azure"
+    boot_timeout = 900.0  # an Azure HPC/DSVM image boots in 2-5 min; the install ~30 s
 
     @classmethod
     def options_from_spec(cls, spec: Any) -> dict[str, Any]:

@@ -172,6 +172,7 @@ def from_operation_error(op: Any) -> ProviderError | None:
 
 class GCPProvider(Provider):
     name = "gcp"
+    boot_timeout = 600.0  # a Deep Learning VM boots in 1-2 min (GPU driver set-up included); the install ~30 s
 
     def __init__(
         self,
@@ -436,6 +437,24 @@ class GCPProvider(Provider):
         )
 
     # -------------------------------------------------------------- poll / terminate / list
+
+    def console_output(self, instance: Instance) -> str:
+        """Compute Engine's serial port 1 output (the startup script's output is logged there);
+        "" once the VM is deleted."""
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1
+
+        client = self._client("instances")
+        request = compute_v1.GetSerialPortOutputInstanceRequest(
+            project=self.project, zone=instance.zone, instance=instance.instance_id, port=1
+        )
+        try:
+            found = self._call(lambda: client.get_serial_port_output(request=request))
+        except BadRequest as e:
+            if isinstance(e.__cause__, gexc.NotFound):
+                return ""
+            raise
+        return found.contents or ""
 
     def poll(self, instance: Instance) -> InstanceState:
         from google.api_core import exceptions as gexc
