@@ -568,6 +568,13 @@ def test_poll_reads_the_agent_exit_record(provider: AWSProvider) -> None:
     assert (state.status, state.exit_code) == (InstanceStatus.EXITED, 3)
 
 
+@pytest.mark.parametrize("body", ['{"code": "oops", "reason": "failed"}', "[1, 2]", "[" * 100000 + "]" * 100000])
+def test_poll_ignores_a_malformed_exit_record(provider: AWSProvider, body: str) -> None:
+    inst = provider.launch(offer(), spot=True, boot=boot(), client_token="t-exit-bad")
+    s3().put_object(Bucket=BUCKET, Key="runs/jobs/job-1/attempts/1/exit", Body=body)
+    assert provider.poll(inst).status in (InstanceStatus.PENDING, InstanceStatus.RUNNING)  # old: a crash
+
+
 def test_poll_exit_record_preempted_or_completed_before_the_reclaim(provider: AWSProvider) -> None:
     inst = provider.launch(offer(), spot=True, boot=boot(), client_token="t-exit-pre")
     _put_exit({"code": 143, "reason": "preempted"})

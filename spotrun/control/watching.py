@@ -46,6 +46,9 @@ class WatchingMixin(ControllerCore):
         except ProviderError as e:
             self.state.add_event(job.id, self.clock.now(), "poll_error", f"poll failed: {e}")
             st = InstanceState(InstanceStatus.RUNNING)
+        except Exception as e:  # noqa: BLE001 - e.g. a provider choking on what an instance wrote: never crash the loop
+            self.state.add_event(job.id, self.clock.now(), "poll_error", f"poll failed: {type(e).__name__}: {e}")
+            st = InstanceState(InstanceStatus.RUNNING)
         store = self._store(attempt.store_url or job.store_url)
         exit_rec = read_exit(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit")
         now = self.clock.now()

@@ -311,13 +311,20 @@ class AWSProvider(Provider):
         if store is None:
             return None
         prefix = instance.details.get("job_prefix") or job_prefix(instance.job_id)
+        from spotrun.checkpoint.format import loads_bounded
+
         try:
-            return json.loads(store.get_bytes(f"{prefix}/attempts/{instance.attempt}/exit"))
+            record = loads_bounded(store.get_bytes(f"{prefix}/attempts/{instance.attempt}/exit"), max_depth=16)
         except NotFound:
             return None
         except (StoreError, ValueError) as exc:
             log.warning("cannot read the exit record of %s: %s", instance.instance_id, exc)
             return None
+        code = record.get("code") if isinstance(record, dict) else "not an object"
+        if code is not None and type(code) is not int:  # written beside untrusted code: typed or ignored
+            log.warning("malformed exit record of %s ignored", instance.instance_id)
+            return None
+        return record  # type: ignore[return-value]
 
     def poll(self, instance: Instance) -> InstanceState:
         ec2 = self.api.client("ec2", instance.region)
