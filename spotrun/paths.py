@@ -14,7 +14,12 @@ def home() -> Path:
         from platformdirs import user_data_dir
 
         path = Path(user_data_dir("spotrun", appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:  # state, logs, the local store and unpacked bundles live here: the owner's only
+        if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+            path.chmod(0o700)
+    except OSError:
+        pass
     return path
 
 

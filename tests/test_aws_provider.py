@@ -340,8 +340,10 @@ def test_instance_profile_reaches_only_the_job_prefix(provider: AWSProvider, ses
     assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
     policy = iam.get_role_policy(RoleName=name, PolicyName="spotrun-store")["PolicyDocument"]
     policy = json.loads(policy) if isinstance(policy, str) else policy
-    assert policy == store_policy(STORE, "jobs/job-1")
-    objects, data, listing = policy["Statement"]
+    assert policy["Statement"][:3] == store_policy(STORE, "jobs/job-1")["Statement"]
+    objects, data, listing, secret = policy["Statement"]
+    assert secret["Action"] == "secretsmanager:GetSecretValue"  # the job's own secret, no other
+    assert secret["Resource"] == "arn:aws:secretsmanager:*:*:secret:spotrun/job-1-??????"
     assert objects["Resource"] == f"arn:aws:s3:::{BUCKET}/runs/jobs/job-1/*"
     assert (data["Action"], data["Resource"]) == (
         "s3:GetObject",

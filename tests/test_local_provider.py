@@ -124,10 +124,10 @@ def test_instance_runs_the_agent_in_its_sandbox_and_reports_its_exit(make: Calla
     assert start["cwd"] == start["agent_root"] == str(sandbox / "root")
     assert start["boot"] == {"kind": "local", "path": str(sandbox / "meta" / "notice.json")}
     assert not (sandbox / "meta" / "notice.json").exists()
-    assert not (sandbox / "root").exists()  # the instance's disk went with it
-    end = time.monotonic() + 3
+    end = time.monotonic() + 10  # generous: a loaded 2-core machine delays the host's last steps
     while not dead(host_pid(inst)) and time.monotonic() < end:  # it exits right after its last word
         time.sleep(0.02)
+    assert not (sandbox / "root").exists()  # the instance's disk went with it
     assert dead(host_pid(inst))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from spotrun.simulate.model import JobModel, Market
 from spotrun.simulate.offline import offline_bound
 from spotrun.simulate.traces import ZoneTrace, load_trace
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("SPOTRUN_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not present")
 
 
@@ -85,10 +86,39 @@ def test_preemption_loses_work_since_checkpoint(notice_save: bool, lost: float, 
     assert [s.end for s in r.timeline] == ["preempted", "finished"]
 
 
-def test_failed_launch_costs_nothing() -> None:
+def test_failed_launch_costs_time_not_money_and_the_policy_is_asked_again() -> None:
+    """A launch into a zone without capacity answers fast: no bill, ~36 s, and the policy is
+    asked again in the same tick, now seeing that zone as unavailable."""
     m = Market.simple({"a": "0011", "b": "1111"})
-    r = run(Scripted([Decision.spot("a"), Decision.spot("b")]), m, JobModel(1.0, 5.0, restart_overhead_h=0.0))
-    assert r.failed_launches == 1 and r.cost == pytest.approx(1.0) and r.completion_h == pytest.approx(2.0)
+    seen: list[dict[str, bool | None]] = []
+
+    class Probe(Scripted):
+        def decide(self, obs: Observation) -> Decision:
+            seen.append({z.key: z.available for z in obs.zones})
+            return super().decide(obs)
+
+    job = JobModel(1.0, 5.0, restart_overhead_h=0.0, failed_launch_h=0.01)
+    r = run(Probe([Decision.spot("a")] + [Decision.spot("b")] * 3), m, job)
+    assert r.failed_launches == 1 and r.launches == 1
+    assert seen[:2] == [{"a": None, "b": None}, {"a": False, "b": None}]  # never b's capacity
+    assert r.cost == pytest.approx(1.0)  # billed from the launch, not the failed attempt
+    assert r.completion_h == pytest.approx(1.01)
+    assert [d[1:3] for d in r.decisions] == [("no_capacity", "a"), ("launched", "b"), ("finished", "b")]
+
+
+def test_the_policy_never_sees_other_zones_capacity() -> None:
+    """Only the zone it runs in (True) and zones its own launch just found empty (False)."""
+    views: list[dict[str, bool | None]] = []
+
+    class Watcher(Scripted):
+        def decide(self, obs: Observation) -> Decision:
+            views.append({z.key: z.available for z in obs.zones})
+            return super().decide(obs)
+
+    m = Market.simple({"a": "1111", "b": "0000", "c": "1111"})
+    run(Watcher([Decision.spot("a")] * 4), m, JobModel(3.0, 8.0, restart_overhead_h=0.0))
+    assert views[0] == {"a": None, "b": None, "c": None}
+    assert all(v == {"a": True, "b": None, "c": None} for v in views[1:])
 
 
 def test_egress_when_moving_regions() -> None:
@@ -99,7 +129,7 @@ def test_egress_when_moving_regions() -> None:
     assert r.cost == pytest.approx(3.0 + 0.2)
 
 
-def test_history_is_observed_not_decided() -> None:
+def test_no_market_history_before_the_start() -> None:
     seen: list[float] = []
 
     class Watcher(Scripted):
@@ -108,7 +138,7 @@ def test_history_is_observed_not_decided() -> None:
 
     m = Market.simple({"a": "0001111"})
     r = run(Watcher([Decision.spot("a")]), m, JobModel(1.0, 3.0, restart_overhead_h=0.0), start_tick=3)
-    assert seen == [-3.0, -2.0, -1.0]
+    assert seen == []  # a controller has no record of the zones' past capacity either
     assert r.completion_h == pytest.approx(1.0)
 
 
@@ -248,6 +278,9 @@ def test_cli_json_and_errors(tmp_path: Path) -> None:
     assert by["on-demand"]["cost_ratio"] == pytest.approx(1.0)
     assert by["spotrun"]["deadline_met"] and data["offline_bound"]["feasible"]
     assert data["offline_bound"]["cost"] <= by["spotrun"]["cost"] + 1e-9
+    assert "never other zones' capacity" in data["observation_model"].lower()
+    assert set(data["sees"]) == set(POLICIES) | {"offline_bound"}
+    assert "in advance" in data["sees"]["offline_bound"] and "on-demand prices" in data["sees"]["on-demand"]
     bad = runner.invoke(_app(), ["simulate", "--trace", str(f), "--work-hours", "4", "--policy", "yolo"])
     assert bad.exit_code == 2 and "unknown policy" in bad.output
     assert runner.invoke(_app(), ["simulate", "--trace", str(f)]).exit_code == 2  # no work hours
@@ -283,6 +316,7 @@ def test_cli_with_spec_table_and_plot(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert "greedy" in res.output and "spotrun" in res.output and "deadline 6 h" in res.output
+    assert "allowed to see" in res.output and "offline bound: every zone's capacity" in res.output
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -301,7 +335,22 @@ def test_bench_script_renders_the_grid(capsys: pytest.CaptureFixture[str]) -> No
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import bench_policies
 
-    assert bench_policies.main(["--only", "Bamboo p3", "--starts", "1", "--jobs", "1"]) == 0
+    args = ["--data", str(DATA), "--set", "tuning", "--only", "Bamboo p3", "--starts", "1", "--jobs", "1"]
+    assert bench_policies.main(args) == 0
     out = capsys.readouterr().out
-    assert "| Bamboo p3 cluster, 24 nodes" in out and "spotrun missed **0 of" in out
-    assert "| no deadline |" in out
+    assert "## Relaunch policies" in out and "TUNING set" in out and "Observation model (honest)" in out
+    assert "### Restart overhead 1x" in out and "### Restart overhead 3x" in out
+    assert "| 2 | 10% |" in out
+
+
+@needs_data
+def test_bench_sets_are_split_by_date() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_policies
+
+    eras = {ts.name: ts.era for ts in bench_policies.SETS}
+    assert set(eras.values()) == {"tuning", "reporting"}
+    years = {name: [int(y) for y in __import__("re").findall(r"\b(20\d\d)\b", name)] for name in eras}
+    for name, era in eras.items():
+        if years[name]:
+            assert (min(years[name]) >= 2023) == (era == "reporting"), name

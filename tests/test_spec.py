@@ -301,7 +301,10 @@ azure: {subscription_id: 0000-1111, resource_group: rg}
 def _project(tmp_path: Path) -> Path:
     (tmp_path / "src").mkdir()
     (tmp_path / "corpus").mkdir()
-    (tmp_path / "market.yaml").write_text("zones: []\n")
+    from spotrun.clouds.local.market import builtin_market_path
+
+    # a real market file: a broken one now fails validation (issue 13)
+    (tmp_path / "market.yaml").write_text(builtin_market_path("quickstart").read_text())
     path = tmp_path / "job.yaml"
     path.write_text(FULL)
     return path
@@ -377,7 +380,7 @@ def test_persisted_form_never_holds_secret_values_and_reloads(tmp_path: Path) ->
         ({"memory": "40GB", "count": 2}, (None, 2, 40.0)),
         ({"name": "A100", "memory": "80GiB"}, ("A100", 1, 80.0)),  # 85.9 GB, but it means the 80 GB part
         ({"memory": "24GiB"}, (None, 1, 24.0)),
-        ({"name": "V100", "memory": 20}, ("V100", 1, 20.0)),  # more than 16: needs the 32 GB V100
+        ({"name": "V100", "memory": "20GB"}, ("V100", 1, 20.0)),  # more than 16: needs the 32 GB V100
     ],
 )
 def test_gpu_request_forms(tmp_path: Path, gpu: object, expected: tuple[object, ...]) -> None:
@@ -394,8 +397,11 @@ def test_spot_and_human_forms(tmp_path: Path) -> None:
     assert load("resources: {spot: AUTO}\n").resources.spot == "auto"
     assert load("resources: {providers: azure}\n").resources.providers == ["azure"]  # one string = one item
     assert load("resources: {regions: [eastus], zones: ['1', '2']}\n").resources.zones == ["1", "2"]
-    assert load("deadline: 1:30:00\n").deadline == 5400.0  # YAML's own sexagesimal
-    assert load("deadline: 5400\n").deadline == 5400.0
+    with pytest.raises(SpecError, match="did you mean 12h"):  # a duration without a unit (issue 13)
+        load("deadline: 12\n")
+    with pytest.raises(SpecError, match="did you mean 40GB"):
+        load("resources: {memory: 40}\n")
+    assert load("deadline: 5400s\n").deadline == 5400.0
     assert load("budget: 12.5\n").budget == 12.5
     assert load("workload: {model_params: 1.3e9}\n").workload.model_params == 1.3e9  # type: ignore[union-attr]
     assert load("checkpoint:\nrecovery:\n").checkpoint.keep == 3  # an empty section means the defaults

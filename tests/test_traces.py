@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from spotrun.simulate.traces import (
     region_of,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("SPOTRUN_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not present")
 
 
@@ -34,6 +35,22 @@ def test_skypilot_json_counts_and_nodes(tmp_path: Path) -> None:
     assert load_trace(f, nodes=16)[0].available == [False, False, True, False]
     assert z.with_nodes(3).available == [False, False, True, True]
     assert z.duration_seconds == 1200
+
+
+def test_skypilot_preemption_trace_with_prices_keeps_counts(tmp_path: Path) -> None:
+    """A `prices` key does not make a trace SkyNomad's: SkyPilot preemption traces carry prices
+    and still store instance counts (1 = one instance obtained, not "preempted")."""
+    f = tmp_path / "us-east-1a_v100_1.json"
+    f.write_text(json.dumps({"metadata": {"gap_seconds": 600}, "data": [1, 0, 2, 1], "prices": [0.9, 0.9, 1.1, 1.0]}))
+    assert detect_format(f) == "skypilot"
+    (z,) = load_trace(f)
+    assert z.available == [True, False, True, True]
+    assert z.prices == [0.9, 0.9, 1.1, 1.0] and z.capacity == [1, 0, 2, 1]
+    assert load_trace(f, nodes=2)[0].available == [False, False, True, False]
+    bad = tmp_path / "us-east-1b_v100_1.json"
+    bad.write_text(json.dumps({"metadata": {"gap_seconds": 600}, "data": [1, 0], "prices": [0.9]}))
+    with pytest.raises(TraceFormatError, match="'prices' has 1 ticks"):
+        load_trace(bad)
 
 
 def test_skynomad_json_is_preempted_convention_and_flags_gap(tmp_path: Path) -> None:

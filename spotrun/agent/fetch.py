@@ -6,29 +6,70 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from spotrun.agent.jobfile import DataItem
-from spotrun.bundle import sha256_file, unpack
-from spotrun.clouds.store import Store, open_store
+from spotrun.bundle import UnsafeArchive, sha256_file, unpack
+from spotrun.clouds.store import Store, StoreError, open_store
+
+_HEX = set("0123456789abcdef")
+
+
+class AgentFailure(Exception):
+    """What stopped the Agent before the workload could run, and where: `kind` is "store",
+    "bundle", "data", "image" or "agent" (the exit record carries it, so the controller tells an
+    infrastructure failure from the workload failing)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def sha256_of_key(key: str) -> str:
+    """The sha256 a content-addressed key (`.../<sha256>.tar.gz`) names; ValueError otherwise."""
+    name = key.rsplit("/", 1)[-1]
+    digest = name[: -len(".tar.gz")] if name.endswith(".tar.gz") else ""
+    if len(digest) != 64 or not set(digest) <= _HEX:
+        raise ValueError(f"{key} is not named by its sha256: refusing to use it unverified")
+    return digest
+
+
+def fetch_verified(store: Store, key: str, local: Path, sha256: str, what: str) -> Path:
+    """The one way an instance downloads an archive: to `local`, then checked against `sha256`
+    before anything reads it. A mismatch deletes the download and raises AgentFailure(what)."""
+    try:
+        store.get_file(key, local)
+    except (StoreError, OSError) as e:
+        raise AgentFailure("store", f"reading {key} from {store.url} failed: {type(e).__name__}: {e}") from e
+    got = sha256_file(local)
+    if got != sha256:
+        local.unlink()
+        raise AgentFailure(what, f"{what} {key} does not match its sha256 (got {got[:16]}...): not used")
+    return local
+
+
+def _unpack(local: Path, dest: Path, key: str, what: str) -> Path:
+    try:
+        return unpack(local, dest)
+    except (UnsafeArchive, IsADirectoryError) as e:
+        raise AgentFailure(what, f"{what} {key} is unsafe or corrupt: {e}") from e
+    finally:
+        local.unlink()
 
 
 def fetch_bundle(store: Store, key: str, work: Path, tmp: Path) -> None:
     """Download the code bundle, check it against the sha256 in its name, unpack into `work`."""
-    local = tmp / "bundle.tar.gz"
-    store.get_file(key, local)
-    expected = Path(key).name.removesuffix(".tar.gz")
-    if len(expected) == 64 and sha256_file(local) != expected:
-        raise ValueError(f"code bundle {key} does not match its sha256")
-    unpack(local, work)
-    local.unlink()
+    try:
+        digest = sha256_of_key(key)
+    except ValueError as e:
+        raise AgentFailure("bundle", str(e)) from None
+    _unpack(fetch_verified(store, key, tmp / "bundle.tar.gz", digest, "bundle"), work, key, "bundle")
 
 
 def fetch_store_data(store: Store, key: str, dest: Path, tmp: Path) -> Path:
-    """A data archive made by `spotrun.bundle.pack_path`, placed at `dest`."""
-    local = tmp / "data.tar.gz"
-    store.get_file(key, local)
+    """A data archive made by `spotrun.bundle.pack_path` (named by its sha256), placed at `dest`."""
     try:
-        return unpack(local, dest)
-    finally:
-        local.unlink()
+        digest = sha256_of_key(key)
+    except ValueError as e:
+        raise AgentFailure("data", str(e)) from None
+    return _unpack(fetch_verified(store, key, tmp / "data.tar.gz", digest, "data"), dest, key, "data")
 
 
 def _split_url(url: str) -> tuple[str, str]:

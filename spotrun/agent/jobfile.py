@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 JOB_FORMAT = 1
 
@@ -64,12 +64,19 @@ class AgentJob:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> AgentJob:
-        raw: dict[str, Any] = json.loads(text)
+        from spotrun.checkpoint.format import loads_bounded
+
+        raw = loads_bounded(text, max_bytes=4 * 1024 * 1024, max_depth=16)
+        if not isinstance(raw, dict):
+            raise ValueError("job.json is not a JSON object")
         fmt = raw.get("format", JOB_FORMAT)
         if fmt != JOB_FORMAT:
             raise ValueError(f"job.json format {fmt} is not supported by this Agent (wants {JOB_FORMAT})")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        known["data"] = [DataItem(**d) for d in raw.get("data", [])]
+        data = raw.get("data", [])
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise ValueError("job.json: data must be a list of objects")
+        known["data"] = [DataItem(**d) for d in data]
         return cls(**known)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from spotrun.agent import jobfile
-from spotrun.agent.fetch import fetch_bundle, place_data
+from spotrun.agent.fetch import AgentFailure, fetch_bundle, place_data
 from spotrun.agent.jobfile import AgentJob
 from spotrun.agent.notice import NoticeWatcher, make_watcher
 from spotrun.agent.sync import (
@@ -51,7 +51,7 @@ from spotrun.agent.workload import (
 )
 from spotrun.clock import SYSTEM_CLOCK, Clock
 from spotrun.clouds.base import BOOT_MARKER, Boot, extract_boot
-from spotrun.clouds.store import Store, open_store
+from spotrun.clouds.store import Store, StoreError, open_store
 
 DEFAULT_ROOT = "/var/lib/spotrun"
 EXIT_PREEMPTED = 75  # the Agent's own exit code after a notice (the record has the details)
@@ -73,6 +73,7 @@ class Outcome:
     reason: str
     error: str = ""
     phase: str = ""  # for a failure: "setup" or "running"
+    kind: str = ""  # for an agent-error: "store", "bundle", "data", "image" or "agent"
 
 
 def _shell_code(code: int | None) -> int | None:
@@ -106,6 +107,7 @@ class Agent:
         self.phase = "fetching"
         self.job: AgentJob | None = None
         self.restored_step: int | None = None
+        self._secrets: dict[str, str] = {}  # `${VAR}` values read from the cloud's secret store
         self._terminated = threading.Event()
         self._next_notice_check = 0.0
         self._periodic: list[Periodic] = []
@@ -121,11 +123,17 @@ class Agent:
     def run(self) -> int:
         """Run the whole attempt; returns the process exit code."""
         self.log.note(f"agent started: job {self.boot.job_id}, attempt {self.boot.attempt}")
-        self._start_heartbeats(interval=5.0)
         try:
+            # Inside the try: a read-only or full store is an agent-error with a record, never a crash.
+            self._start_heartbeats(interval=5.0)
             self.paths.prepare()
-            self.job = AgentJob.from_json(self.store.get_bytes(jobfile.job_key(self.prefix)))
+            try:
+                job_bytes = self.store.get_bytes(jobfile.job_key(self.prefix))
+            except (StoreError, OSError) as e:
+                raise AgentFailure("store", f"reading job.json from {self.store.url} failed: {e}") from e
+            self.job = AgentJob.from_json(job_bytes)
             self._restart_heartbeats()
+            self._read_secrets()
             self.uploader.keep = max(1, self.job.keep)
             self.uploader.interval = min(1.0, self.job.heartbeat_interval)
             self._fetch()
@@ -162,6 +170,15 @@ class Agent:
             self.log.note(f"restored checkpoint {self.restored_step}")
         self._check_notice()
 
+    def _read_secrets(self) -> None:
+        """`${VAR}` values from the cloud's secret store (spotrun/agent/secrets.py): memory only."""
+        from spotrun.agent.secrets import fetch_secrets
+
+        assert self.job is not None
+        self._secrets = fetch_secrets(self.boot.env, list(self.job.secret_env))
+        if self._secrets:
+            self.log.note(f"secret env read from the cloud's secret store: {', '.join(sorted(self._secrets))}")
+
     def _data_host_path(self, job: AgentJob, target: str) -> Path:
         """Where a data entry goes on this machine. A relative target lives under the data
         folder; an absolute one is that path itself, or (in a container) a folder mounted there."""
@@ -184,6 +201,7 @@ class Agent:
             dirs = (str(p.checkpoints), str(p.data), str(p.output), str(p.notice_file), str(p.progress_file))
         env.setdefault("PYTHONUNBUFFERED", "1")  # logs arrive as they are printed
         env.update(job.env)
+        env.update(self._secrets)
         names = ("CHECKPOINT_DIR", "DATA_DIR", "OUTPUT_DIR", "NOTICE_FILE", "PROGRESS_FILE")
         env.update({f"SPOTRUN_{n}": v for n, v in zip(names, dirs, strict=True)})
         env["SPOTRUN_JOB_ID"] = self.boot.job_id
@@ -197,7 +215,10 @@ class Agent:
             self.phase = "setup" if job.setup else "running"
             return ProcessWorkload(self.paths, job.setup, job.run, self._env(False))
         cli = container_cli(job.container_cli, {**os.environ, **self.boot.env})
-        ensure_image(cli, job.image)
+        try:
+            ensure_image(cli, job.image)
+        except Exception as e:
+            raise AgentFailure("image", f"image {job.image}: {type(e).__name__}: {e}") from e
         self._check_notice()
         extra = list(job.container_args)
         for item in job.data:
@@ -216,12 +237,14 @@ class Agent:
         self.uploader.start()
         self._next_notice_check = 0.0  # a notice that came while starting is seen at once
         while True:
-            left = self._poll_notice()
-            if left is not None:
-                return self._preempted(workload, *left)
+            # The exit first: a workload that already finished when a notice arrives has completed
+            # (treating it as preempted would lose its outputs and run it again elsewhere).
             code = workload.exit_code()
             if code is not None:
                 return self._completed(workload, _shell_code(code))
+            left = self._poll_notice()
+            if left is not None:
+                return self._preempted(workload, *left)
             self._follow_phase()
             self.clock.sleep(self.tick)
 
@@ -284,10 +307,16 @@ class Agent:
 
     # ----------------------------------------------------------------- helpers
 
-    def _agent_error(self, error: Exception, code: int | None = None) -> int:
+    def _agent_error(self, error: BaseException, code: int | None = None) -> int:
         text = f"{type(error).__name__}: {error}"
-        self.log.note(f"agent error: {text}")
-        return self._finish(Outcome(code, "agent-error", text), EXIT_AGENT_ERROR)
+        if isinstance(error, AgentFailure):
+            kind, text = error.kind, str(error)
+        elif isinstance(error, (StoreError, OSError)):
+            kind, text = "store", f"store {self.store.url}: {text}"  # the heartbeat, a log flush...
+        else:
+            kind = "agent"
+        self.log.note(f"agent error ({kind}): {text}")
+        return self._finish(Outcome(code, "agent-error", text, kind=kind), EXIT_AGENT_ERROR)
 
     def _final_checkpoint(self) -> None:
         try:
@@ -358,7 +387,9 @@ class Agent:
             "checkpoint_step": step,
         }
         if outcome.error:
-            record["error"] = outcome.error
+            record["error"] = outcome.error[:2000]
+        if outcome.kind:
+            record["kind"] = outcome.kind
         if outcome.reason == "failed":
             record["phase"] = outcome.phase
         self.log.note(f"exit: {outcome.reason} (code {outcome.code}), checkpoint {step}")

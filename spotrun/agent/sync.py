@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from spotrun.agent import jobfile
-from spotrun.checkpoint.format import MANIFEST_NAME, verify_checkpoint
+from spotrun.checkpoint.format import MANIFEST_NAME, loads_bounded, read_manifest, verify_checkpoint
 from spotrun.clock import Clock
-from spotrun.clouds.store import NotFound, Store
+from spotrun.clouds.store import NotFound, Store, StoreError
 
 STEP_DIGITS = 12
 MAX_LOG_CHUNK = 1024 * 1024
@@ -148,10 +148,12 @@ class LogShipper:
 
 
 def read_progress(path: Path) -> Any:
+    """The workload's progress file (the workload writes it: bounded, and a dict or nothing)."""
     try:
-        return json.loads(path.read_text())
+        progress = loads_bounded(path.read_bytes(), max_bytes=64 * 1024, max_depth=8)
     except (OSError, ValueError):
         return None
+    return progress if isinstance(progress, dict) else None
 
 
 def heartbeat(phase: str, progress_file: Path, checkpoint_step: int | None, clock: Clock) -> bytes:
@@ -217,14 +219,17 @@ def restore_latest(store: Store, job_prefix: str, dest_root: Path, note: Note) -
         try:
             base = f"{prefix}{step_name(step)}/"
             manifest_bytes = store.get_bytes(base + MANIFEST_NAME)
-            files = json.loads(manifest_bytes)["files"]
-            for rel in sorted(files):
+            staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+            manifest = read_manifest(staging)  # bounded parse: size, depth, types, safe names
+            if manifest is None:
+                raise ValueError("malformed manifest")
+            for rel in sorted(manifest["files"]):
                 if not _safe_rel(rel) or rel == MANIFEST_NAME:
                     raise ValueError(f"bad file name in manifest: {rel!r}")
                 store.get_file(base + rel, staging / rel)
-            (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
             ok = verify_checkpoint(staging)
-        except (NotFound, ValueError, KeyError, TypeError, OSError) as e:
+        except (NotFound, StoreError, ValueError, KeyError, TypeError, OSError, RecursionError) as e:
             note(f"checkpoint {step} could not be fetched ({type(e).__name__}: {e}): skipped")
             ok = False
         if not ok:
@@ -310,8 +315,11 @@ class CheckpointUploader:
             return None
 
     def _upload(self, step: int, path: Path) -> bool:
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise ValueError(f"local checkpoint {step} has a malformed manifest")
         manifest_bytes = (path / MANIFEST_NAME).read_bytes()
-        files = json.loads(manifest_bytes)["files"]
+        files = manifest["files"]
         base = f"{jobfile.checkpoints_prefix(self.job_prefix)}{step_name(step)}/"
         manifest_key = base + MANIFEST_NAME
         try:
@@ -320,13 +328,25 @@ class CheckpointUploader:
             self.store.delete(manifest_key)  # a different save of this step: un-commit it first
         except NotFound:
             pass
-        for rel in sorted(files):
-            if self._abort.is_set():
-                return False
-            if not _safe_rel(rel):
-                raise ValueError(f"bad file name in manifest: {rel!r}")
-            self.store.put_file(base + rel, path / rel)
-        self.store.put_bytes(manifest_key, manifest_bytes)
+        written: list[str] = []
+        try:
+            for rel in sorted(files):
+                if self._abort.is_set():
+                    return False
+                if not _safe_rel(rel):
+                    raise ValueError(f"bad file name in manifest: {rel!r}")
+                written.append(base + rel)
+                self.store.put_file(base + rel, path / rel)
+            self.store.put_bytes(manifest_key, manifest_bytes)
+        except BaseException:
+            # A full or failing store: take the half-uploaded step back out (best effort), so
+            # torn steps do not pile up; the manifest was never written, so nothing was committed.
+            for key in written:
+                try:
+                    self.store.delete(key)
+                except Exception:  # noqa: BLE001, S110 - the store is failing already
+                    pass
+            raise
         return True
 
     def _prune(self) -> None:

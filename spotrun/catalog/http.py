@@ -7,8 +7,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 HTTP_TIMEOUT_S = 30.0
@@ -17,26 +15,6 @@ MAX_PAGES = 500  # a runaway NextPageLink loop stops here
 
 class RefreshError(Exception):
     """A fetch that failed; the message is safe to show (no keys, no query strings)."""
-
-
-@dataclass
-class RefreshResult:
-    provider: str
-    ok: bool
-    rows: int = 0
-    path: Path | None = None
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "provider": self.provider,
-            "ok": self.ok,
-            "rows": self.rows,
-            "path": str(self.path) if self.path else None,
-            "errors": list(self.errors),
-            "warnings": list(self.warnings),
-        }
 
 
 def _safe_url(url: str) -> str:

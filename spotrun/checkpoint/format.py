@@ -39,8 +39,40 @@ _STEP_DIR = re.compile(r"^\d{12}$")
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
+MAX_JSON_BYTES = 16 * 1024 * 1024  # a manifest of ~100k files; exit records and heartbeats are far smaller
+MAX_JSON_DEPTH = 64
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
 class CheckpointError(Exception):
     """A checkpoint could not be written or read."""
+
+
+def loads_bounded(data: bytes | str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """`json.loads` for text from a store or a disk spotrun does not trust: ValueError (never
+    RecursionError or MemoryError) when it is bigger than `max_bytes`, nested deeper than
+    `max_depth`, not UTF-8 or not JSON. NaN and Infinity are refused too."""
+    if len(data) > max_bytes:
+        raise ValueError(f"JSON document of {len(data)} bytes is over the {max_bytes}-byte limit")
+    text = data.decode("utf-8") if isinstance(data, bytes) else data  # UnicodeDecodeError is a ValueError
+    if text.count("[") + text.count("{") > max_depth:  # only then can it be too deep: scan
+        depth = 0
+        for m in _BRACKETS.finditer(text):
+            c = m.group()
+            if c in "[{":
+                depth += 1
+                if depth > max_depth:
+                    raise ValueError(f"JSON nested deeper than {max_depth} levels")
+            elif c in "]}":
+                depth -= 1
+
+    def _no_constant(name: str) -> object:
+        raise ValueError(f"JSON constant {name} is not allowed")
+
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:  # belt and braces: the scan above should have caught it
+        raise ValueError("JSON nested too deeply") from None
 
 
 def step_dirname(step: int) -> str:
@@ -78,8 +110,8 @@ def read_manifest(path: Path) -> dict | None:
     """The manifest of a checkpoint folder if it is well formed (not checking the files); else None."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        manifest = loads_bounded((path / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         return None

@@ -123,6 +123,7 @@ def launch(
                 _attach(state, job_id, json_out)
             if state.job(job_id).status.terminal:
                 _report_finished(state, job_id, json_out)
+            _refuse_resume_without_secrets(state, job_id, json_out)
         else:
             if spec is None:
                 raise fail("give a job spec, or --resume JOB", json_out=json_out)
@@ -431,3 +432,12 @@ def _report_finished(state: State, job_id: str, json_out: bool) -> None:
 
 
 __all__ = ["EXIT_BAD_INPUT", "launch"]
+
+
+def _refuse_resume_without_secrets(state: Any, job_id: str, json_out: bool) -> None:
+    """A `${VAR}` this shell lacks: exit 2 unless the clouds already hold the job's secret."""
+    from spotrun.control.secrets import resume_refusal
+
+    refusal = resume_refusal(state, job_id)
+    if refusal:
+        raise fail(refusal, json_out=json_out)

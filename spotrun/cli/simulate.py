@@ -185,6 +185,15 @@ def simulate(
     )
     console.print(results_table(results, ob, title=title))
     console.print(f"on-demand reference: ${market.ondemand_reference(job):,.2f} (cheapest on-demand zone, one launch)")
+    from spotrun.policies import policy_sees
+    from spotrun.policies.observe import OBSERVATION_MODEL
+    from spotrun.simulate.report import OFFLINE_SEES
+
+    console.print(f"What the policies were allowed to see: {OBSERVATION_MODEL}", highlight=False)
+    for p in names:
+        console.print(f"  {p}: {policy_sees(p)}", highlight=False)
+    if ob is not None:
+        console.print(f"  offline bound: {OFFLINE_SEES}", highlight=False)
     if plot is not None:
         console.print(f"plot written to {plot}")
 

@@ -5,6 +5,7 @@ Each `spotrun/clouds/<name>/__init__.py` declares, as plain strings, what the fo
     PROVIDER = "provider:AWSProvider"      # module:class of its Provider (spotrun.clouds.base)
     STORE_SCHEME, STORE = "s3", "store:S3Store"   # optional: its object store and URL scheme
     NOTICE = "notice:AWSNotice"            # optional: its preemption-notice watcher (Agent side)
+    SECRETS = "secrets:AWSSecrets"         # optional: its secret store for `${VAR}` env (both sides)
 
 The registry below finds the folders on disk and imports a provider, store or watcher module only
 when it is used (cloud SDKs cost 0.2-2 s to import).
@@ -64,6 +65,12 @@ def store_classes() -> dict[str, str]:
 def notice_watchers() -> dict[str, str]:
     """Notice kind (= cloud name) -> "module:Class" of its watcher."""
     return {c: t for c in cloud_names() if (t := _declared(c, "NOTICE"))}
+
+
+@cache
+def secret_stores() -> dict[str, str]:
+    """Cloud name -> "module:Class" of its secret store (`spotrun.clouds.secrets`)."""
+    return {c: t for c in cloud_names() if (t := _declared(c, "SECRETS"))}
 
 
 def provider_names() -> tuple[str, ...]:

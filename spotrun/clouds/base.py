@@ -127,6 +127,7 @@ class Boot:
     env: dict[str, str] = field(default_factory=dict)  # extra non-secret env for the Agent
     spotrun_spec: str = ""  # pip requirement to install spotrun on a fresh VM, e.g. "spotrun[aws]==0.1.0"
     spotrun_package: str = ""  # store URL of the Agent package (spotrun/agent/package.py), tried first
+    spotrun_package_sha256: str = ""  # its sha256: checked before pip sees it (else the index is used)
     extra: str = ""  # the pip extra the VM needs for its cloud's store: "aws", "gcp" or "azure"
     labels: dict[str, str] = field(default_factory=dict)  # the spec's `labels:`, put on the cloud resources
 
@@ -161,6 +162,7 @@ def render_bootstrap_script(boot: Boot) -> str:
             f"export {BOOT_MARKER}{boot.to_b64()}",
             *(f"export {k}={shlex.quote(v)}" for k, v in sorted(boot.env.items())),
             f"PKG={shlex.quote(boot.spotrun_package)}",
+            f"PKG_SHA256={shlex.quote(boot.spotrun_package_sha256)}",
             "AGENT=/tmp/spotrun-agent.tar.gz",
             "# The Agent package from the job's store, read with this VM's own identity (the same code",
             "# as the controller that launched it); else the package index.",
@@ -176,7 +178,9 @@ def render_bootstrap_script(boot: Boot) -> str:
             "  esac",
             "}",
             "python3 -m venv /opt/spotrun || true",
-            'if [ -n "$PKG" ] && fetch_agent; then',
+            "# Installed only if it is the very package the controller built (a swapped object is refused).",
+            'verify_agent() { [ -n "$PKG_SHA256" ] && echo "$PKG_SHA256  $AGENT" | sha256sum -c --status; }',
+            'if [ -n "$PKG" ] && fetch_agent && verify_agent; then',
             f'  /opt/spotrun/bin/pip install -q "$AGENT{extra}"',
             "else",
             f"  /opt/spotrun/bin/pip install -q {shlex.quote(requirement)}",

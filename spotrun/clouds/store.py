@@ -86,12 +86,25 @@ def _fsync_dir(path: Path) -> None:
 COPY_BUFFER = 8 * 1024 * 1024
 
 
+def _private_dirs(path: Path) -> None:
+    """mkdir -p with every folder it creates 0700 (Path.mkdir gives the parents the umask's mode)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+
+
 class LocalStore(Store):
     """A directory. Writes go to a temp file in the same folder, are fsynced, then renamed."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.url = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
@@ -103,8 +116,14 @@ class LocalStore(Store):
 
     def _write(self, key: str, writer: Callable[[object], None], *, if_absent: bool = False) -> bool:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)
+        for again in (True, False):  # a delete may remove the emptied folder in between: once more
+            _private_dirs(dest.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=dest.parent)  # 0600: objects are private
+                break
+            except FileNotFoundError:
+                if not again:
+                    raise
         try:
             with os.fdopen(fd, "wb") as f:
                 writer(f)
@@ -150,9 +169,9 @@ class LocalStore(Store):
         if not src.is_file():
             raise NotFound(key)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _private_dirs(path.parent)
         tmp = path.with_name(f".tmp-{path.name}")
-        with open(src, "rb") as s, open(tmp, "wb") as d:
+        with open(src, "rb") as s, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as d:
             for chunk in iter(lambda: s.read(COPY_BUFFER), b""):
                 d.write(chunk)
                 if progress:
@@ -177,10 +196,19 @@ class LocalStore(Store):
         return sorted(k for k in self._walk(base) if k.startswith(prefix))
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink()
+            path.unlink()
         except FileNotFoundError:
-            pass
+            return
+        # like an object store, no empty "folders" are left behind (e.g. pruned checkpoint steps)
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (or racing a writer that just made it): stop here
+                break
+            parent = parent.parent
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from spotrun.clouds.local.launcher import SECRET_NAMES_ENV
 from spotrun.control.core import ControllerCore, ControllerOptions
 from spotrun.control.ending import EndingMixin
 from spotrun.control.launching import LaunchingMixin
@@ -126,6 +127,7 @@ class Controller(SubmittingMixin, LaunchingMixin, WatchingMixin, EndingMixin, Pl
         for key in spec.secret_env_keys:
             if spec.env.get(key):
                 os.environ[key] = spec.env[key]
+        os.environ[SECRET_NAMES_ENV] = ",".join(sorted(spec.secret_env_keys))  # all a local instance inherits
         self._sweep(job_id, spec, keep=None)
         wait = CapacityWait(self._capacity_wait(spec), self.options.launch_retry_backoff)
         while True:

@@ -4,7 +4,6 @@ are mixins over this core, and `spotrun.control.controller.Controller` puts them
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
 from spotrun.clouds.base import Provider
-from spotrun.clouds.store import NotFound, Store, StoreError, open_store
+from spotrun.clouds.store import Store, open_store
 from spotrun.control.outcome import Snapshot, spend
 from spotrun.control.specs import provider_options
 from spotrun.control.state import State
@@ -64,6 +63,9 @@ class ControllerCore:
         self._agent_packed: Any = None  # spotrun.bundle.Packed of the Agent package, built on first cloud launch
         self._draining: dict[str, int] = {}  # job id -> attempt we asked to stop (a policy move)
         self._last_policy_check: dict[str, float] = {}
+        # job id -> (attempt asked for a last checkpoint, the stop it ends with, when asked)
+        self._limit_stop: dict[str, tuple[int, Any, float]] = {}
+        self.submit_notes: list[str] = []  # what the last submit left out (credential files), for the CLI
 
     def _provider(self, name: str, spec: JobSpec) -> Provider:
         if name not in self.providers:
@@ -87,9 +89,7 @@ class ControllerCore:
 
 
 def read_json(store: Store, key: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(store.get_bytes(key))
-    except NotFound:
-        return None
-    except (StoreError, ValueError, OSError):  # a transient store error: try again at the next poll
-        return None
+    """A heartbeat as a plain dict (kept for callers outside the loop); see `records`."""
+    from spotrun.control.records import read_heartbeat
+
+    return read_heartbeat(store, key)

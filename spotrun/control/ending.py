@@ -4,7 +4,7 @@ provider holds for the job that State does not know as the current one."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from spotrun.clouds.base import (
     Instance,
@@ -17,6 +17,7 @@ from spotrun.control.outcome import (
     FINISH_TERMINATE_TRIES,
     JobFinished,
 )
+from spotrun.control.records import ExitRecord
 from spotrun.control.state import Attempt, Job, JobStatus
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class EndingMixin(ControllerCore):
         job: Job,
         attempt: Attempt,
         reason: str,
-        exit_rec: dict[str, Any] | None,
+        exit_rec: ExitRecord | None,
         st: InstanceState,
         *,
         code: int | None = None,
@@ -42,7 +43,7 @@ class EndingMixin(ControllerCore):
         if not self._terminate(provider, instance, job.id):
             return
         if not detail:
-            step = exit_rec.get("checkpoint_step") if exit_rec else None
+            step = exit_rec.checkpoint_step if exit_rec else None
             detail = st.reason or (f"checkpoint step {step}" if step is not None else "")
         self.state.end_attempt(job.id, attempt.n, reason, self.clock.now(), exit_code=code, detail=detail)
 
@@ -82,6 +83,7 @@ class EndingMixin(ControllerCore):
                 self._provider(name, spec).release_job(job_id)
             except ProviderError as e:
                 self.state.add_event(job_id, self.clock.now(), "release_error", f"{name}: {e}")
+        self._delete_secrets(job_id, spec)
         self.state.set_job_status(
             job_id,
             done.status,
@@ -91,6 +93,12 @@ class EndingMixin(ControllerCore):
             job_exit_code=done.job_exit_code,
         )
         self._notify(job_id, None)
+
+    def _delete_secrets(self, job_id: str, spec: JobSpec) -> None:
+        """The job's `${VAR}` values leave every cloud's secret store (spotrun/control/secrets.py)."""
+        from spotrun.control.secrets import delete_secrets
+
+        delete_secrets(self.state, job_id, spec, self._provider, self.clock.now())
 
     def _sweep(self, job_id: str, spec: JobSpec, keep: str | None) -> None:
         """Terminate every instance a provider holds for this job, except `keep` (an instance id)."""

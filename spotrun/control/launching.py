@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spotrun.clouds import remote_clouds
 from spotrun.clouds.base import (
@@ -34,24 +34,37 @@ from spotrun.control.state import Attempt, Job, JobStatus
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
+    from spotrun.planner import Candidate
+    from spotrun.policies.base import Decision
     from spotrun.spec import JobSpec
 
 
 class LaunchingMixin(ControllerCore):
     def _launch_next(self, job: Job, spec: JobSpec) -> bool | None:
         """Ask the policy what to run, then try its choice and the other candidates of the same
-        market best-first until one launches. False when none had capacity; None to wait."""
+        market best-first until one launches. False when none had capacity; None to wait. When
+        the policy's own choice finds no capacity, the policy is asked again at once, knowing it
+        (what a launch attempt reveals, as in the simulator: spotrun/policies/observe.py)."""
         candidates = self._candidates(job, spec)
         if not candidates:
             raise self._nothing_fits(job, spec)
-        decision = self._decide(job, spec, candidates, current=None)
-        if decision.kind == "wait":
-            return None
         allow_ondemand = spec.resources.spot is not True or spec.recovery.on_demand_fallback
-        candidates = order_for(decision, candidates, allow_ondemand=allow_ondemand) or candidates
+        for _ in range(len(candidates) + 1):
+            decision = self._decide(job, spec, candidates, current=None)
+            if decision.kind == "wait":
+                return None
+            ordered = order_for(decision, candidates, allow_ondemand=allow_ondemand) or candidates
+            outcome = self._launch_first(job, spec, ordered, decision)
+            if outcome is not None:
+                return outcome
+        return False
+
+    def _launch_first(self, job: Job, spec: JobSpec, ordered: list[Candidate], decision: Decision) -> bool | None:
+        """Try `ordered` best-first: True on a launch, False when none could start, None when the
+        policy's chosen zone had no capacity (ask the policy again)."""
         self._sweep(job.id, spec, keep=None)  # never two instances at once
         blocked: set[str] = set()  # "provider" or "provider/region" out of quota for this round
-        for cand in candidates:
+        for cand in ordered:
             offer = cand.offer
             if offer.provider in blocked or f"{offer.provider}/{offer.region}" in blocked:
                 continue
@@ -74,6 +87,8 @@ class LaunchingMixin(ControllerCore):
             outcome = self._try_launch(job, spec, attempt, offer, cand.spot)
             if outcome is True:
                 return True
+            if isinstance(outcome, NoCapacity) and cand.spot and offer.key == decision.zone:
+                return None
             if isinstance(outcome, QuotaExceeded):
                 scope = outcome.scope
                 blocked.add(offer.provider if scope == "provider" else f"{offer.provider}/{offer.region}")
@@ -112,6 +127,9 @@ class LaunchingMixin(ControllerCore):
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"store move: {e}")
             return ProviderError(str(e))
         cloud = offer.provider in remote_clouds()
+        secrets_env = self._secrets_env(job, spec, attempt, offer.provider, provider) if cloud else {}
+        if secrets_env is None:
+            return ProviderError("the job's secrets could not be stored")
         boot = Boot(
             job_id=job.id,
             attempt=attempt.n,
@@ -119,7 +137,9 @@ class LaunchingMixin(ControllerCore):
             job_prefix=job_prefix(job.id),
             spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
             spotrun_package=self._agent_package(store_url) if cloud else "",
+            spotrun_package_sha256=self._agent_packed.sha256 if cloud else "",
             extra=offer.provider if cloud else "",
+            env=secrets_env,
             labels=dict(spec.labels),
         )
         try:
@@ -144,6 +164,22 @@ class LaunchingMixin(ControllerCore):
             return ProviderError(str(e))
         self.state.attempt_started(job.id, attempt.n, instance.instance_id, instance.to_dict(), self.clock.now())
         return True
+
+    def _secrets_env(
+        self, job: Job, spec: JobSpec, attempt: Attempt, cloud: str, provider: Any
+    ) -> dict[str, str] | None:
+        """The job's `${VAR}` values into the cloud's secret store (spotrun/control/secrets.py): the
+        boot env holding the reference; None (attempt ended) when the store failed for now."""
+        from spotrun.clouds.secrets import SecretsError
+        from spotrun.control.secrets import boot_env
+
+        try:
+            return boot_env(cloud, provider, job.id, spec, job.spec)
+        except SecretsError as e:
+            self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"secrets: {e}")
+            if e.permanent:
+                raise JobFinished(JobStatus.FAILED, EXIT_BAD_INPUT, f"secrets: {e}") from None
+            return None
 
     def _bring_checkpoint(self, job: Job, attempt: Attempt, target_url: str) -> None:
         """Relaunching on a cloud that keeps its own store: copy the job's files and its newest
@@ -185,10 +221,11 @@ class LaunchingMixin(ControllerCore):
 
         if self._agent_packed is None:
             self._agent_packed = agent_package.build()
-        key = agent_package.package_key(self._agent_packed.sha256)
-        store = self._store(store_url)
-        if not store.exists(key):
-            store.put_file(key, self._agent_packed.path)
+        from spotrun.control.submitting import upload_verified
+
+        packed = self._agent_packed
+        key = agent_package.package_key(packed.sha256)
+        upload_verified(self._store(store_url), key, packed.path, packed.size, packed.sha256, "agent")
         return f"{store_url.rstrip('/')}/{key}"
 
     def _with_retries(self, call: Callable[[], Instance]) -> Instance:

@@ -43,6 +43,9 @@ EXIT_CODES = {
 FINISH_TERMINATE_TRIES = 5
 
 
+INFRA_RETRIES = 3  # attempts in a row the Agent may fail on the store/bundle/itself before the job fails
+
+
 LEASE_STALE_AFTER = 120.0  # seconds without a check-in before a controller whose pid is not spotrun loses the job
 
 

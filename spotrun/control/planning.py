@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 
 from spotrun.clouds import remote_clouds
 from spotrun.clouds.store import job_prefix
-from spotrun.control.core import ControllerCore, read_json
+from spotrun.control.core import ControllerCore
 from spotrun.control.outcome import (
     spend,
 )
+from spotrun.control.records import read_heartbeat
 from spotrun.control.specs import allowed_providers
 from spotrun.control.state import Attempt, Job
 
@@ -82,7 +83,7 @@ class PlanningMixin(ControllerCore):
         if not attempts:
             return 0.0
         last = attempts[-1]
-        hb = read_json(
+        hb = read_heartbeat(
             self._store(last.store_url or job.store_url), f"{job_prefix(job.id)}/attempts/{last.n}/heartbeat"
         )
         prog = (hb or {}).get("progress") or {}

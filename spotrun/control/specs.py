@@ -70,4 +70,28 @@ def planning_spec(data: dict[str, Any]) -> JobSpec:
     try:
         return JobSpec.from_persisted(data)
     except SpecError:
-        return JobSpec.from_persisted(data, environ=_AnyVariable())
+        pass
+    data = dict(data)
+    for _ in range(8):  # a spec saved by an older spotrun that this one refuses: drop what it refuses
+        try:
+            return JobSpec.from_persisted(data, environ=_AnyVariable())
+        except SpecError as e:
+            keys = {issue.key_path.split("[")[0] for issue in e.issues if issue.key_path}
+            if not keys:
+                raise
+            for key in keys:
+                _drop(data, key.split("."))
+    return JobSpec.from_persisted(data, environ=_AnyVariable())
+
+
+def _drop(data: dict[str, Any], path: list[str]) -> None:
+    """Remove `a.b.c` from nested dicts (a field an old saved spec holds and this spotrun refuses),
+    so the job can still be cancelled, resumed and shown; its default applies instead."""
+    node: Any = data
+    for part in path[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node[part] = dict(node[part]) if isinstance(node[part], dict) else node[part]
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(path[-1], None)

@@ -28,7 +28,6 @@ and falling back past them would silently throw work away.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import threading
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from spotrun.checkpoint.format import MANIFEST_NAME, read_manifest, sha256_file, step_dirname
+from spotrun.checkpoint.format import MANIFEST_NAME, loads_bounded, read_manifest, sha256_file, step_dirname
 from spotrun.clouds.store import NotFound, Progress, Store, StoreError, job_prefix
 
 DEFAULT_WORKERS = 4  # files in flight at once (each store also parallelizes within a big file)
@@ -265,24 +264,27 @@ class _Mover:
             path.unlink(missing_ok=True)
 
     def copy_blob(self, key: str) -> None:
-        """A content-addressed blob (bundle, store data): skipped when dst has it at the same size,
-        else copied and checked against the sha256 in its name (when it has one)."""
+        """A content-addressed blob (bundle, store data): skipped when dst holds the same bytes (size,
+        and the sha256 in its name), else copied and checked against that sha256."""
         try:
             size = self.src.size(key)
         except NotFound:
             raise TransferError(key, f"{key} is missing in {self.src.url}") from None
         except Exception as e:
             raise TransferError(key, f"reading {key} from {self.src.url} failed: {e}") from e
+        stem = key.rsplit("/", 1)[-1].removesuffix(".tar.gz")
+        expected = stem if _SHA256_NAME.match(stem) else None
         try:
-            if self.dst.size(key) == size:
+            # never trusted by its name alone: the same size and (named by it) the same sha256
+            if self.dst.size(key) == size and (expected is None or self._dst_hash_matches(key, expected)):
                 self._skipped()
                 return
         except NotFound:
             pass
+        except TransferError:
+            raise
         except Exception as e:
             raise TransferError(key, f"reading {key} from {self.dst.url} failed: {e}") from e
-        stem = key.rsplit("/", 1)[-1].removesuffix(".tar.gz")
-        expected = stem if _SHA256_NAME.match(stem) else None
 
         def corrupt(why: str) -> Exception:
             return TransferError(key, f"{key} in {self.src.url} is corrupt: {why}")
@@ -331,7 +333,7 @@ class _Mover:
         """dst already holds this checkpoint: the same manifest entries and every file at its size
         (and, with deep_verify, its sha256)."""
         try:
-            theirs = json.loads(self.dst.get_bytes(base + MANIFEST_NAME)).get("files")
+            theirs = loads_bounded(self.dst.get_bytes(base + MANIFEST_NAME)).get("files")  # type: ignore[attr-defined]
         except NotFound:
             return False
         except (ValueError, AttributeError):

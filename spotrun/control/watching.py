@@ -15,16 +15,18 @@ from spotrun.clouds.base import (
     ProviderError,
 )
 from spotrun.clouds.store import job_prefix
-from spotrun.control.core import ControllerCore, read_json
-from spotrun.control.decide import make_job_policy, observation
+from spotrun.control.core import ControllerCore
+from spotrun.control.decide import job_history, make_job_policy, observation
 from spotrun.control.outcome import (
     EXIT_AGENT_ERROR,
     EXIT_BUDGET,
     EXIT_FAILED,
     EXIT_OK,
+    INFRA_RETRIES,
     JobFinished,
     spend,
 )
+from spotrun.control.records import ExitRecord, read_exit, read_heartbeat
 from spotrun.control.specs import allowed_providers
 from spotrun.control.state import Attempt, Job, JobStatus
 from spotrun.policies.base import Decision, Policy
@@ -45,24 +47,48 @@ class WatchingMixin(ControllerCore):
             self.state.add_event(job.id, self.clock.now(), "poll_error", f"poll failed: {e}")
             st = InstanceState(InstanceStatus.RUNNING)
         store = self._store(attempt.store_url or job.store_url)
-        exit_rec = read_json(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit")
+        exit_rec = read_exit(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit")
         now = self.clock.now()
 
         # "terminated": the Agent itself was told to stop (the VM shutting down): like a preemption.
-        preempted = exit_rec is not None and exit_rec.get("reason") in ("preempted", "terminated")
-        draining = self._draining.get(job.id) == attempt.n
+        preempted = exit_rec is not None and exit_rec.preempted
         ended = st.status in (InstanceStatus.PREEMPTED, InstanceStatus.TERMINATED, InstanceStatus.FAILED)
-        if draining and (preempted or ended):  # we asked it to stop: the policy moved the job
+        # The Agent's own word wins over the instance's state: a workload that completed just as
+        # its instance was preempted (or drained) has completed, and must never run again.
+        finished = exit_rec is not None and not exit_rec.preempted
+        stopping = self._limit_stop.get(job.id)
+        if stopping is not None and stopping[0] == attempt.n and not finished:
+            # a budget/deadline stop: the Agent was asked for a last checkpoint; stop once it is done
+            done, since = stopping[1], stopping[2]
+            if preempted or ended or exit_rec is not None or now - since >= self.options.drain_grace:
+                self._end(provider, instance, job, attempt, "stopped", exit_rec, st, detail=done.reason)
+                self._limit_stop.pop(job.id, None)
+                raise done
+        draining = self._draining.get(job.id) == attempt.n
+        if draining and not finished and (preempted or ended):  # we asked it to stop: the policy moved it
             self._end(provider, instance, job, attempt, "switched", exit_rec, st, detail="moved by the policy")
             return
-        if preempted or st.status == InstanceStatus.PREEMPTED:
+        if preempted or (st.status == InstanceStatus.PREEMPTED and not finished):
             self._policy(job, spec).on_preempted(attempt.offer_key, self._job_hours(job, now))
             self._end(provider, instance, job, attempt, "preempted", exit_rec, st)
             return
+        if exit_rec is None and st.status == InstanceStatus.EXITED and st.exit_code in (None, EXIT_AGENT_ERROR):
+            # The Agent always writes its record last; without one, it could not (a read-only or full
+            # store when it says 70) or it died: neither is the workload's doing.
+            exit_rec = ExitRecord(
+                None,
+                "agent-error",
+                error=f"the Agent exited ({st.exit_code}) without writing its exit record "
+                "(is the store read-only or full?)",
+                kind="store" if st.exit_code == EXIT_AGENT_ERROR else "agent",
+            )
+        if exit_rec is not None and exit_rec.infrastructure:
+            self._infra_failure(provider, instance, job, spec, attempt, exit_rec, st, store.url)
+            return
         if exit_rec is not None or st.status == InstanceStatus.EXITED:
-            code = exit_rec.get("code") if exit_rec else st.exit_code
-            code = 1 if code is None else int(code)
-            if exit_rec is not None and exit_rec.get("reason") not in (None, "completed") and code == 0:
+            code = exit_rec.code if exit_rec is not None else st.exit_code
+            code = 1 if code is None else code
+            if exit_rec is not None and exit_rec.reason != "completed" and code == 0:
                 code = EXIT_AGENT_ERROR  # e.g. the outputs could not be uploaded: not a success
             if code == 0:
                 self._end(provider, instance, job, attempt, "completed", exit_rec, st, code=0)
@@ -78,12 +104,43 @@ class WatchingMixin(ControllerCore):
             self._end(provider, instance, job, attempt, "lost", exit_rec, st)
             return
 
-        heartbeat = read_json(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/heartbeat")
+        heartbeat = read_heartbeat(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/heartbeat")
         self._check_heartbeat(provider, instance, job, attempt, st, heartbeat, now)
-        self._check_limits(job, spec, now)
+        self._check_limits(job, spec, now, running=(provider, instance, attempt))
         self._reconsider(job, spec, attempt, provider, instance, st, now)
         self._notify(job.id, heartbeat)
         self.clock.sleep(self.options.poll_interval)
+
+    def _infra_failure(
+        self,
+        provider: Provider,
+        instance: Instance,
+        job: Job,
+        spec: JobSpec,
+        attempt: Attempt,
+        rec: ExitRecord,
+        st: InstanceState,
+        store_url: str,
+    ) -> None:
+        """The Agent could not run the job (store, bundle, data, its own error): not the workload's
+        fault. Retried with a growing pause, never counted against max_restarts; after
+        INFRA_RETRIES in a row the job fails with a reason naming what broke."""
+        what = {"store": f"store {store_url}", "bundle": "code bundle", "data": "data"}.get(rec.kind, "Agent")
+        detail = f"{what}: {rec.error or rec.reason}"
+        self._end(provider, instance, job, attempt, "agent_error", None, st, detail=detail)
+        streak = 0
+        for a in reversed(self.state.attempts(job.id)):
+            if a.end_reason == "agent_error":
+                streak += 1
+            elif a.end_reason in ("completed", "failed", "preempted", "lost", "switched", "stopped"):
+                break
+        if streak > INFRA_RETRIES:
+            reason = f"infrastructure failure, not the workload ({streak} attempts): {detail}"
+            raise JobFinished(JobStatus.FAILED, EXIT_FAILED, reason)
+        self.state.add_event(
+            job.id, self.clock.now(), "infra", f"attempt {attempt.n}: {detail}; retrying ({streak}/{INFRA_RETRIES})"
+        )
+        self.clock.sleep(min(60.0, self.options.launch_retry_backoff * 2 ** (streak - 1)))
 
     def _reconsider(
         self,
@@ -126,7 +183,7 @@ class WatchingMixin(ControllerCore):
             deadline_h=None if spec.deadline is None else spec.deadline / 3600.0,
             current=current,
             cooling=cooling,
-            unavailable={a.offer_key for a in attempts if a.end_reason == "launch_failed"} & cooling,
+            history=job_history(attempts, lambda at: self._elapsed_job_seconds(job, attempts, at) / 3600.0),
             step_h=self.options.poll_interval * scale / 3600.0,
         )
         return self._policy(job, spec).decide(obs)
@@ -159,19 +216,53 @@ class WatchingMixin(ControllerCore):
     ) -> None:
         if st.status != InstanceStatus.RUNNING or attempt.started_at is None:
             return
-        last = float(heartbeat["at"]) if heartbeat and "at" in heartbeat else attempt.started_at
+        last = heartbeat["at"] if heartbeat and heartbeat.get("at") is not None else attempt.started_at
         if now - last > self.options.heartbeat_timeout:
             self._end(provider, instance, job, attempt, "lost", None, st, detail="no heartbeat")
 
-    def _check_limits(self, job: Job, spec: JobSpec, now: float) -> None:
+    def _check_limits(
+        self,
+        job: Job,
+        spec: JobSpec,
+        now: float,
+        running: tuple[Provider, Instance, Attempt] | None = None,
+    ) -> None:
+        """Budget, deadline, preemption limits. The budget and the deadline are checked against
+        where the job will be at the next poll (plus the time a last checkpoint takes), so the
+        overspend is bounded; with an instance running, it is first asked for a last checkpoint
+        (drained as on a notice), and the job stops once that is done."""
         attempts = self.state.attempts(job.id)
+        if any(a.end_reason == "completed" for a in attempts):
+            raise JobFinished(JobStatus.SUCCEEDED, EXIT_OK, "completed", job_exit_code=0)
         spent, _ = spend(attempts, now)
-        if spec.budget is not None and spent >= spec.budget:
-            raise JobFinished(
-                JobStatus.BUDGET_EXHAUSTED, EXIT_BUDGET, f"budget ${spec.budget:.2f} spent (${spent:.2f})"
-            )
-        if spec.deadline is not None and self._elapsed_job_seconds(job, attempts, now) >= spec.deadline:
-            raise JobFinished(JobStatus.DEADLINE_EXCEEDED, EXIT_BUDGET, f"deadline of {spec.deadline:.0f}s passed")
+        ahead = self.options.poll_interval + (self.options.drain_grace if running else 0.0)
+        done: JobFinished | None = None
+        if spec.budget is not None:
+            rate = sum(a.hourly_price * a.time_scale for a in attempts if a.started_at and a.ended_at is None)
+            projected = spent + rate * ahead / 3600.0
+            if projected >= spec.budget:
+                done = JobFinished(
+                    JobStatus.BUDGET_EXHAUSTED,
+                    EXIT_BUDGET,
+                    f"budget ${spec.budget:.2f} spent (${spent:.2f}, ${projected:.2f} by the next check)",
+                )
+        if done is None and spec.deadline is not None:
+            scale = attempts[-1].time_scale if attempts else 1.0
+            if self._elapsed_job_seconds(job, attempts, now) + ahead * scale >= spec.deadline:
+                done = JobFinished(JobStatus.DEADLINE_EXCEEDED, EXIT_BUDGET, f"deadline of {spec.deadline:.0f}s passed")
+        if done is not None:
+            if running is None:
+                raise done
+            provider, instance, attempt = running
+            if job.id not in self._limit_stop:
+                self._limit_stop[job.id] = (attempt.n, done, now)
+                self.state.add_event(job.id, now, "limit", f"{done.reason}: asking for a last checkpoint")
+                try:
+                    provider.drain(instance, self.options.drain_grace)
+                except ProviderError as e:
+                    self.state.add_event(job.id, now, "drain_error", f"drain failed: {e}")
+                    raise done from None
+            return
         limit = spec.recovery.max_preemptions
         preemptions = sum(1 for a in attempts if a.end_reason == "preempted")
         if limit is not None and preemptions > limit:

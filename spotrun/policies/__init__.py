@@ -24,6 +24,11 @@ def policy_names() -> list[str]:
     return list(POLICIES)
 
 
+def policy_sees(name: str) -> str:
+    """What the named policy looks at, within the observation model (spotrun.policies.observe)."""
+    return str(getattr(POLICIES[name], "sees", "the observation model"))
+
+
 def make_policy(name: str) -> Policy:
     """A fresh policy (policies learn during a job, so never share one between jobs)."""
     try:
@@ -37,6 +42,7 @@ __all__ = [
     "POLICIES",
     "make_policy",
     "policy_names",
+    "policy_sees",
     "SpotrunPolicy",
     "GreedyPolicy",
     "FailoverPolicy",

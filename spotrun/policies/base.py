@@ -32,7 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from spotrun.policies.observe import Outcome
 
 DecisionKind = Literal["spot", "ondemand", "wait"]
 
@@ -108,6 +111,8 @@ class Observation:
     overhead_left_h: float = 0.0
     home_region: str | None = None  # where the latest checkpoint lives
     move_cost_usd: float = 0.0  # egress of moving the checkpoint out of ``home_region``
+    # The job's own launch attempts and outcomes so far, oldest first (spotrun.policies.observe).
+    history: tuple[Outcome, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -164,13 +169,22 @@ def slack_h(obs: Observation, *, committed_only: bool = True) -> float:
     return obs.deadline_h - obs.now_h - need
 
 
-def ondemand_needed(obs: Observation, margin_h: float = 0.0) -> bool:
+def ondemand_needed(obs: Observation, margin_h: float = 0.0, *, progress_credit: bool = False) -> bool:
     """True when not being on on-demand by the *next* decision could miss the deadline.
 
     The next decision comes ``step_h`` later; in the worst case nothing is gained until
     then and the work at risk is lost, so we need ``slack >= step_h + margin``.
+
+    With ``progress_credit``, a spot instance past its restart overhead whose work is saved on
+    the preemption notice (nothing at risk) is credited the progress it makes until the next
+    decision: preempted then, it has lost nothing, so it needs only ``slack >= margin``.
     """
-    return slack_h(obs) < obs.step_h + margin_h - 1e-9
+    credit = 0.0
+    cur = obs.current
+    if progress_credit and cur is not None and cur.kind == "spot":
+        if obs.work_at_risk_h <= 0 and obs.expected_loss_h <= 0:
+            credit = max(0.0, obs.step_h - obs.overhead_left_h)
+    return slack_h(obs) < obs.step_h - credit + margin_h - 1e-9
 
 
 PolicyFactory = Callable[[], Policy]

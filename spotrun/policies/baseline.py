@@ -29,6 +29,9 @@ class BasePolicy(ABC):
     """Default no-op notifications, so simple policies only write ``decide``."""
 
     name = "base"
+    # What the policy looks at, within the observation model (spotrun.policies.observe): shown
+    # by `spotrun simulate` next to its results.
+    sees = "nothing"
 
     @abstractmethod
     def decide(self, obs: Observation) -> Decision: ...
@@ -47,6 +50,7 @@ class OnDemandPolicy(BasePolicy):
     """Never touch spot: the reference every saving is measured against."""
 
     name = "on-demand"
+    sees = "on-demand prices only"
 
     def decide(self, obs: Observation) -> Decision:
         return ondemand_decision(obs)
@@ -57,6 +61,7 @@ class GreedyPolicy(BasePolicy):
     on-demand, and then stay on on-demand to the end (the "greedy" baseline of Can't Be Late)."""
 
     name = "greedy"
+    sees = "spot prices, which zones a launch just found without capacity, the slack left"
 
     def __init__(self) -> None:
         self.committed = False
@@ -78,6 +83,7 @@ class FailoverPolicy(BasePolicy):
     get from today's popular spot launchers."""
 
     name = "failover"
+    sees = "spot prices and which zones a launch just found without capacity (deadline-blind)"
 
     def __init__(self) -> None:
         self.region: str | None = None

@@ -1,289 +1,203 @@
-"""spotrun's own relaunch policy: multi-zone, interruption-aware, deadline-aware.
+"""spotrun's own relaunch policy: multi-zone, restart-aware, deadline-aware, within the honest
+observation model (spotrun/policies/observe.py: its own attempts, prices, published rates).
 
-It prices each spot zone by the *expected cost to finish the job there*, given the slack
-left, and keeps a hard floor that never lets a deadline slip:
+Slack ``S`` is the time the job can still lose and yet finish on on-demand after one more
+launch. Every launch spends ``R`` (the restart overhead) of it, waiting spends it by the hour,
+running (spot or on-demand) keeps it. What the default does:
 
-* **Capacity ages.** On the availability traces in shared/data, capacity that just came
-  back is lost 7-38x more often in its first half hour than after six hours. The policy learns
-  the preemption hazard per *age* of a zone's capacity, pooled over the market, and a
-  per-zone factor (how much flakier or steadier this zone is than the market at the same
-  ages), from what it sees: every zone's capacity at each decision, the market history
-  before the job, its own preemptions and failed launches. A zone with little history
-  starts at the market's behaviour (or the catalog's interruption rate).
-* **Slack is a budget of preemptions.** Slack ``S`` is the time the job can still lose and
-  yet finish on on-demand after one more launch. Each preemption costs ``R + L`` of it
-  (restart overhead plus lost work), so spot can survive ``k = floor((S - step)/(R + L))``
-  more; the next forces on-demand for the rest. With preemptions at rate ``lam`` per
-  running hour (Poisson), the work left for on-demand is ``E[(W - T_{k+1})+]`` with
-  ``T_{k+1} ~ Erlang(k+1, lam)``, in closed form (:func:`ondemand_share`). A zone's expected
-  cost is its spot hours at its price, with the overhead of expected preemptions, plus
-  that on-demand tail, plus the launch and any egress. A cheap but flaky zone is worth
-  less when slack is short, which is exactly when flakiness hurts.
-* **Where and when.** Idle, it launches in the zone of least expected cost when that beats
-  on-demand. With no spot worth it, it waits while the slack still allows coming back to
-  spot afterwards, and then bridges on on-demand instead of burning the last slack; from
-  on-demand it returns to spot once a zone has proven itself (its hazard at its current
-  age wastes little), which plain greedy never does. A running instance is kept unless
-  a proven zone is really cheaper (price and expected cost both lower by ``move_gain``).
-* **Hard floor.** When even the worst case (preempted before the next decision, losing the
-  work at risk) would leave too little time, it commits to on-demand to the end
-  (:func:`spotrun.policies.base.ondemand_needed`), so it meets every deadline that on-demand can.
+* **Restart-aware floor.** A spot instance past its restart overhead whose work is saved on the
+  preemption notice makes progress until the next decision and loses nothing if preempted then,
+  so it may run down to zero slack (``ondemand_needed(..., progress_credit=True)``); preempted
+  there, an on-demand launch still finishes by the deadline.
+* **Restart-aware choice between spot and on-demand.** A spot launch with less slack than its
+  own overhead (in whole decision steps) would be stopped by the floor before it made progress:
+  go on-demand at once instead.
+* **Back off from capacity that just returned; prefer capacity that has lasted.** A zone that
+  preempted the job in the last ``backoff_h`` is tried after every other zone; among the rest,
+  the cheapest first, then the one whose last trouble (preemption, no capacity) is oldest.
+* **Wait while the slack pays for it**, trying every zone once per decision, until the floor
+  says on-demand; then on-demand to the end.
+
+Options measured on the tuning traces and off by default (they cost more there; see
+docs/POLICIES.md): bridging on on-demand before the slack runs out and returning to spot
+(``bridge_launches``, ``retry_h``, ``return_gain``), waiting after a preemption rather than
+relaunching elsewhere (``wait_backoff``), and moving a running job to a zone that became cheaper
+(``move_gain``, ``move_payback``).
+
+Every constant here was chosen on the tuning half of shared/data (traces collected before
+2023), never on the reporting half.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from spotrun.policies.base import Decision, Observation, ZoneView, ondemand_needed, slack_h
 from spotrun.policies.baseline import BasePolicy, ondemand_decision
 
 INF = float("inf")
-# Ages (hours since a zone's capacity came back) at which the preemption hazard is learned
-# separately: on the availability traces in shared/data, capacity that just came back is
-# lost 7-38x more often in its first half hour than after six hours.
-AGE_EDGES = (0.0, 0.5, 2.0, 6.0, 24.0)
-
-
-def age_bucket(age_h: float) -> int:
-    b = 0
-    for i, edge in enumerate(AGE_EDGES):
-        if age_h >= edge:
-            b = i
-    return b
-
-
-def ondemand_share(lam: float, work_h: float, survivable: int) -> tuple[float, float]:
-    """Expected work left for on-demand, and the chance it is needed at all.
-
-    Preemptions arrive at ``lam`` per hour of spot running; the ``survivable + 1``-th one
-    forces on-demand for the rest of ``work_h``. With ``N ~ Poisson(lam * W)`` and
-    ``T_n ~ Erlang(n, lam)``: ``E[(W - T_n)+] = W - (1/lam) * sum_{j=1..n} P(N >= j)`` and
-    ``P(T_n < W) = P(N >= n)``.
-    """
-    n = survivable + 1
-    m = lam * work_h
-    if work_h <= 0 or m <= 1e-12:
-        return 0.0, 0.0
-    if m > 600:  # exp(-m) underflows; all n arrivals come well before W
-        return max(0.0, work_h - n / lam), 1.0
-    p = math.exp(-m)  # P(N = j), starting at j = 0
-    cdf = p  # P(N <= j - 1) at the top of iteration j
-    total = 0.0
-    tail = 0.0
-    for j in range(1, n + 1):
-        tail = 1.0 - cdf  # P(N >= j)
-        if tail < 1e-12:
-            tail = 0.0
-            break
-        total += tail
-        p *= m / j
-        cdf += p
-    # After the loop, ``tail`` is P(N >= n) unless it broke early, where it is ~0.
-    return max(0.0, work_h - total / lam), tail
 
 
 @dataclass
-class ZoneStats:
-    """One zone as seen so far: exposure (hours up) and losses by age bucket, outages."""
+class ZoneRecord:
+    """What the job's own attempts say about one zone."""
 
-    exposure: list[float] = field(default_factory=lambda: [0.0] * len(AGE_EDGES))
-    ends: list[float] = field(default_factory=lambda: [0.0] * len(AGE_EDGES))
-    down_h: float = 0.0
-    starts: float = 0.0
-    last: bool | None = None
-    last_seen_h: float | None = None
-    since_h: float | None = None  # when the current state began (as far as seen)
+    last_bad_h: float = -INF  # latest preemption or launch that found no capacity
+    last_preempted_h: float = -INF
+    launched_h: float | None = None  # when the instance running there now was launched
 
-    def age(self, now_h: float) -> float:
-        return 0.0 if self.since_h is None else max(0.0, now_h - self.since_h)
 
-    def see(self, available: bool, now_h: float) -> bool:
-        """Record a sighting; True when it shows the zone going down."""
-        went_down = False
-        if self.last is not None and self.last_seen_h is not None:
-            dt = max(0.0, now_h - self.last_seen_h)
-            if self.last:
-                b = age_bucket(self.age(self.last_seen_h))
-                self.exposure[b] += dt
-                went_down = not available
-                self.ends[b] += went_down
-            else:
-                self.down_h += dt
-                self.starts += available
-        if self.last != available:
-            self.since_h = now_h
-        self.last, self.last_seen_h = available, now_h
-        return went_down
+def zone_records(obs: Observation) -> dict[str, ZoneRecord]:
+    out: dict[str, ZoneRecord] = {}
+    for o in obs.history:
+        if not o.spot:
+            continue
+        r = out.setdefault(o.zone, ZoneRecord())
+        if o.kind in ("preempted", "no_capacity"):
+            r.last_bad_h = max(r.last_bad_h, o.at_h)
+            if o.kind == "preempted":
+                r.last_preempted_h = max(r.last_preempted_h, o.at_h)
+        if o.kind == "launched":
+            r.launched_h = o.at_h
+    return out
 
 
 class SpotrunPolicy(BasePolicy):
     name = "spotrun"
+    sees = (
+        "its own attempts and their outcomes (to back off from zones that just failed it), "
+        "spot and on-demand prices, the slack left"
+    )
 
     def __init__(
         self,
         *,
-        prior_uptime_h: float = 6.0,
-        prior_hours: float = 2.0,
-        horizon_h: float = 6.0,
-        waste_ok: float = 0.1,
-        reserve_launches: float = 1.0,
-        move_gain: float = 0.1,
+        backoff_h: float = 2.0,
+        bridge_launches: float = 0.0,
+        retry_h: float = 1.0,
+        return_gain: float = 3.0,
+        move_gain: float = 1.0,
+        move_payback: float = 4.0,
+        wait_backoff: bool = False,
     ) -> None:
-        self.prior_uptime_h = prior_uptime_h
-        self.prior_hours = prior_hours
-        self.horizon_h = horizon_h
-        self.waste_ok = waste_ok
-        self.reserve_launches = reserve_launches
+        self.backoff_h = backoff_h
+        self.wait_backoff = wait_backoff
+        self.bridge_launches = bridge_launches
+        self.retry_h = retry_h
+        self.return_gain = return_gain
         self.move_gain = move_gain
-        self.stats: dict[str, ZoneStats] = {}
+        self.move_payback = move_payback
         self.final_ondemand = False
-        self._seen_at: float | None = None
+        self.failed_returns = 0
+        self._od_since: float | None = None
+        self._returning_at: float | None = None
 
-    # ------------------------------------------------------------------ learning
-    def observe(self, now_h: float, zones: Sequence[ZoneView]) -> None:
-        if self._seen_at is not None and now_h <= self._seen_at:
-            return
-        self._seen_at = now_h
-        for z in zones:
-            if z.available is not None:
-                self.stats.setdefault(z.key, ZoneStats()).see(z.available, now_h)
-
-    def on_preempted(self, zone_key: str, now_h: float) -> None:
-        st = self.stats.setdefault(zone_key, ZoneStats())
-        if st.last is not False:  # capacity not observable: the preemption is the sighting
-            st.see(False, now_h)
-
-    def on_launch_failed(self, zone_key: str, now_h: float) -> None:
-        self.stats.setdefault(zone_key, ZoneStats()).see(False, now_h)
-
-    def market_rates(self, z: ZoneView | None = None) -> list[float]:
-        """Preemptions per hour by age bucket, pooled over every zone (Gamma posterior
-        means; the prior is the catalog's interruption rate, else ``1/prior_uptime_h``)."""
-        prior = z.interruption_rate if z is not None and z.interruption_rate else 1.0 / self.prior_uptime_h
-        out = []
-        for b in range(len(AGE_EDGES)):
-            ends = sum(s.ends[b] for s in self.stats.values())
-            expo = sum(s.exposure[b] for s in self.stats.values())
-            out.append((ends + self.prior_hours * prior) / (expo + self.prior_hours))
-        return out
-
-    def zone_factor(self, z: ZoneView, rates: list[float]) -> float:
-        """How much more (>1) or less often this zone loses capacity than the market at the
-        same ages, shrunk toward 1 by ``prior_hours`` worth of market-average behaviour."""
-        st = self.stats.get(z.key)
-        if st is None:
-            return 1.0
-        expected = sum(e * r for e, r in zip(st.exposure, rates, strict=True))
-        prior = self.prior_hours * rates[-1]
-        return (sum(st.ends) + prior) / (expected + prior)
-
-    def hazard(self, z: ZoneView, now_h: float, horizon_h: float | None = None) -> float:
-        """Expected preemptions per running hour in ``z`` over the next ``horizon_h`` hours
-        (0: right now), given how long its capacity has lasted so far."""
-        rates = self.market_rates(z)
-        st = self.stats.get(z.key)
-        age = st.age(now_h) if st is not None and st.last else 0.0
-        factor = self.zone_factor(z, rates)
-        if not horizon_h:
-            return factor * rates[age_bucket(age)]
-        # Average the piecewise-constant hazard over [age, age + horizon].
-        total, t, end = 0.0, age, age + horizon_h
-        while t < end - 1e-12:
-            b = age_bucket(t)
-            nxt = AGE_EDGES[b + 1] if b + 1 < len(AGE_EDGES) else INF
-            step = min(end, nxt) - t
-            total += rates[b] * step
-            t += step
-        return factor * total / horizon_h
-
-    # ------------------------------------------------------------------ cost model
-    def spot_run_cost(self, obs: Observation, z: ZoneView, slack: float, work: float) -> float:
-        """Expected cost to finish ``work`` on spot in ``z`` (already launched), with ``slack``
-        left to absorb preemptions; what they cannot absorb goes to on-demand."""
-        if work <= 0:
-            return 0.0
-        if slack < obs.step_h - 1e-9 or z.spot_price is None:
-            return INF
-        R, L = obs.restart_overhead_h, obs.expected_loss_h
-        per = R + L
-        lam = self.hazard(z, obs.now_h, min(work, self.horizon_h))
-        room = (slack - obs.step_h) / per if per > 0 else INF
-        k = 10_000 if room >= 10_000 else int(room)  # no deadline: slack is infinite
-        od_work, p_need = ondemand_share(lam, work, k)
-        spot_work = work - od_work
-        od = self._od_price(obs)
-        return z.spot_price * spot_work * (1.0 + lam * per) + od * (od_work + R * p_need)
-
-    def launch_cost(self, obs: Observation, z: ZoneView, slack: float, work: float) -> float:
-        """Launch spot in ``z`` now (paying the overhead, and egress if it is another region)."""
-        if z.spot_price is None:
-            return INF
-        R = obs.restart_overhead_h
-        cost = z.spot_price * R + self.spot_run_cost(obs, z, slack - R, work)
-        if obs.home_region is not None and z.region != obs.home_region:
-            cost += obs.move_cost_usd
-        return cost
-
-    def proven(self, obs: Observation, z: ZoneView) -> bool:
-        """Capacity that has lasted long enough that a launch there is unlikely to be wasted:
-        the expected waste per running hour, hazard x (overhead + loss), is small."""
-        waste = self.hazard(z, obs.now_h) * (obs.restart_overhead_h + obs.expected_loss_h)
-        return waste <= self.waste_ok
-
+    # ------------------------------------------------------------------ helpers
     @staticmethod
     def _od_price(obs: Observation) -> float:
         best = obs.cheapest_ondemand()
         return best.ondemand_price if best and best.ondemand_price is not None else INF
 
+    def _candidates(self, obs: Observation, recs: dict[str, ZoneRecord]) -> list[ZoneView]:
+        """Spot zones worth a launch, best first: not known to be down, no recent trouble
+        before recent trouble, then the cheapest, then the longest since its last trouble."""
+        zones = [z for z in obs.zones if z.spot_price is not None and z.available is not False and not z.in_cooldown]
+        now = obs.now_h
+
+        def key(z: ZoneView) -> tuple[bool, float, float]:
+            r = recs.get(z.key)
+            bad = r.last_bad_h if r else -INF
+            preempted = r.last_preempted_h if r else -INF
+            # capacity that just preempted the job is the likeliest to flap again
+            return (now - preempted < self.backoff_h, z.spot_price or 0.0, bad)
+
+        return sorted(zones, key=key)
+
+    def _recently_preempted(self, obs: Observation, z: ZoneView, recs: dict[str, ZoneRecord]) -> bool:
+        r = recs.get(z.key)
+        return r is not None and obs.now_h - r.last_preempted_h < self.backoff_h
+
     # ------------------------------------------------------------------ decision
     def decide(self, obs: Observation) -> Decision:
-        self.observe(obs.now_h, obs.zones)
-        if self.final_ondemand or ondemand_needed(obs):
+        if self.final_ondemand or ondemand_needed(obs, progress_credit=True):
             self.final_ondemand = True
             return ondemand_decision(obs)
-        R, L, W = obs.restart_overhead_h, obs.expected_loss_h, obs.remaining_h
+        R, step = obs.restart_overhead_h, obs.step_h
         cur = obs.current
         on_od = cur is not None and cur.kind == "ondemand"
         # Slack in "idle" terms: time to spare if the job launched on-demand right now.
         s_idle = slack_h(obs) - (R - obs.overhead_left_h if on_od else 0.0)
         od = self._od_price(obs)
-
-        usable = [z for z in obs.zones if z.spot_price is not None and not z.in_cooldown]
-        up = [z for z in usable if z.available] or [z for z in usable if z.available is None]
-        costs = {z.key: self.launch_cost(obs, z, s_idle, W) for z in up}
-        ranked = sorted(up, key=lambda z: costs[z.key])
-        best = ranked[0] if ranked else None
-        proven = [z for z in ranked if self.proven(obs, z)]
-        keep = 1.0 - self.move_gain
+        recs = zone_records(obs)
+        cands = self._candidates(obs, recs)
+        # Bridge on on-demand with this much slack left: its launch, then room for returns to spot.
+        bridge_at = self.bridge_launches * R + 2 * step if self.bridge_launches > 0 else 0.0
+        if not on_od:
+            self._od_since = None
 
         if cur is not None and cur.kind == "spot":
-            here = obs.zone(cur.zone or "")
-            if here is None or here.spot_price is None:
-                return cur
-            stay = here.spot_price * obs.overhead_left_h + self.spot_run_cost(
-                obs, here, s_idle - obs.overhead_left_h, W
-            )
-            # Move only for a real price gain (not on statistical noise) that pays the move.
-            for z in proven:
-                if z.key != cur.zone and z.spot_price < here.spot_price * keep and costs[z.key] < stay * keep:
-                    return Decision.spot(z.key)
-            return cur  # a running spot instance makes progress at the spot price: keep it
+            self.failed_returns = 0
+            return self._maybe_move(obs, cur, cands, s_idle)
 
         if on_od:
-            # On on-demand the slack stands still, so wait for a zone that has proven itself.
-            stay = od * (obs.overhead_left_h + W)
-            if proven and costs[proven[0].key] < stay * keep:
-                return Decision.spot(proven[0].key)
-            return cur  # type: ignore[return-value]
+            if self._od_since is None:
+                self._od_since = obs.now_h
+            return self._maybe_return(obs, cur, cands, s_idle, od)  # type: ignore[arg-type]
 
-        # Idle. Waiting is free while the slack left afterwards still covers coming back
-        # to spot from an on-demand bridge (a launch, a loss, the step); past that, bridge.
-        spare = s_idle - obs.step_h - (self.reserve_launches * R + L + obs.step_h)
-        od_all = od * (R + W)
-        if best is not None and costs[best.key] <= od_all:
+        # Idle.
+        if self._returning_at is not None and obs.now_h - self._returning_at < step:
+            self.failed_returns += 1  # the spot launch that was to replace on-demand failed
+        self._returning_at = None
+        # A spot launch spends its overhead without progress: with less slack than that, the floor
+        # would stop it before it made any (restart-aware: go on-demand now instead).
+        overhead_span = math.ceil(R / step - 1e-9) * step if step > 0 else R
+        if cands and s_idle - overhead_span < -1e-9:
+            self.final_ondemand = True
+            return ondemand_decision(obs)
+        if cands:
+            best = cands[0]
+            # Back off from capacity that just preempted us while the slack can afford it.
+            if (
+                self.wait_backoff
+                and self._recently_preempted(obs, best, recs)
+                and s_idle - step > bridge_at + self.backoff_h
+            ):
+                return Decision.wait()
             return Decision.spot(best.key)
-        if spare > 0:
+        if s_idle - step >= bridge_at:
             return Decision.wait()
         return ondemand_decision(obs)
+
+    def _maybe_move(self, obs: Observation, cur: Decision, cands: list[ZoneView], s_idle: float) -> Decision:
+        here = obs.zone(cur.zone or "")
+        if here is None or here.spot_price is None or obs.overhead_left_h > 0:
+            return cur
+        R, W = obs.restart_overhead_h, obs.remaining_h
+        for z in cands:
+            if z.key == cur.zone or z.spot_price is None:
+                continue
+            cheaper = z.spot_price < here.spot_price * (1.0 - self.move_gain)
+            saving = (here.spot_price - z.spot_price) * W
+            move_cost = z.spot_price * R + (obs.move_cost_usd if z.region != obs.home_region else 0.0)
+            if cheaper and saving > self.move_payback * move_cost and s_idle > 2 * R + 2 * obs.step_h:
+                return Decision.spot(z.key)
+        return cur
+
+    def _maybe_return(
+        self, obs: Observation, cur: Decision, cands: list[ZoneView], s_idle: float, od: float
+    ) -> Decision:
+        R, W, step = obs.restart_overhead_h, obs.remaining_h, obs.step_h
+        if not cands or obs.overhead_left_h > 0 or self._od_since is None:
+            return cur
+        wait_h = self.retry_h * (2**self.failed_returns)
+        best = cands[0]
+        gain = (od - (best.spot_price or od)) * W
+        if (
+            obs.now_h - self._od_since >= wait_h
+            and s_idle >= 2 * R + step - 1e-9  # a spot launch, and an on-demand one should it fail
+            and gain > self.return_gain * od * R
+        ):
+            self._returning_at = obs.now_h
+            return Decision.spot(best.key)
+        return cur

@@ -11,8 +11,10 @@ a job moving at a uniform rate would have made:
 4. Safety net: when idle and the time left is below the remaining compute + 2d, switch to
    on-demand and stay there to the end.
 
-The paper's policy is for one zone; given several, it settles on the zone with the cheapest
-spot price at its first decision and only ever uses that one. Like every deadline-aware
+This is a *reference*, not a recommendation: the paper assumes the zone's availability is
+observable at every step, which the controller's observation model does not give
+(spotrun/policies/observe.py). The paper's policy is for one zone; given several, it settles
+on the zone with the cheapest spot price at its first decision and only ever uses that one. Like every deadline-aware
 policy here it also honours :func:`spotrun.policies.base.ondemand_needed`, so the simulator's
 decision step can never make it late.
 """
@@ -25,6 +27,7 @@ from spotrun.policies.baseline import BasePolicy, ondemand_decision
 
 class UniformProgressPolicy(BasePolicy):
     name = "uniform-progress"
+    sees = "its home zone's spot price and launch outcomes, progress against the deadline"
 
     def __init__(self) -> None:
         self.home: str | None = None
@@ -57,7 +60,11 @@ class UniformProgressPolicy(BasePolicy):
         if cur is not None and cur.kind == "ondemand":
             if obs.work_done_h < self._expected_progress(obs, obs.now_h + 2 * d):
                 return cur  # rule 3: hysteresis
-            return Decision.spot(home.key) if spot_ok and home else Decision.wait()
+            # Ahead of the line: back to spot only where spot is known to be there. Leaving
+            # on-demand on a guess drops to waiting when the home zone is down, and then pays the
+            # restart again; the controller cannot see a zone's capacity while it runs elsewhere,
+            # so in practice this policy stays on on-demand once there (it is a reference).
+            return Decision.spot(home.key) if home is not None and home.available is True else cur
         # idle
         time_left = obs.deadline_h - obs.now_h
         if time_left < obs.remaining_h + 2 * d:  # rule 4: safety net

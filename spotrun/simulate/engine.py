@@ -4,9 +4,12 @@ Time moves in ticks of the market's grid. At each tick boundary, in this order:
 
 1. a spot instance whose zone has no capacity at this tick is preempted (the work at risk
    is lost unless the notice-time save works) and the policy is told;
-2. the policy decides; a decision different from what runs stops it gracefully (with a
-   checkpoint) and launches the new one; a spot launch into a zone without capacity fails
-   at no cost;
+2. the policy decides, shown only what the controller would know
+   (:func:`spotrun.policies.observe.observe_job`: the job's own attempts, prices, published
+   interruption rates; never another zone's capacity). A decision different from what runs
+   stops it gracefully (with a checkpoint) and launches the new one. A spot launch into a
+   zone without capacity fails as it does for the controller: fast (``failed_launch_h`` of
+   unbilled time) and at no cost, and the policy is asked again at once, now knowing it;
 3. the tick runs: a fresh instance first pays the restart overhead (billed, no progress),
    then makes progress; periodic checkpoints commit work; billing stops at completion.
 
@@ -22,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from spotrun.policies.base import Decision, Observation, Policy
+from spotrun.policies.base import Decision, Policy
+from spotrun.policies.observe import Outcome, observe_job
 from spotrun.simulate.model import JobModel, Market
 from spotrun.simulate.traces import ZoneTrace
 
@@ -59,6 +63,8 @@ class SimResult:
     ondemand_reference: float
     forced_finish: bool = False
     timeline: list[Segment] = field(default_factory=list)
+    # The job's outcomes in order: (job hours, launched|no_capacity|preempted|stopped|finished, zone, spot)
+    decisions: list[tuple[float, str, str, bool]] = field(default_factory=list)
 
     @property
     def cost_ratio(self) -> float:
@@ -70,6 +76,7 @@ class SimResult:
         d["cost_ratio"] = self.cost_ratio
         if not timeline:
             d.pop("timeline")
+            d.pop("decisions")
         return d
 
 
@@ -83,17 +90,16 @@ def run(
 ) -> SimResult:
     """Replay ``job`` under ``policy`` from tick ``start_tick`` of ``market``.
 
-    The ticks before ``start_tick`` are the market's history: the policy may ``observe`` them
-    (as the controller's zone statistics would hold them), but it makes no decision there.
+    The policy sees nothing of the market before ``start_tick``: a real controller has no
+    record of other zones' capacity either (spotrun.policies.observe).
     """
     g = market.gap_h
-    for t in range(start_tick):
-        policy.observe((t - start_tick) * g, market.views(t))
     o = start_tick
     W, D, R = job.work_h, job.deadline_h, job.restart_overhead_h
     horizon_h = cap_factor * (D if D is not None else W + R)
     max_ticks = max(1, int(math.ceil(horizon_h / g)))
     interval = job.checkpoint_interval_h
+    Z = len(market.zones)
 
     work = committed = seg_base = 0.0
     cur: Decision | None = None
@@ -106,6 +112,7 @@ def run(
     last_zone: int | None = None
     data_region: str | None = None
     timeline: list[Segment] = []
+    history: list[Outcome] = []
     completion: float | None = None
     forced = False
 
@@ -113,6 +120,7 @@ def run(
         nonlocal cur, cur_z, seg_cost
         assert cur is not None
         timeline.append(Segment(seg_start, end_h, cur.kind, market.zones[cur_z], reason, seg_cost))
+        history.append(Outcome(reason, market.zones[cur_z], cur.kind == "spot", end_h))  # type: ignore[arg-type]
         cur, cur_z, seg_cost = None, -1, 0.0
 
     for t in range(max_ticks):
@@ -127,54 +135,65 @@ def run(
             close(now, "preempted")
             preemptions += 1
             policy.on_preempted(zone_key, now)
-        # 2. decide
-        obs = Observation(
-            now_h=now,
-            work_done_h=work,
-            work_total_h=W,
-            deadline_h=D,
-            restart_overhead_h=R,
-            current=cur,
-            zones=market.views(o + t),
-            step_h=g,
-            work_at_risk_h=0.0 if job.notice_save else work - committed,
-            expected_loss_h=job.expected_loss_h,
-            overhead_left_h=overhead_left if cur else 0.0,
-            home_region=data_region,
-            move_cost_usd=job.move_cost_usd,
-        )
-        dec = policy.decide(obs)
-        if dec.kind == "ondemand" and dec.zone is None:
-            dec = Decision.ondemand(market.zones[market.cheapest_ondemand])
-        if cur is not None and dec != cur:
-            committed = work  # graceful stop: checkpoint first
-            close(now, "stopped")
-        if cur is None and dec.kind != "wait":
+        # 2. decide; a failed launch is known at once and the policy asked again
+        delay = 0.0
+        launched_now = False
+        for _ in range(Z + 1):
+            obs = observe_job(
+                now_h=now + delay,
+                work_done_h=work,
+                work_total_h=W,
+                deadline_h=D,
+                restart_overhead_h=R,
+                current=cur,
+                zones=market.facts(o + t),
+                history=history,
+                step_h=g - delay,
+                work_at_risk_h=0.0 if job.notice_save else work - committed,
+                expected_loss_h=job.expected_loss_h,
+                overhead_left_h=overhead_left if cur else 0.0,
+                home_region=data_region,
+                move_cost_usd=job.move_cost_usd,
+            )
+            dec = policy.decide(obs)
+            if dec.kind == "ondemand" and dec.zone is None:
+                dec = Decision.ondemand(market.zones[market.cheapest_ondemand])
+            if cur is not None and dec != cur:
+                committed = work  # graceful stop: checkpoint first
+                close(now + delay, "stopped")
+            if cur is not None or dec.kind == "wait":
+                break
             if dec.zone not in market.zones:
                 raise ValueError(f"policy {getattr(policy, 'name', policy)!r} chose unknown zone {dec.zone!r}")
             z = market.index(dec.zone)
             if dec.kind == "spot" and not market.avail(z, o + t):
                 failed += 1
-                policy.on_launch_failed(dec.zone, now)  # type: ignore[arg-type]
-            else:
-                cur, cur_z = dec, z
-                overhead_left, seg_start, seg_base, seg_cost = R, now, work, 0.0
-                launches += 1
-                if last_zone is not None and z != last_zone:
-                    moves += 1
-                last_zone = z
-                region = market.regions[z]
-                if data_region is not None and region != data_region:
-                    egress += job.move_cost_usd
-                data_region = region
-        # 3. run the tick
+                history.append(Outcome("no_capacity", dec.zone, True, now + delay))  # type: ignore[arg-type]
+                policy.on_launch_failed(dec.zone, now + delay)  # type: ignore[arg-type]
+                delay = min(delay + job.failed_launch_h, g / 2)
+                continue
+            cur, cur_z = dec, z
+            overhead_left, seg_start, seg_base, seg_cost = R, now + delay, work, 0.0
+            history.append(Outcome("launched", dec.zone, dec.kind == "spot", now + delay))  # type: ignore[arg-type]
+            launched_now = True
+            launches += 1
+            if last_zone is not None and z != last_zone:
+                moves += 1
+            last_zone = z
+            region = market.regions[z]
+            if data_region is not None and region != data_region:
+                egress += job.move_cost_usd
+            data_region = region
+            break
+        # 3. run the tick (an instance launched after failed attempts starts that much later)
         if cur is None:
             continue
+        span = g - delay if launched_now else g
         price = market.price(cur_z, o + t) if cur.kind == "spot" else market.ondemand_price[cur_z]
-        oh = min(overhead_left, g)
+        oh = min(overhead_left, span)
         overhead_left -= oh
         need = W - work
-        if g - oh >= need - EPS:
+        if span - oh >= need - EPS:
             used = oh + max(0.0, need)
             cost += price * used
             seg_cost += price * used
@@ -183,16 +202,16 @@ def run(
             else:
                 od_h += used
             work = W
-            completion = now + used
+            completion = now + (g - span) + used
             close(completion, "finished")
             break
-        cost += price * g
-        seg_cost += price * g
+        cost += price * span
+        seg_cost += price * span
         if cur.kind == "spot":
-            spot_h += g
+            spot_h += span
         else:
-            od_h += g
-        work += g - oh
+            od_h += span
+        work += span - oh
         if interval:
             committed = max(committed, seg_base + math.floor((work - seg_base) / interval + EPS) * interval)
     else:
@@ -227,6 +246,7 @@ def run(
         ondemand_reference=market.ondemand_reference(job),
         forced_finish=forced,
         timeline=timeline,
+        decisions=[(h.at_h, h.kind, h.zone, h.spot) for h in history],
     )
 
 

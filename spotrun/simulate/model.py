@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from spotrun.policies.base import ZoneView
+from spotrun.policies.observe import ZoneFacts
 from spotrun.simulate.traces import ZoneTrace, region_of
 
 # When a trace has no price and the caller gives none: spot at 30% of on-demand, the
@@ -42,6 +42,7 @@ class JobModel:
     notice_save: bool = True
     checkpoint_gb: float = 0.0
     egress_usd_per_gb: float = 0.02
+    failed_launch_h: float = 0.01  # a spot launch that finds no capacity answers in about half a minute
 
     def __post_init__(self) -> None:
         if self.work_h <= 0:
@@ -52,6 +53,8 @@ class JobModel:
             raise ValueError("deadline_h must be > 0")
         if self.checkpoint_interval_h is not None and self.checkpoint_interval_h <= 0:
             raise ValueError("checkpoint_interval_h must be > 0")
+        if self.failed_launch_h < 0:
+            raise ValueError("failed_launch_h must be >= 0")
 
     @property
     def expected_loss_h(self) -> float:
@@ -79,6 +82,9 @@ class Market:
     spot_price: list[list[float]]  # [zone][tick]
     ondemand_price: list[float]  # [zone]
     ticks: int
+    # Published interruption rates (preemptions per hour, e.g. the AWS Spot Advisor bucket) per
+    # zone; None: none published. Never measured on the trace being replayed.
+    published_rate: list[float | None] | None = None
 
     @classmethod
     def from_traces(
@@ -201,27 +207,28 @@ class Market:
     def _index(self) -> dict[str, int]:
         return {k: i for i, k in enumerate(self.zones)}
 
-    def views(self, t: int) -> list[ZoneView]:
-        """The zones as a policy sees them at tick ``t`` (cached: shared by every policy run)."""
+    def facts(self, t: int) -> list[ZoneFacts]:
+        """What the catalog can say about each zone at tick ``t``: prices and published rates,
+        nothing about capacity (cached: shared by every policy run)."""
         t = min(t, self.ticks - 1)
-        cache = self._views
-        v = cache.get(t)
+        v = self._facts.get(t)
         if v is None:
+            rates = self.published_rate or [None] * len(self.zones)
             v = [
-                ZoneView(
+                ZoneFacts(
                     key=k,
                     region=self.regions[z],
                     spot_price=self.spot_price[z][t],
                     ondemand_price=self.ondemand_price[z],
-                    available=self.available[z][t],
+                    published_rate=rates[z],
                 )
                 for z, k in enumerate(self.zones)
             ]
-            cache[t] = v
+            self._facts[t] = v
         return v
 
     @cached_property
-    def _views(self) -> dict[int, list[ZoneView]]:
+    def _facts(self) -> dict[int, list[ZoneFacts]]:
         return {}
 
     def availability(self) -> list[float]:

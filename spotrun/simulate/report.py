@@ -16,6 +16,7 @@ from spotrun.simulate.offline import OfflineResult
 if TYPE_CHECKING:
     from rich.table import Table
 
+OFFLINE_SEES = "every zone's capacity and price over the whole job, in advance (a lower bound, not a policy)"
 PLOT_SLACKS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
 KIND_COLORS = {"spot": "#2b8cbe", "ondemand": "#e34a33"}
 
@@ -83,7 +84,15 @@ def results_json(
     start_tick: int = 0,
     sources: Sequence[str] = (),
 ) -> dict[str, Any]:
+    from spotrun.policies import POLICIES, policy_sees
+    from spotrun.policies.observe import OBSERVATION_MODEL
+
     return {
+        "observation_model": OBSERVATION_MODEL,
+        "sees": {
+            **{r.policy: policy_sees(r.policy) for r in results if r.policy in POLICIES},
+            "offline_bound": OFFLINE_SEES,
+        },
         "job": {
             "work_h": job.work_h,
             "deadline_h": job.deadline_h,

@@ -64,16 +64,13 @@ def run_case(
     *,
     bound: bool = True,
     cap_factor: float = 3.0,
-    history_h: float = 24.0,
 ) -> CaseResult:
-    """Every policy on ``job`` starting at tick ``start``; policies may observe up to
-    ``history_h`` hours of the market before it (what spotrun's zone statistics would hold)."""
+    """Every policy on ``job`` starting at tick ``start``. A policy sees nothing of the market
+    before or beyond its own attempts (spotrun.policies.observe)."""
     horizon = job.deadline_h if job.deadline_h is not None else job.work_h + job.restart_overhead_h
     span = int(math.ceil(cap_factor * horizon / market.gap_h)) + 1
-    hist = min(start, int(history_h / market.gap_h))
     win = market.window(start, span)
-    with_hist = market.window(start - hist, span + hist) if hist else win
-    results = {p: run(make_policy(p), with_hist, job, cap_factor=cap_factor, start_tick=hist) for p in policies}
+    results = {p: run(make_policy(p), win, job, cap_factor=cap_factor) for p in policies}
     ob = offline_bound(win, job, cap_factor=cap_factor) if bound else None
     slack = (job.deadline_h / job.work_h - 1.0) if job.deadline_h else math.inf
     return CaseResult(job.work_h, slack, start, results, ob)

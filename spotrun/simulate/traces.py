@@ -7,9 +7,10 @@ source, a :class:`ZoneTrace` says, per tick, whether a spot instance could be ha
 
 Formats handled (detected from the file's content, so renamed files still load):
 
-* ``skypilot``       Can't-Be-Late JSON ``{"metadata": {"gap_seconds"}, "data": [count...]}``;
-                     value = instances obtained, available when ``>= nodes``.
-* ``skynomad``       SkyNomad merged JSON (has ``metadata.zone``/``start_time``/``prices``);
+* ``skypilot``       Can't-Be-Late JSON ``{"metadata": {"gap_seconds"}, "data": [count...]}``
+                     (preemption traces add ``"prices": [...]``); value = instances obtained,
+                     available when ``>= nodes``.
+* ``skynomad``       SkyNomad merged JSON (``metadata`` has ``zone``/``start_time``/``price_info``);
                      *preempted* convention: 1 = unavailable. Gap-filled ticks are flagged.
 * ``skypilot-raw``   ``clock,timestamp,fail`` CSV; 1 = launch FAILED (unavailable).
 * ``skynomad-probes`` one row per (10-minute round, zone): available when
@@ -177,7 +178,9 @@ def detect_format(path: Path) -> str:
         if not isinstance(doc, dict) or "data" not in doc:
             raise TraceFormatError(f"{path}: JSON without a 'data' series is not a known trace")
         meta = doc.get("metadata") or {}
-        if "prices" in doc or "zone" in meta or "start_time" in meta or "gap_filled" in meta:
+        # Only SkyNomad's own metadata marks its (inverted) convention: a `prices` key alone does
+        # not, since SkyPilot's preemption traces carry prices too and store instance counts.
+        if any(k in meta for k in ("zone", "start_time", "gap_filled", "price_info", "source_dir")):
             return "skynomad"
         return "skypilot"
     head = _first_line(path)
@@ -213,12 +216,19 @@ def _load_skypilot(path: Path, nodes: int) -> list[ZoneTrace]:
     counts = [int(v) for v in doc["data"]]
     gap = float(doc.get("metadata", {}).get("gap_seconds", 600))
     zone, inst = _parse_zone_stem(path.stem)
+    raw_prices = doc.get("prices")
+    prices = None
+    if raw_prices:
+        if len(raw_prices) != len(counts):
+            raise TraceFormatError(f"{path}: 'prices' has {len(raw_prices)} ticks, 'data' has {len(counts)}")
+        prices = [float(p) for p in raw_prices]
     return [
         ZoneTrace(
             name=zone,
             source="skypilot",
             gap_seconds=gap,
             available=[c >= nodes for c in counts],
+            prices=prices,
             instance=inst,
             capacity=counts,
             path=str(path),

@@ -58,14 +58,19 @@ def _word(value: object) -> str:
     return text
 
 
+MAX_WHOLE = 10**9  # no count in a job spec is larger; a 400-digit one would overflow every float after it
+
+
 def _whole(low: int, high: int | None = None) -> typing.Callable[[object], int]:
     def check(value: object) -> int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}\s*", value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected a whole number, got {describe(value)}")
+        if value > MAX_WHOLE and (high is None or high > MAX_WHOLE):
+            raise ValueError(f"must be at most {MAX_WHOLE}, got {describe(value)[:40]}")
         if value < low or (high is not None and value > high):
             allowed = f"from {low} to {high}" if high is not None else f"{low} or more"
             raise ValueError(f"must be {allowed}, got {value}")
@@ -138,8 +143,30 @@ def _local_path(value: object, info: ValidationInfo, *, want_dir: bool | None, w
 
 Word = Annotated[str, BeforeValidator(_word)]
 Flag = Annotated[bool, BeforeValidator(_flag)]
-SizeGB = Annotated[float, BeforeValidator(_positive(units.parse_size_gb))]
-Seconds = Annotated[float, BeforeValidator(_positive(units.parse_duration_s))]
+
+
+def _unit_required(parse: typing.Callable[[object], float], what: str, unit: str, example: str):  # noqa: ANN202
+    """A size or a duration in a spec file must say its unit: `deadline: 12` is refused ("did you
+    mean 12h?") rather than read as 12 seconds. A saved spec (State) holds plain numbers in the
+    fixed units: `from_persisted` sets `units_implied` in the context."""
+
+    def check(value: object, info: ValidationInfo) -> float:
+        context = info.context if isinstance(info.context, Mapping) else {}
+        if not context.get("units_implied") and units.has_no_unit(value):
+            shown = str(value).strip()
+            number = float(shown) if units.has_no_unit(shown) else 0.0
+            suggest = f"{shown}{'s' if unit in ('h', 'm') and number >= 100 else unit}"
+            raise ValueError(f"{what} {describe(value)} has no unit: did you mean {suggest}? (e.g. {example})")
+        return parse(value)
+
+    return check
+
+
+SizeGB = Annotated[float, BeforeValidator(_unit_required(_positive(units.parse_size_gb), "size", "GB", "40GB, 512MB"))]
+Seconds = Annotated[
+    float, BeforeValidator(_unit_required(_positive(units.parse_duration_s), "duration", "h", "12h, 30m, 90s"))
+]
+PlainGB = Annotated[float, BeforeValidator(_positive(units.parse_size_gb))]  # a field named *_gb: GB implied
 USD = Annotated[float, BeforeValidator(_positive(units.parse_money))]
 USDPerHour = Annotated[float, BeforeValidator(_positive(units.parse_hourly_price))]
 Hours = Annotated[float, BeforeValidator(_positive(units.parse_hours))]

@@ -4,6 +4,7 @@ validation, and every problem reported at once as one `SpecError`."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def load_spec(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None
     display = os.fspath(path)
     try:
         file = Path(display).expanduser()
+        st = os.stat(file)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(display)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read forever, a device never end
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+            raise SpecError([SpecIssue(display, None, None, "", f"is {kind}, expected a YAML file")])
         with open(file, "rb") as handle:
             raw = handle.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:

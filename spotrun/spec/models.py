@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
@@ -32,6 +33,7 @@ from spotrun.spec.fields import (
     Flag,
     Hours,
     ParamCount,
+    PlainGB,
     Seconds,
     SizeGB,
     USDPerHour,
@@ -44,10 +46,11 @@ from spotrun.spec.fields import (
     _positive,
     _str_list,
     _text,
+    _unit_required,
     _whole,
     _word,
 )
-from spotrun.spec.issues import SpecError, _problem, _Problems
+from spotrun.spec.issues import SpecError, _did_you_mean, _problem, _Problems
 from spotrun.spec.units import describe
 from spotrun.spec.yamlpos import KeyPath
 
@@ -82,7 +85,7 @@ class GpuRequest(_Model):
                     f"{describe(given)} contradicts name {data['name']!r}, which says {memory:g} GB; "
                     "give the memory once",
                 )
-        return {**data, "name": name, "memory": memory}
+        return {**data, "name": name, "memory": f"{memory:g}GB"}
 
     _name = field_validator("name", mode="before")(lambda v: None if v is None else _gpu_name(v))
     _count = field_validator("count", mode="before")(_whole(1, 16))
@@ -127,6 +130,23 @@ def _gpu_request(value: object) -> object:
     if not 1 <= int(count) <= 16:
         raise ValueError(f"GPU count must be from 1 to 16, got {int(count)} in {describe(value)}")
     return {"name": name, "count": int(count)}
+
+
+def _known_places(market: Path | None) -> tuple[set[str], set[str]]:
+    """(regions, zones) of every offer in the bundled catalog and of the local market."""
+    from spotrun.catalog import bundled_offers
+    from spotrun.clouds.local.market import load_market
+
+    offers = bundled_offers()
+    regions = {o.region for o in offers if o.region}
+    zones = {o.zone for o in offers if o.zone}
+    try:
+        local = load_market(market)
+        regions |= {z.region for z in local.spec.zones}
+        zones |= {z.zone for z in local.spec.zones}
+    except (ValueError, OSError):  # a broken market file is reported by its own field
+        pass
+    return regions, zones
 
 
 def _zone_in_region(zone: str, region: str) -> bool:
@@ -255,8 +275,12 @@ class RecoverySpec(_Model):
 
     _max_restarts = field_validator("max_restarts", mode="before")(_whole(0))
     _max_preemptions = field_validator("max_preemptions", mode="before")(lambda v: None if v is None else _whole(0)(v))
-    _zone_cooldown = field_validator("zone_cooldown", mode="before")(units.parse_duration_s)
-    _capacity_wait = field_validator("capacity_wait", mode="before")(units.parse_duration_s)
+    _zone_cooldown = field_validator("zone_cooldown", mode="before")(
+        _unit_required(units.parse_duration_s, "duration", "m", "30m, 1h")
+    )
+    _capacity_wait = field_validator("capacity_wait", mode="before")(
+        _unit_required(units.parse_duration_s, "duration", "m", "10m, 1h")
+    )
 
 
 class WorkloadHint(_Model):
@@ -267,8 +291,8 @@ class WorkloadHint(_Model):
     optimizer: Literal["adamw", "adam", "sgd", "adafactor", "lion"] = "adamw"
     hours: Hours | None = None  # runtime on the reference GPU (one A100)
     hours_on: dict[str, float] = Field(default_factory=dict)  # GPU name -> runtime hours on it
-    checkpoint_gb: SizeGB | None = None
-    data_gb: SizeGB | None = None
+    checkpoint_gb: PlainGB | None = None
+    data_gb: PlainGB | None = None
 
     _precision = field_validator("precision", mode="before")(_choice(PRECISIONS, "precision"))
     _optimizer = field_validator("optimizer", mode="before")(_choice(OPTIMIZERS, "optimizer"))
@@ -306,7 +330,18 @@ class LocalOptions(_Model):
     @field_validator("market", mode="before")
     @classmethod
     def _market(cls, value: object, info: ValidationInfo) -> object:
-        return None if value is None else _local_path(value, info, want_dir=False, what="market file")
+        if value is None:
+            return None
+        path = _local_path(value, info, want_dir=False, what="market file")
+        context = info.context if isinstance(info.context, Mapping) else {}
+        if context.get("check_paths", True):  # a broken market fails `validate`, not `plan` later
+            from spotrun.clouds.local.market import load_market  # the simulated market's own parser
+
+            try:
+                load_market(path)
+            except (ValueError, OSError, RecursionError) as e:  # MarketError names the market file's line
+                raise ValueError(f"market file {str(path)!r} is not usable: {e}") from None
+        return path
 
 
 def _store_uri(value: object) -> object:
@@ -501,7 +536,11 @@ class JobSpec(_Model):
         uploaded bundle, not the files it came from. Raises SpecError."""
         from spotrun.spec.report import _issues_from  # report reads these models: imported here, not above
 
-        context = {"environ": environ if environ is not None else os.environ, "check_paths": False}
+        context = {
+            "environ": environ if environ is not None else os.environ,
+            "check_paths": False,
+            "units_implied": True,
+        }
         try:
             return cls.model_validate(dict(data), context=context)
         except ValidationError as exc:
@@ -523,6 +562,34 @@ class JobSpec(_Model):
         spec = handler(data)
         spec._env_templates = templates
         return spec
+
+    @model_validator(mode="after")
+    def _places_exist(self, info: ValidationInfo) -> JobSpec:
+        """Regions and zones (names or globs) must name a place some cloud in the catalog, or the
+        local market, has: `mars-east-1` is refused at `validate`, not found missing at launch."""
+        context = info.context if isinstance(info.context, Mapping) else {}
+        r = self.resources
+        if not context.get("check_paths", True) or not (r.regions or r.zones):
+            return self
+        regions, zones = _known_places(self.local.market if self.local else None)
+        problems = []
+        for i, region in enumerate(r.regions or []):
+            if not fnmatch.filter(regions, region):
+                hint = _did_you_mean(region, sorted(regions))
+                problems.append(((("resources", "regions", i)), f"no cloud has a region {region!r}{hint}", False))
+        for i, zone in enumerate(r.zones or []):
+            if zone.isdigit() or fnmatch.filter(zones, zone) or any(_zone_in_region(zone, g) for g in regions):
+                continue
+            problems.append(
+                (
+                    (("resources", "zones", i)),
+                    f"no cloud has a zone {zone!r}{_did_you_mean(zone, sorted(zones))}",
+                    False,
+                )
+            )
+        if problems:
+            raise _Problems(problems)
+        return self
 
     @field_validator("name", mode="before")
     @classmethod

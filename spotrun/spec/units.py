@@ -12,8 +12,10 @@ in seconds, money in USD, parameter counts as a plain count.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Callable
 
 __all__ = [
     "describe",
@@ -65,6 +67,29 @@ def _number(value: object, what: str, example: str) -> float | None:
     return number
 
 
+def _finite(parse: Callable[[object], float]) -> Callable[[object], float]:
+    """Every parser's result is a finite number, whatever form it came in: '1e309', '1e400s' and
+    '2e308GB' overflow to infinity in float() and are refused here."""
+
+    @functools.wraps(parse)
+    def check(value: object) -> float:
+        result = parse(value)
+        if not math.isfinite(result):
+            raise ValueError(f"expected a finite number, got {describe(value)} (too large)")
+        return result
+
+    return check
+
+
+def has_no_unit(value: object) -> bool:
+    """A plain number (or a string holding only one): a size or duration written without its unit."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    return isinstance(value, str) and re.fullmatch(rf"-?{_NUM}", value.strip()) is not None
+
+
 def _negative(text: str, value: object) -> None:
     if text.startswith("-"):
         raise ValueError(f"must not be negative, got {describe(value)}")
@@ -89,6 +114,7 @@ _SIZE_UNITS: dict[str, float] = {
 _SIZE_HELP = "use a number with a unit like 40GB, 512MB or 1.5TiB (a plain number means GB)"
 
 
+@_finite
 def parse_size_gb(value: object) -> float:
     """'40GB', '40G', '512MB', '1.5TiB', 40 -> GB (10**9 bytes) as a float."""
     number = _number(value, "a size", "40GB")
@@ -134,6 +160,7 @@ for _names, _seconds in (
 _DURATION_HELP = "use a duration like 2h30m, 90s, 45m or 1d (a plain number means seconds)"
 
 
+@_finite
 def parse_duration_s(value: object) -> float:
     """'2h30m', '90s', '1d', '45m', '1h 30m', '1.5h', 90 -> seconds as a float."""
     number = _number(value, "a duration", "2h30m")
@@ -162,6 +189,7 @@ def parse_duration_s(value: object) -> float:
     return total
 
 
+@_finite
 def parse_hours(value: object) -> float:
     """A runtime in hours: a plain number is hours; a string with units ('90m', '2h30m') is converted."""
     number = _number(value, "a number of hours", "10 or 2h30m")
@@ -219,11 +247,13 @@ def _parse_usd(value: object, *, per_hour: bool) -> float:
     return float(text)
 
 
+@_finite
 def parse_money(value: object) -> float:
     """'$12.50', '12.5', '$1,200', '40 USD', 12.5 -> USD as a float."""
     return _parse_usd(value, per_hour=False)
 
 
+@_finite
 def parse_hourly_price(value: object) -> float:
     """Like parse_money, also accepting a per-hour suffix: '$2.50/h', '2.5/hr', '$3 per hour'."""
     return _parse_usd(value, per_hour=True)
@@ -248,6 +278,7 @@ _COUNT_SUFFIX: dict[str, float] = {
 _COUNT_HELP = "use a parameter count like 7B, 350M or 1.3e9"
 
 
+@_finite
 def parse_param_count(value: object) -> float:
     """'7B', '350M', '1.3e9', '70 b', 7e9 -> number of parameters as a float.
 

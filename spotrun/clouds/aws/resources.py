@@ -83,6 +83,13 @@ def store_policy(store_url: str, job_prefix: str) -> dict[str, Any]:
     }
 
 
+def _with_secret_read(policy: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """The role may also read the job's own secret in Secrets Manager (`secrets.py`), no other."""
+    from spotrun.clouds.aws.secrets import secret_read_statement
+
+    return {**policy, "Statement": [*policy["Statement"], secret_read_statement(job_id)]}
+
+
 EC2_TRUST_POLICY = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
@@ -282,7 +289,7 @@ class LaunchResources:
             iam.put_role_policy,
             RoleName=name,
             PolicyName=ROLE_POLICY_NAME,
-            PolicyDocument=json.dumps(store_policy(boot.store_url, boot.job_prefix)),
+            PolicyDocument=json.dumps(_with_secret_read(store_policy(boot.store_url, boot.job_prefix), boot.job_id)),
         )
         if not has_role:
             self._ignore_exists(iam.add_role_to_instance_profile, InstanceProfileName=name, RoleName=name)

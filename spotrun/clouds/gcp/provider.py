@@ -372,7 +372,8 @@ class GCPProvider(Provider):
                 )
             ]
         if self.service_account:
-            instance.service_accounts = [compute_v1.ServiceAccount(email=self.service_account, scopes=[STORAGE_SCOPE])]
+            scopes = [STORAGE_SCOPE, *_secrets_scope(boot)]
+            instance.service_accounts = [compute_v1.ServiceAccount(email=self.service_account, scopes=scopes)]
         return instance
 
     def _require_accelerator(self, zone: str, accelerator: str) -> None:
@@ -527,6 +528,14 @@ class GCPProvider(Provider):
         if not self.service_account:
             detail += "; no service_account set: instances cannot reach a gs:// store"
         return {"provider": self.name, "usable": True, "detail": detail}
+
+
+def _secrets_scope(boot: Boot) -> list[str]:
+    """A job with `${VAR}` secrets reads them from Secret Manager, which takes only this scope."""
+    from spotrun.clouds.gcp.secrets import SECRETS_SCOPE
+    from spotrun.clouds.secrets import SECRETS_REF_ENV
+
+    return [SECRETS_SCOPE] if SECRETS_REF_ENV in boot.env else []
 
 
 def _metadata(found: Any, key: str) -> str | None:

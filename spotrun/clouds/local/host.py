@@ -170,8 +170,8 @@ class Host:
                 survivors.append(self.agent.pid)
         if survivors:
             reason = f"{reason}; processes that would not die: {survivors}".lstrip("; ")
-        self._set(status=status, exit_code=exit_code, reason=reason, ended_at=time.time())
-        shutil.rmtree(self.sandbox / "root", ignore_errors=True)  # the instance's disk goes with it
+        shutil.rmtree(self.sandbox / "root", ignore_errors=True)  # the instance's disk goes with it,
+        self._set(status=status, exit_code=exit_code, reason=reason, ended_at=time.time())  # then it reports
         return 0
 
     # ---------------------------------------------------------------- control
@@ -213,7 +213,7 @@ class Host:
                 )
         from spotrun.clouds.local.launcher import spawn_agent
 
-        return spawn_agent(boot, root, env=env, log_path=log_path)
+        return spawn_agent(boot, root, env=env, log_path=log_path, minimal_env=True)
 
     # ---------------------------------------------------------------- the life of an instance
 

@@ -356,7 +356,9 @@ class Market:
                     spot_price=self.spot_price(z.key, t),
                     ondemand_price=s.ondemand_price,
                     interruption_rate=z.interruption_rate(self.time_scale),
-                    interruption_source="market",
+                    # "trace": measured over the replayed trace itself; planners may use it,
+                    # relaunch policies must not (spotrun/control/decide.py).
+                    interruption_source="trace" if s.interruption_rate is None and z.replay else "market",
                     availability=None if z.replay is None else z.replay.availability(),
                 )
             )

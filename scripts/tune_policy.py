@@ -1,0 +1,102 @@
+"""Tune the `spotrun` policy's constants on the TUNING half of shared/data only.
+
+Runs the tuning grid of scripts/bench_policies.py (traces collected before 2023) for each
+candidate setting and prints, per setting, the mean cost ÷ offline bound, the worst job, the
+missed deadlines and how many (work, slack, overhead) cells are cheaper than greedy. The
+reporting half is never loaded here.
+
+    .venv/bin/python scripts/tune_policy.py [--starts 4] [--jobs 2] 'backoff_h=0.5,retry_h=1' ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_policies as bp  # noqa: E402
+
+from spotrun.policies import make_policy  # noqa: E402
+from spotrun.policies.spotrun_policy import SpotrunPolicy  # noqa: E402
+from spotrun.simulate.engine import run  # noqa: E402
+from spotrun.simulate.model import JobModel, Market  # noqa: E402
+from spotrun.simulate.offline import offline_bound  # noqa: E402
+from spotrun.simulate.sweep import deadline_for, start_ticks  # noqa: E402
+
+
+def parse(setting: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, setting.split(",")):
+        k, _, v = part.partition("=")
+        out[k.strip()] = float(v)
+    return out
+
+
+def one_set(args: tuple[int, str, int, float, list[str]]) -> list[tuple]:
+    idx, data_s, starts, oh, settings = args
+    ts = bp.SETS[idx]
+    assert ts.era == "tuning", "never tune on the reporting set"
+    data = Path(data_s)
+    zones = ts.load(data)
+    spot, od = bp._set_prices(ts, data, zones)
+    market = Market.from_traces(zones, spot_price=spot, ondemand_price=od, gap_seconds=ts.gap_seconds)
+    base = JobModel(work_h=1.0, restart_overhead_h=oh, checkpoint_interval_h=bp.CHECKPOINT_INTERVAL_H)
+    rows = []
+    for w in ts.works:
+        for sl in bp.SLACKS:
+            job = replace(base, work_h=w, deadline_h=deadline_for(w, sl, oh))
+            span = int(math.ceil(job.deadline_h / market.gap_h))
+            for st in start_ticks(market, span, starts):
+                win = market.window(st, int(math.ceil(3 * job.deadline_h / market.gap_h)) + 1)
+                b = offline_bound(win, job)
+                if not b.feasible:
+                    continue
+                g = run(make_policy("greedy"), win, job)
+                res = [run(SpotrunPolicy(**parse(s)), win, job) for s in settings]
+                rows.append((idx, oh, w, sl, g.cost / b.cost, [(r.cost / b.cost, r.deadline_met) for r in res]))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("settings", nargs="*", default=[""])
+    ap.add_argument("--data", type=Path, default=bp.DEFAULT_DATA)
+    ap.add_argument("--starts", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=2)
+    a = ap.parse_args()
+    gap_h = bp.median_gap_h(a.data, "tuning")
+    work = [
+        (i, str(a.data), a.starts, m * gap_h, a.settings)
+        for m in bp.OVERHEAD_MULTIPLES
+        for i, ts in enumerate(bp.SETS)
+        if ts.era == "tuning"
+    ]
+    rows = []
+    with ProcessPoolExecutor(max_workers=a.jobs) as ex:
+        for r in ex.map(one_set, work):
+            rows.extend(r)
+    print(f"greedy: mean {statistics.fmean(r[4] for r in rows):.4f} worst {max(r[4] for r in rows):.3f}")
+    for k, s in enumerate(a.settings):
+        vals = [r[5][k][0] for r in rows]
+        missed = sum(1 for r in rows if not r[5][k][1])
+        cells: dict[tuple, list] = {}
+        for r in rows:
+            cells.setdefault((r[1], r[2], r[3]), []).append((r[5][k][0], r[4]))
+        better = sum(1 for v in cells.values() if statistics.fmean(x for x, _ in v) < statistics.fmean(y for _, y in v))
+        print(
+            f"{s or 'defaults'}: mean {statistics.fmean(vals):.4f} worst {max(vals):.3f} missed {missed} "
+            f"cells cheaper than greedy {better}/{len(cells)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
