@@ -125,7 +125,7 @@ def test_exit_4_budget_missed_at_planning_and_unknown_runtime_is_not_refused(cli
     assert launched.returncode == 4 and _json(launched)["error"]["code"] == 4
     # no runtime in the spec: the estimate is unknown, so the launch is not refused on a guess
     unknown = spec.read_text().replace("workload: {hours: 0.1}", "")
-    spec.write_text(unknown.replace("budget: 0.0001", "budget: 0.5"))
+    spec.write_text(unknown.replace("budget: 0.0001", "budget: 0.9"))  # under the old "1 h on one A100" guess ($1)
     run = cli_env.run("launch", str(spec), "--yes")
     assert "expected cost unknown" in run.stdout
     assert run.returncode == 0, run.stdout + run.stderr
