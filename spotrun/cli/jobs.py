@@ -26,7 +26,8 @@ from spotrun.cli.output import (
 if TYPE_CHECKING:
     from spotrun.control.state import Job, State
 
-JSON = Annotated[bool, typer.Option("--json", help='Print JSON (errors too: {"error": {...}}).')]
+JSON_HELP = 'Print JSON; errors too, as {"error": {"code", "message", "issues"}}.'
+JSON = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 CONTROLLER_GONE_GRACE = 10.0  # seconds a non-finished job may have no controller before wait/logs -f give up
 
 

@@ -82,6 +82,9 @@ def test_exit_0_and_1_and_json_of_every_job_command(cli_env: Env) -> None:
         proc = cli_env.run(*args)
         assert proc.returncode == 0, (args, proc.stderr)
         _no_cut(proc.stdout)
+    for args in (["--help"], ["launch", "--help"], ["simulate", "--help"]):  # click cuts summaries with '...'
+        text = cli_env.run(*args).stdout.replace("[ARGS]...", "")  # click's usage line, not a cut
+        assert "..." not in text, args
     assert job_id in cli_env.run("status").stdout
 
     removed = _json(cli_env.run("rm", job_id, "--json"))
