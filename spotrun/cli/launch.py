@@ -110,6 +110,7 @@ def launch(
     ] = None,
 ) -> None:
     """Plan, provision, run and watch a job; relaunch on preemption; resume from the last checkpoint."""
+    from spotrun.clouds.store import StoreError
     from spotrun.control.controller import Controller, ControllerBusy
 
     state = open_state()
@@ -150,6 +151,9 @@ def launch(
                 stop.ignore_all()
                 _cancel_submitted(state, job_spec.name, started)
                 raise typer.Exit(EXIT_CANCELLED) from None
+            except StoreError as e:  # a read-only, full or unreachable store: nothing was recorded
+                stop.restore()
+                raise fail(str(e), EXIT_BAD_INPUT, json_out=json_out) from None
             except BaseException:
                 stop.restore()
                 raise

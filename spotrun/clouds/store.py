@@ -104,8 +104,11 @@ class LocalStore(Store):
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.url = self.root.as_uri()
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"store {self.url}: cannot create the folder: {e.strerror or e}") from None
 
     def _path(self, key: str) -> Path:
         key = key.strip("/")

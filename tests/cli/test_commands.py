@@ -4,6 +4,7 @@ injection, job references, config defaults, overrides and --env, labels, the cap
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -309,3 +310,21 @@ def test_market_names_are_never_markup_in_plan_and_launch(tmp_path: Path) -> Non
     launched = invoke("launch", str(spec), "--yes")
     assert launched.exit_code == 0, launched.output
     assert "SUCCEEDED" in launched.output and "z-[/x]" in launched.output
+
+
+def test_launch_to_a_store_that_cannot_be_written_is_a_clear_exit_2(tmp_path: Path) -> None:
+    """A store folder that cannot be created (here: under /proc) is bad input, said in one line, not a traceback."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: ro\nrun: echo hi\nstore: file:///proc/spotrun-no-store\n")
+    env = {**os.environ, "SPOTRUN_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "spotrun", "launch", str(spec), "--yes", "--json"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == 2 and "/proc/spotrun-no-store" in error["message"]
