@@ -287,6 +287,12 @@ def test_cli_json_and_errors(tmp_path: Path) -> None:
     assert runner.invoke(_app(), ["simulate", "--work-hours", "4"]).exit_code == 0  # no --trace: the bundled one
     missing = runner.invoke(_app(), ["simulate", "--trace", str(tmp_path / "nope.json"), "--work-hours", "4"])
     assert missing.exit_code == 2
+    for flag, value in [("--work-hours", "inf"), ("--work-hours", "nan"), ("--work-hours", "0"),
+                        ("--deadline-hours", "inf"), ("--price", "-1"), ("--restart-overhead", "nan")]:  # fmt: skip
+        args = ["simulate", "--trace", str(f), "--work-hours", "4", flag, value]
+        res = runner.invoke(_app(), args)
+        assert res.exit_code == 2 and res.exception is None or isinstance(res.exception, SystemExit), (flag, value)
+        assert res.exit_code == 2 and flag in res.output, (flag, value, res.output)
 
 
 def test_cli_with_spec_table_and_plot(tmp_path: Path) -> None:

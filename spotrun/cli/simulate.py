@@ -126,6 +126,21 @@ def simulate(
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
         raise _fail(f"unknown policy {', '.join(unknown)}; known: {', '.join(POLICIES)}")
+    _check_finite(
+        {
+            "--work-hours": work_hours,
+            "--deadline-hours": deadline_hours,
+            "--restart-overhead": restart_overhead,
+            "--checkpoint-interval": checkpoint_interval,
+            "--price": price,
+            "--ondemand-price": ondemand_price,
+            "--start-hour": start_hour,
+            "--checkpoint-gb": checkpoint_gb,
+            "--egress-per-gb": egress_per_gb,
+        }
+    )
+    if work_hours is not None and work_hours <= 0:
+        raise _fail(f"--work-hours must be more than 0, got {work_hours:g}")
     job_kw = _job_from_spec(spec_path)
     if work_hours is not None:
         job_kw["work_h"] = work_hours
@@ -213,3 +228,12 @@ def _write_plot(path: Path, market: Any, job: Any, names: list[str], start_tick:
         + ", ".join(market.zones[:6])
         + (" ..." if len(market.zones) > 6 else ""),
     )
+
+
+def _check_finite(values: dict[str, float | None]) -> None:
+    """Every number flag is finite and not negative (`inf`/`nan` parse as floats)."""
+    import math
+
+    for flag, value in values.items():
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise _fail(f"{flag} must be a finite number >= 0, got {value}")
