@@ -49,25 +49,37 @@ class LaunchingMixin(ControllerCore):
         if not candidates:
             raise self._nothing_fits(job, spec)
         allow_ondemand = spec.resources.spot is not True or spec.recovery.on_demand_fallback
+        tried: set[tuple[str, bool]] = set()  # (offer, spot) already refused in this round: asked once each
+        blocked: set[str] = set()  # "provider" or "provider/region" out of quota for this round
         for _ in range(len(candidates) + 1):
             decision = self._decide(job, spec, candidates, current=None)
             if decision.kind == "wait":
                 return None
             ordered = order_for(decision, candidates, allow_ondemand=allow_ondemand) or candidates
-            outcome = self._launch_first(job, spec, ordered, decision)
+            outcome = self._launch_first(job, spec, ordered, decision, tried, blocked)
             if outcome is not None:
                 return outcome
         return False
 
-    def _launch_first(self, job: Job, spec: JobSpec, ordered: list[Candidate], decision: Decision) -> bool | None:
-        """Try `ordered` best-first: True on a launch, False when none could start, None when the
-        policy's chosen zone had no capacity (ask the policy again)."""
+    def _launch_first(
+        self,
+        job: Job,
+        spec: JobSpec,
+        ordered: list[Candidate],
+        decision: Decision,
+        tried: set[tuple[str, bool]],
+        blocked: set[str],
+    ) -> bool | None:
+        """Try `ordered` best-first, skipping what this round already tried: True on a launch, False
+        when none could start, None when the policy's chosen zone had no capacity (ask it again)."""
         self._sweep(job.id, spec, keep=None)  # never two instances at once
-        blocked: set[str] = set()  # "provider" or "provider/region" out of quota for this round
         for cand in ordered:
             offer = cand.offer
             if offer.provider in blocked or f"{offer.provider}/{offer.region}" in blocked:
                 continue
+            if (offer.key, cand.spot) in tried:
+                continue
+            tried.add((offer.key, cand.spot))
             provider = self._provider(offer.provider, spec)
             target_store = store_for(offer.provider, spec, job.store_url)
             attempt = self.state.begin_attempt(

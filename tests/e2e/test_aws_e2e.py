@@ -306,8 +306,6 @@ def test_aws_boot_failures_end_the_job_with_the_boot_log(tmp_path: Path, aws: Mo
     workdir = write_tiny_workdir(tmp_path / "work")
     spec = write_spec(tmp_path / "job.yaml", name="e2e-aws-boot", gpu="V100", providers=["aws"], workdir=workdir,
                       run="python tiny_train.py 5 5 0", recovery="{max_restarts: 0, max_boot_failures: 2}")  # fmt: skip
-    if failure == "corrupt-package":
-        corrupt_agent_package(store_url)
     provider = AWSProvider(region=REGION, session=fast_session(REGION), regions=[REGION])
     offers = [v100_offer("us-east-1a", 0.90), v100_offer("us-east-1b", 0.95)]
     controller = make_controller(tmp_path, providers={"aws": provider}, offers=offers, store_url=store_url)
@@ -316,6 +314,8 @@ def test_aws_boot_failures_end_the_job_with_the_boot_log(tmp_path: Path, aws: Mo
     identity = failure != "no-identity"
     emu = AWSEmulator(tmp_path / "instances", regions=[REGION], env=aws.env(), index_url=index, identity=identity)
     with emu:
+        if failure == "corrupt-package":
+            emu.emulator.before_boot = corrupt_agent_package
         result = ControllerRun(controller, job).start().join(240, emu.report)
         first = Instance.from_dict(controller.state.attempts(job)[0].instance or {})
         if failure == "no-identity":

@@ -122,8 +122,6 @@ def test_azure_boot_failures_end_the_job_with_the_boot_log(
     container = unique("e2e-azure-boot")
     make_azure_container(azurite, container)
     store_url = f"az://{container}/spotrun"
-    if failure == "corrupt-package":
-        corrupt_agent_package(store_url)
     workdir = write_tiny_workdir(tmp_path / "work")
     spec = write_spec(tmp_path / "job.yaml", name="e2e-azure-boot", gpu="T4", providers=["azure"], workdir=workdir,
                       run="python tiny_train.py 5 5 0", recovery="{max_restarts: 0, max_boot_failures: 2}")  # fmt: skip
@@ -132,6 +130,8 @@ def test_azure_boot_failures_end_the_job_with_the_boot_log(
     job = controller.submit(spec)
     index = vm_image.UNREACHABLE_INDEX if failure == "index-unreachable" else None
     with AzureEmulator(arm, tmp_path / "vms", env=azurite.env(), index_url=index) as emu:
+        if failure == "corrupt-package":
+            emu.emulator.before_boot = corrupt_agent_package
         result = ControllerRun(controller, job).start().join(240, emu.report)
         assert_failed_booting(result, controller, job, failure, limit=2)
         assert open_store(store_url).exists(f"jobs/{job}/attempts/1/boot.log")

@@ -121,8 +121,6 @@ def test_gcp_boot_failures_end_the_job_with_the_boot_log(
     bucket = unique("e2e-gcp-boot")
     make_gcs_bucket(gcs_emulator, bucket)
     store_url = f"gs://{bucket}/spotrun"
-    if failure == "corrupt-package":
-        corrupt_agent_package(store_url)
     workdir = write_tiny_workdir(tmp_path / "work")
     spec = write_spec(tmp_path / "job.yaml", name="e2e-gcp-boot", gpu="T4", providers=["gcp"], workdir=workdir,
                       run="python tiny_train.py 5 5 0", recovery="{max_restarts: 0, max_boot_failures: 2}")  # fmt: skip
@@ -138,6 +136,8 @@ def test_gcp_boot_failures_end_the_job_with_the_boot_log(
     job = controller.submit(spec)
     index = vm_image.UNREACHABLE_INDEX if failure == "index-unreachable" else None
     with GCPEmulator(gce, tmp_path / "vms", env=gcs_emulator.env(), index_url=index) as emu:
+        if failure == "corrupt-package":
+            emu.emulator.before_boot = corrupt_agent_package
         result = ControllerRun(controller, job).start().join(240, emu.report)
         if failure == "no-identity":  # read from the VM's serial port before it was deleted
             assert_failed_booting(result, controller, job, failure, limit=2, expect="no service-account token")

@@ -24,6 +24,7 @@ from typing import Any
 
 from spotrun.catalog.model import Offer
 from spotrun.clock import SYSTEM_CLOCK
+from spotrun.clouds.base import Boot
 from spotrun.clouds.store import NotFound, Store, job_prefix, open_store
 from spotrun.control.controller import Controller, ControllerOptions, JobResult
 from spotrun.control.state import State
@@ -251,17 +252,15 @@ BOOT_FAILURES = {
 }
 
 
-def corrupt_agent_package(store_url: str) -> str:
-    """Put a damaged Agent package where the controller will find it already uploaded (it uploads
-    only a key that is missing): the VM must refuse it by its sha256. Returns its key."""
-    from spotrun.agent import package as agent_package
-
-    packed = agent_package.build()
-    key = agent_package.package_key(packed.sha256)
-    data = bytearray(packed.path.read_bytes())
+def corrupt_agent_package(boot: Boot) -> None:
+    """An instance emulator's `before_boot` hook: damage the Agent package the controller has just
+    uploaded (and verified), between its upload and the VM's fetch, as a swapped store object
+    would be. The VM must refuse it by the sha256 in its boot record."""
+    store = open_store(boot.store_url)
+    key = boot.spotrun_package[len(boot.store_url.rstrip("/")) :].lstrip("/")
+    data = bytearray(store.get_bytes(key))
     data[len(data) // 2] ^= 0xFF
-    open_store(store_url).put_bytes(key, bytes(data))
-    return key
+    store.put_bytes(key, bytes(data))
 
 
 def assert_failed_booting(

@@ -110,6 +110,7 @@ class InstanceEmulator:
         path = os.pathsep.join([str(Path(sys.executable).parent), (env or {}).get("PATH", os.environ.get("PATH", ""))])
         self.env = {**(env or {}), "PATH": path}
         self.prepare = prepare
+        self.before_boot: Callable[[Boot], None] | None = None  # a test's hook, run as each instance boots
         self.release = release
         self.interval = interval
         self.started: dict[str, EmulatedInstance] = {}  # every instance ever run, by id
@@ -203,6 +204,8 @@ class InstanceEmulator:
         from spotrun.clouds.local.launcher import spawn_agent
 
         boot = self.boot_of(instance_id)
+        if self.before_boot is not None:
+            self.before_boot(boot)
         handle = None
         if self.prepare is not None:
             boot, handle = self.prepare(instance_id, boot)

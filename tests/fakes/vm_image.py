@@ -131,7 +131,12 @@ def start_vm(
         "-v",
         f"{wheels}:{wheels}:ro",
     ]
-    for host, target in (mounts or {}).items():
+    mounts = dict(mounts or {})
+    for key in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):  # a test CA (e.g. the Key Vault fake's): same path inside
+        ca = env.get(key)
+        if ca and Path(ca).is_file():
+            mounts.setdefault(Path(ca), ca)
+    for host, target in mounts.items():
         args += ["-v", f"{host}:{target}:ro"]
     for key in sorted(env):
         args += ["-e", key]  # values through the client's environment
