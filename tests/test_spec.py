@@ -555,3 +555,9 @@ def test_boot_failure_settings_take_units_and_refuse_nonsense(tmp_path: Path) ->
     path.write_text('name: x\nrun: python train.py\nresources: {gpu: "T4:1"}\nrecovery: {max_boot_failures: 0}\n')
     with pytest.raises(SpecError, match="max_boot_failures"):
         load_spec(path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=str)
+def test_every_shipped_config_validates(path: Path) -> None:
+    """The example specs in configs/ are what users copy: each must pass `spotrun validate`."""
+    load_spec(path, environ={"WANDB_API_KEY": "x", "HF_TOKEN": "x"})
