@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.request
 from typing import Any
 
 SECRETS_REF_ENV = "SPOTRUN_SECRETS"  # the boot record's env: JSON {"cloud": ..., ...}, no value
@@ -63,3 +65,17 @@ def decode_ref(text: str) -> dict[str, str]:
     if not isinstance(ref, dict) or not isinstance(ref.get("cloud"), str):
         raise SecretsError(f"{SECRETS_REF_ENV} is not a secret reference", permanent=True)
     return ref
+
+
+def get_json(url: str, headers: dict[str, str]) -> Any:
+    """A JSON GET from the VM (standard library only: the Agent side runs on the image's Python)."""
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def describe_error(error: Exception) -> str:
+    """An HTTP status or error class: never a response body (it could echo what was sent)."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}"
+    return type(error).__name__

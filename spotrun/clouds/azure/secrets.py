@@ -30,7 +30,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from spotrun.clouds.secrets import SecretsError, decode_values, encode_values, secret_name
+from spotrun.clouds.secrets import SecretsError, decode_values, describe_error, encode_values, get_json, secret_name
 
 VAULT_ENV = "SPOTRUN_AZURE_KEY_VAULT"
 VAULT_URL_ENV = "SPOTRUN_AZURE_KEY_VAULT_URL"
@@ -219,27 +219,15 @@ class AzureSecrets:
         )
         for attempt in range(tries):
             try:
-                token = _get_json(f"{imds}/metadata/identity/oauth2/token?{query}", {"Metadata": "true"})
+                token = get_json(f"{imds}/metadata/identity/oauth2/token?{query}", {"Metadata": "true"})
                 url = f"{ref['vault']}/secrets/{ref['name']}?api-version={DATA_API}"
-                body = _get_json(url, {"Authorization": f"Bearer {token['access_token']}"})
+                body = get_json(url, {"Authorization": f"Bearer {token['access_token']}"})
                 return decode_values(body["value"])
             except (OSError, ValueError, KeyError) as e:  # urllib's HTTPError/URLError are OSErrors
                 if attempt + 1 >= tries:
-                    raise SecretsError(f"azure: reading the job's secret failed ({_describe(e)})") from None
+                    raise SecretsError(f"azure: reading the job's secret failed ({describe_error(e)})") from None
                 time.sleep(wait * (2**attempt))
         raise AssertionError("unreachable")
-
-
-def _get_json(url: str, headers: dict[str, str]) -> Any:
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code}"
-    return type(error).__name__
 
 
 def _message(error: Any) -> str:

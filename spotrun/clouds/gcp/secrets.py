@@ -20,14 +20,11 @@ narrower one); its IAM rights stay those of the service account.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
-from spotrun.clouds.secrets import SecretsError, decode_values, encode_values, secret_name
+from spotrun.clouds.secrets import SecretsError, decode_values, describe_error, encode_values, get_json, secret_name
 
 API = "https://secretmanager.googleapis.com"
 EMULATOR_ENV = "SECRET_MANAGER_EMULATOR_HOST"
@@ -140,26 +137,13 @@ class GCPSecrets:
         token_url = f"http://{metadata}/computeMetadata/v1/instance/service-accounts/default/token"
         for attempt in range(tries):
             try:
-                token = _get_json(token_url, {"Metadata-Flavor": "Google"})["access_token"]
-                body = _get_json(
+                token = get_json(token_url, {"Metadata-Flavor": "Google"})["access_token"]
+                body = get_json(
                     f"{endpoint}/v1/{ref['name']}/versions/latest:access", {"Authorization": f"Bearer {token}"}
                 )
                 return decode_values(base64.b64decode(body["payload"]["data"]).decode())
             except (OSError, ValueError, KeyError) as e:  # urllib's HTTPError/URLError are OSErrors
                 if attempt + 1 >= tries:
-                    raise SecretsError(f"gcp: reading the job's secret failed ({_describe(e)})") from None
+                    raise SecretsError(f"gcp: reading the job's secret failed ({describe_error(e)})") from None
                 time.sleep(wait * (2**attempt))
         raise AssertionError("unreachable")
-
-
-def _get_json(url: str, headers: dict[str, str]) -> Any:
-    request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _describe(error: Exception) -> str:
-    """An HTTP status or error class: never a response body (it could echo what was sent)."""
-    if isinstance(error, urllib.error.HTTPError):
-        return f"HTTP {error.code}"
-    return type(error).__name__
