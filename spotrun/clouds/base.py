@@ -200,6 +200,7 @@ class Provider(ABC):
     """One cloud (or the local simulated market)."""
 
     name: str
+    takes_max_price: bool = False  # its constructor takes `max_price` (the spec's resources.max_price)
     # seconds from "the cloud reports the VM running" to the Agent's first heartbeat before the boot
     # counts as failed (`recovery.boot_timeout` overrides it); None: the controller's default
     boot_timeout: float | None = None
@@ -214,6 +215,8 @@ class Provider(ABC):
         options = {k: v for k, v in fields.items() if v is not None}
         if spec.resources.disk:
             options.setdefault("disk_gb", spec.resources.disk)
+        if cls.takes_max_price and spec.resources.max_price is not None:
+            options.setdefault("max_price", spec.resources.max_price)
         return options
 
     @abstractmethod

@@ -79,16 +79,15 @@ def _tags(items: list[dict[str, str]] | None) -> dict[str, str]:
 
 class AWSProvider(Provider):
     name = "aws"
+    takes_max_price = True
     boot_timeout = 600.0  # a Deep Learning AMI boots in 1-3 min; the Agent's install takes ~30 s more
 
     @classmethod
     def options_from_spec(cls, spec: Any) -> dict[str, Any]:
-        """The section's options, plus its own store (the instance profile is scoped to it) and max price."""
+        """The section's options, plus its own store (the instance profile is scoped to it)."""
         options = super().options_from_spec(spec)
         if spec.aws is not None and spec.aws.store:
             options["store_url"] = spec.aws.store
-        if spec.resources.max_price is not None:
-            options.setdefault("max_price", spec.resources.max_price)
         return options
 
     def __init__(

@@ -213,15 +213,8 @@ def _ssh_public_key() -> str:
 
 class AzureProvider(Provider):
     name = "azure"
+    takes_max_price = True  # billingProfile.maxPrice
     boot_timeout = 900.0  # an Azure HPC/DSVM image boots in 2-5 min; the install ~30 s
-
-    @classmethod
-    def options_from_spec(cls, spec: Any) -> dict[str, Any]:
-        """The section's options, plus the max price (Azure's `billingProfile.maxPrice`)."""
-        options = super().options_from_spec(spec)
-        if spec.resources.max_price is not None:
-            options.setdefault("max_price", spec.resources.max_price)
-        return options
 
     def __init__(
         self,
