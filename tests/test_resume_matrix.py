@@ -60,8 +60,15 @@ def test_interrupted_runs_end_bitwise_equal_to_the_uninterrupted_one(config: str
         boundary = next(b for b in range(per_epoch, 10 * per_epoch, per_epoch) if b > kill_at)
         third = run_matrix(config, STEPS, ck, term_at=boundary if boundary < STEPS else None)
         third_from = resumed_from(third)
-        # the newest committed save: a periodic one (every 5 steps since the last), or the notice's
-        assert term_mid <= third_from <= kill_at and (third_from - term_mid) % 5 == 0, third.output
+        # the newest committed save: the notice's, or a periodic one (due 5 steps after the last,
+        # put off while the previous background write is still running, so on a loaded machine
+        # it may land later than a multiple of 5 after the notice's)
+        saves = [int(line.split()[1].rstrip(":")) for line in second.lines if line.startswith("checkpoint ")]
+        committed = [term_mid, *saves]
+        assert term_mid <= third_from <= kill_at, third.output
+        assert third_from >= committed[-1] and all(
+            b - a >= 5 for a, b in zip(committed, committed[1:], strict=False)
+        ), second.output + third.output
         if boundary < STEPS:
             assert third.returncode == EXIT_PREEMPTED, third.output
             last = run_matrix(config, STEPS, ck)
