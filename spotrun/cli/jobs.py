@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 JSON_HELP = 'Print JSON; errors too, as {"error": {"code", "message", "issues"}}.'
 JSON = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 CONTROLLER_GONE_GRACE = 10.0  # seconds a non-finished job may have no controller before wait/logs -f give up
+STORE_HELP = (
+    "Read the job from this store (s3://, gs://, az://, file://) instead of this machine's state: "
+    "works from any machine that can read the store. wait and logs -f start a controller here "
+    "when none holds the job's lease (it adopts the running instance)."
+)
+STORE = Annotated[str | None, typer.Option("--store", help=STORE_HELP, metavar="URL")]
 
 
 def open_state() -> State:
@@ -118,8 +124,16 @@ def status(
     label: Annotated[
         list[str] | None, typer.Option("--label", "-l", help="Only jobs with this label KEY=VALUE.")
     ] = None,
+    store: STORE = None,
 ) -> None:
     """Jobs, attempts, spend vs on-demand, and the timeline of one job."""
+    if store is not None:
+        from spotrun.cli import remote
+
+        if job is None:
+            raise fail("--store reads one job: give its id", json_out=json_out)
+        remote.status(store, job, json_out)
+        return
     state = open_state()
     if job is None:
         _list_jobs(state, json_out, limit, parse_labels(label))
@@ -130,26 +144,7 @@ def status(
     now = time.time()
     if json_out:
         row = job_row(state, j)
-        row["attempts_detail"] = [
-            {
-                "n": a.n,
-                "provider": a.provider,
-                "region": a.region,
-                "zone": a.zone,
-                "instance_type": a.instance_type,
-                "spot": a.spot,
-                "hourly_price": a.hourly_price,
-                "instance_id": a.instance_id,
-                "started_at": a.started_at,
-                "ended_at": a.ended_at,
-                "end_reason": a.end_reason,
-                "exit_code": a.exit_code,
-                "detail": a.detail,
-                "store_url": a.store_url or j.store_url,
-                "cost_usd": round(a.cost_at(now), 6),
-            }
-            for a in attempts
-        ]
+        row["attempts_detail"] = attempts_detail(j, attempts, now)
         row["events"] = [{"at": e.at, "kind": e.kind, "message": e.message} for e in events]
         print_json(row)
         return
@@ -160,6 +155,29 @@ def status(
     console().print(views.job_detail(j, attempts, events, spent, ondemand, now))
     if not j.status.terminal and not controller_alive(j):
         say(f"[yellow]no controller is running this job[/]: resume it with `spotrun launch --resume {escape(j.id)}`")
+
+
+def attempts_detail(j: Job, attempts: list[Any], now: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "n": a.n,
+            "provider": a.provider,
+            "region": a.region,
+            "zone": a.zone,
+            "instance_type": a.instance_type,
+            "spot": a.spot,
+            "hourly_price": a.hourly_price,
+            "instance_id": a.instance_id,
+            "started_at": a.started_at,
+            "ended_at": a.ended_at,
+            "end_reason": a.end_reason,
+            "exit_code": a.exit_code,
+            "detail": a.detail,
+            "store_url": a.store_url or j.store_url,
+            "cost_usd": round(a.cost_at(now), 6),
+        }
+        for a in attempts
+    ]
 
 
 def _list_jobs(state: State, json_out: bool, limit: int | None, labels: dict[str, str]) -> None:
@@ -198,8 +216,14 @@ def wait(
         float | None, typer.Option("--timeout", help="Give up after this many seconds (exit 1).", min=0)
     ] = None,
     json_out: JSON = False,
+    store: STORE = None,
 ) -> None:
     """Wait until the job ends; exit with its code (0 succeeded, 1 failed, 3, 4, 130 — see README)."""
+    if store is not None:
+        from spotrun.cli import remote
+
+        remote.wait(store, job, timeout, json_out)
+        return
     state = open_state()
     j = find_job_or_exit(state, job, json_out)
     final = wait_for_end(state, j.id, timeout=timeout, json_out=json_out)
@@ -254,8 +278,14 @@ def logs(
     attempt: Annotated[int | None, typer.Option("--attempt", "-a", help="Only this attempt (1, 2, …).")] = None,
     controller: Annotated[bool, typer.Option("--controller", help="The controller's own log instead.")] = False,
     json_out: JSON = False,
+    store: STORE = None,
 ) -> None:
     """The job's output across every attempt, in order, each attempt clearly separated."""
+    if store is not None:
+        from spotrun.cli import remote
+
+        remote.logs(store, job, follow=follow, attempt=attempt, json_out=json_out)
+        return
     state = open_state()
     j = find_job_or_exit(state, job, json_out)
     if controller:
@@ -354,8 +384,21 @@ def cancel(
         float, typer.Option("--wait", help="Seconds to wait for each job's controller to stop it.")
     ] = 30.0,
     json_out: JSON = False,
+    store: STORE = None,
 ) -> None:
     """Stop jobs and release every instance they hold (state CANCELLED)."""
+    if store is not None:
+        from spotrun.cli import remote
+
+        if not jobs or all_jobs or label:
+            raise fail("--store cancels jobs named by id (not --all or --label)", json_out=json_out)
+        results = [remote.cancel_one(store, ref, wait_s, json_out) for ref in jobs]
+        if json_out:
+            print_json({"cancelled": results})
+            return
+        for r in results:
+            say_plain(f"job {r['job_id']}: {r['status']}" + (f" ({r['note']})" if r["note"] else ""))
+        return
     state = open_state()
     labels = parse_labels(label)
     if not jobs and not all_jobs and not labels:

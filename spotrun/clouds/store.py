@@ -35,6 +35,10 @@ class NotFound(StoreError, KeyError):
     pass
 
 
+class PreconditionFailed(StoreError):
+    """A conditional write lost: the object exists (if_absent) or changed since it was read (if_match)."""
+
+
 class Store(ABC):
     url: str
 
@@ -70,6 +74,19 @@ class Store(ABC):
 
     def size(self, key: str) -> int:
         return len(self.get_bytes(key))
+
+    # Versioned reads and compare-and-swap writes (the job record and the controller lease). An
+    # etag is opaque: the S3/Azure ETag, the GCS generation, a content hash for a folder.
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object and its etag. Raise NotFound if missing."""
+        raise StoreError(f"{type(self).__name__} has no versioned reads")
+
+    def put_versioned(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Write only if the key is absent (if_absent) or still has etag `if_match`; return the new
+        etag. Raise PreconditionFailed when the condition does not hold (the service decides:
+        of two racing writers with the same condition, exactly one succeeds)."""
+        raise StoreError(f"{type(self).__name__} has no conditional writes")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -225,6 +242,38 @@ class LocalStore(Store):
             return self._path(key).stat().st_size
         except FileNotFoundError:
             raise NotFound(key) from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)  # a rename makes every write atomic: no lock needed to read
+        return data, _content_etag(data)
+
+    def put_versioned(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Compare-and-swap under an exclusive flock of the store's lock file (shared by every
+        process on this file system); the etag is the content's sha256."""
+        import fcntl
+
+        lock_path = self.root / ".tmp-cas.lock"  # `.tmp-` names are never listed
+        with open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "rb") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                try:
+                    current: str | None = _content_etag(self._path(key).read_bytes())
+                except (FileNotFoundError, IsADirectoryError):
+                    current = None
+                if if_absent and current is not None:
+                    raise PreconditionFailed(f"{key} exists")
+                if if_match is not None and current != if_match:
+                    raise PreconditionFailed(f"{key} changed")
+                self._write(key, lambda f: f.write(data))  # type: ignore[attr-defined]
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        return _content_etag(data)
+
+
+def _content_etag(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def open_store(url: str) -> Store:

@@ -50,7 +50,7 @@ from spotrun.control.specs import (
     store_for,
     stored_spec,
 )
-from spotrun.control.state import AttemptStatus, JobStatus, State
+from spotrun.control.state import AttemptStatus, JobStatus
 from spotrun.control.submitting import SubmittingMixin, new_job_id
 from spotrun.control.watching import WatchingMixin
 
@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m spotrun.control.controller JOB_ID", file=sys.stderr)
         return EXIT_BAD_INPUT
-    state = State.open_default()
+    from spotrun.control.durable.state import DurableState
+
+    state = DurableState.open_default()  # the detached controller: its record and lease in the store
     try:
         return Controller(state).run(args[0]).exit_code
     except ControllerBusy as e:

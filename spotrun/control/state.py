@@ -237,6 +237,7 @@ class State:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._changed: set[str] = set()  # jobs this transaction wrote an event for
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -245,6 +246,13 @@ class State:
                 raise
             else:
                 self._db.execute("COMMIT")
+            changed, self._changed = self._changed, set()
+        for job_id in sorted(changed):
+            self.after_commit(job_id)
+
+    def after_commit(self, job_id: str) -> None:
+        """Called once a transaction that changed this job (wrote one of its events) is committed,
+        outside the lock. A hook: `spotrun.control.durable` mirrors the job's record to the store."""
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -388,6 +396,41 @@ class State:
                 (job_id, pid),
             )
 
+    def replace_job(self, job: Job, attempts: list[Attempt], events: list[Event]) -> None:
+        """Put a job's rows back as another machine last recorded them (the store's record is the
+        truth, this database a cache): the job, its attempts and its events, with no controller."""
+        with self._lock, self._tx() as db:
+            db.execute("DELETE FROM events WHERE job_id = ?", (job.id,))
+            db.execute("DELETE FROM attempts WHERE job_id = ?", (job.id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+            db.execute(
+                "INSERT INTO jobs (id, name, status, spec_json, spec_path, store_url, created_at, updated_at,"
+                " ended_at, exit_code, job_exit_code, reason, cancel_requested) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job.id, job.name, job.status.value, json.dumps(job.spec), job.spec_path, job.store_url,
+                    job.created_at, job.updated_at, job.ended_at, job.exit_code, job.job_exit_code, job.reason,
+                    int(job.cancel_requested),
+                ),
+            )  # fmt: skip
+            for a in attempts:
+                db.execute(
+                    "INSERT INTO attempts (job_id, n, status, provider, region, zone, instance_type, spot, offer_key,"
+                    " hourly_price, ondemand_price, time_scale, client_token, instance_id, instance_json, created_at,"
+                    " started_at, ended_at, end_reason, exit_code, detail, cost, store_url)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job.id, a.n, a.status.value, a.provider, a.region, a.zone, a.instance_type, int(a.spot),
+                        a.offer_key, a.hourly_price, a.ondemand_price, a.time_scale, a.client_token, a.instance_id,
+                        json.dumps(a.instance) if a.instance is not None else None, a.created_at, a.started_at,
+                        a.ended_at, a.end_reason, a.exit_code, a.detail, a.cost, a.store_url,
+                    ),
+                )  # fmt: skip
+            for e in events:
+                db.execute(
+                    "INSERT INTO events (id, job_id, at, kind, message, data_json) VALUES (?, ?, ?, ?, ?, ?)",
+                    (e.id, job.id, e.at, e.kind, e.message, json.dumps(e.data)),
+                )
+
     # ------------------------------------------------------------------ attempts
 
     def begin_attempt(
@@ -498,10 +541,16 @@ class State:
             ).fetchall()
         return [Event(r["id"], r["job_id"], r["at"], r["kind"], r["message"], json.loads(r["data_json"])) for r in rows]
 
-    @staticmethod
     def _event(
-        db: sqlite3.Connection, job_id: str, now: float, kind: str, message: str, data: dict[str, Any] | None = None
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        now: float,
+        kind: str,
+        message: str,
+        data: dict[str, Any] | None = None,
     ) -> None:
+        self._changed.add(job_id)
         db.execute(
             "INSERT INTO events (job_id, at, kind, message, data_json) VALUES (?, ?, ?, ?, ?)",
             (job_id, now, kind, message, json.dumps(data or {})),

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from spotrun.clouds.store import NotFound, Progress, Store, StoreError, object_name
+from spotrun.clouds.store import NotFound, PreconditionFailed, Progress, Store, StoreError, object_name
 
 MiB = 1024 * 1024
 MULTIPART_THRESHOLD = 8 * MiB  # files at or above this size go up in parts
@@ -161,6 +161,33 @@ class S3Store(Store):
             return False
         self.put_bytes(key, data)
         return True
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        response = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return self._call("get", key, response["Body"].read), str(response["ETag"])
+
+    def put_versioned(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """`If-None-Match: *` / `If-Match: <etag>` PUTs: S3 answers 412 to the loser of a race."""
+        from botocore.exceptions import ClientError
+
+        condition: dict[str, str] = {}
+        if if_absent:
+            condition["IfNoneMatch"] = "*"
+        if if_match is not None:
+            condition["IfMatch"] = if_match
+        for attempt in range(_CONFLICT_RETRIES):
+            try:
+                response = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+                return str(response["ETag"])
+            except ClientError as exc:
+                code = _error_code(exc)
+                if code in ("PreconditionFailed", "412") or (if_match is not None and code in _MISSING_CODES):
+                    raise PreconditionFailed(f"{key}: {code}") from None
+                if code == "ConditionalRequestConflict":
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                self._call("put", key, _reraise, exc)
+        raise StoreError(f"S3 conditional put of s3://{self.bucket}/{self._key(key)} kept conflicting")
 
     def get_bytes(self, key: str) -> bytes:
         response = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from spotrun.clouds.store import NotFound, Progress, Store, StoreError, object_name
+from spotrun.clouds.store import NotFound, PreconditionFailed, Progress, Store, StoreError, object_name
 
 CONCURRENCY = 4
 MiB = 1024 * 1024
@@ -143,6 +143,30 @@ class AzureBlobStore(Store):
         except Exception as e:
             self._call("put", key, _reraise, e)  # translate
         return True
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        downloader = self._call("get", key, self.container.download_blob, self._name(key))
+        return self._call("get", key, downloader.readall), str(downloader.properties.etag)
+
+    def put_versioned(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """`If-None-Match: *` / `If-Match: <etag>`: the service answers 409/412 to the loser of a race."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+
+        options: dict[str, Any] = {"overwrite": not if_absent}
+        if if_match is not None:
+            options.update(etag=if_match, match_condition=MatchConditions.IfNotModified)
+        try:
+            result = self.container.get_blob_client(self._name(key)).upload_blob(data, **options)
+        except (ResourceExistsError, ResourceModifiedError) as e:
+            raise PreconditionFailed(f"{key}: {getattr(e, 'error_code', '')}") from None
+        except ResourceNotFoundError as e:
+            if if_match is not None and getattr(e, "error_code", "") != "ContainerNotFound":
+                raise PreconditionFailed(f"{key}: gone") from None
+            self._call("put", key, _reraise, e)
+        except Exception as e:
+            self._call("put", key, _reraise, e)  # translate
+        return str(result["etag"])  # BlobClient.upload_blob answers the new blob's properties
 
     def get_bytes(self, key: str) -> bytes:
         downloader = self._call("get", key, self.container.download_blob, self._name(key))

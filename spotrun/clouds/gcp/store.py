@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from spotrun.clouds.store import NotFound, Progress, Store, StoreError, object_name
+from spotrun.clouds.store import NotFound, PreconditionFailed, Progress, Store, StoreError, object_name
 
 MiB = 1024 * 1024
 RESUMABLE_THRESHOLD = 8 * MiB  # larger files go up in resumable chunks of this size
@@ -144,6 +144,26 @@ class GCSStore(Store):
             self._call("put", key, blob.upload_from_string, data, if_generation_match=0)  # translate
         return True
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The etag is the object's generation (the download reports the one it read)."""
+        blob = self.bucket.blob(self._name(key))
+        data = self._call("get", key, blob.download_as_bytes)
+        return data, str(blob.generation)
+
+    def put_versioned(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """`ifGenerationMatch` (0: no live object): GCS answers 412 to the loser of a race."""
+        from google.api_core import exceptions as gexc
+
+        blob = self.bucket.blob(self._name(key))
+        generation = 0 if if_absent else (int(if_match) if if_match is not None else None)
+        try:
+            blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=generation)
+        except gexc.PreconditionFailed:
+            raise PreconditionFailed(key) from None
+        except gexc.GoogleAPICallError as e:
+            self._call("put", key, _reraise, e)  # translate
+        return str(blob.generation)
+
     def get_bytes(self, key: str) -> bytes:
         return self._call("get", key, self.bucket.blob(self._name(key)).download_as_bytes)
 
@@ -195,3 +215,7 @@ class GCSStore(Store):
             self._call("delete", key, self.bucket.blob(self._name(key)).delete)
         except NotFound:
             pass
+
+
+def _reraise(exc: Exception) -> None:
+    raise exc

@@ -72,9 +72,12 @@ STOP_WAIT = 5.0  # seconds terminate waits for the hypervisor to clean up before
 
 
 def default_root() -> Path:
+    """SPOTRUN_LOCAL_ROOT, else SPOTRUN_HOME/local. The variable lets several SPOTRUN_HOMEs (several
+    "machines") share one simulated cloud, as machines share a real one (the durable-controller tests)."""
     from spotrun.paths import home
 
-    return home() / "local"
+    env = os.environ.get("SPOTRUN_LOCAL_ROOT")
+    return Path(env) if env else home() / "local"
 
 
 class LocalProvider(Provider):

@@ -1,0 +1,159 @@
+"""status, wait, logs and cancel with `--store URL`: a job seen from only the store's record
+(another SPOTRUN_HOME, a CI runner, a teammate's laptop), no local database needed.
+
+`wait` and `logs -f` are what notices a job nobody drives: when no controller holds the job's
+lease (expired, or held by a dead process on this host), they start a durable controller here,
+which rebuilds its database from the record and adopts the running instance (the lease keeps it
+to one controller even when several machines notice at once)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from spotrun.cli.jobs import CONTROLLER_GONE_GRACE, attempts_detail, exit_code_of, job_row, print_log_chunks
+from spotrun.cli.output import EXIT_BAD_INPUT, EXIT_FAILED, console, escape, fail, print_json, say, say_plain
+
+if TYPE_CHECKING:
+    from spotrun.control.durable.remote import StoreView
+
+POLL = 0.3
+
+
+def _view(store_url: str, job_id: str, json_out: bool, *, patience: float = 0.0) -> StoreView:
+    """The job's record; `patience` seconds of retries while it is missing (a detached controller
+    writes it when it starts, just after `launch --detach` returns)."""
+    from spotrun.clouds.store import StoreError
+    from spotrun.control.durable.remote import NoRecord, StoreView
+
+    end = time.monotonic() + patience
+    while True:
+        try:
+            return StoreView(store_url, job_id)
+        except NoRecord as e:
+            if time.monotonic() >= end:
+                raise fail(str(e.args[0]), EXIT_BAD_INPUT, json_out=json_out) from None
+        except StoreError as e:
+            raise fail(f"cannot read the store: {e}", json_out=json_out) from None
+        time.sleep(POLL)
+
+
+def _row(view: StoreView) -> dict[str, Any]:
+    row = job_row(view, view.job())  # type: ignore[arg-type]  # StoreView quacks like State here
+    row["controller_alive"] = view.controller_alive()
+    return row
+
+
+def status(store_url: str, job_id: str, json_out: bool) -> None:
+    view = _view(store_url, job_id, json_out)
+    j, attempts, events, now = view.job(), view.attempts(), view.events(), time.time()
+    if json_out:
+        row = _row(view)
+        row["attempts_detail"] = attempts_detail(j, attempts, now)
+        row["events"] = [{"at": e.at, "kind": e.kind, "message": e.message} for e in events]
+        row["lease"] = view.lease()
+        print_json(row)
+        return
+    from spotrun.cli import views
+    from spotrun.control.outcome import spend
+
+    spent, ondemand = spend(attempts, now)
+    console().print(views.job_detail(j, attempts, events, spent, ondemand, now))
+    if not j.status.terminal and not view.controller_alive():
+        say(
+            "[yellow]no controller holds this job's lease[/]: "
+            f"`spotrun wait {escape(j.id)} --store {escape(store_url)}` starts one here that adopts it"
+        )
+
+
+class Adopter:
+    """Starts a controller here when the job has none (at most once per `every` seconds)."""
+
+    def __init__(self, store_url: str, job_id: str, json_out: bool) -> None:
+        from spotrun.control.durable.lease import lease_ttl
+
+        self.store_url, self.job_id, self.json_out = store_url, job_id, json_out
+        self.every = max(CONTROLLER_GONE_GRACE, lease_ttl())
+        self.last = -1e18
+        self.started: list[int] = []
+
+    def check(self, view: StoreView) -> None:
+        if view.job().status.terminal or view.controller_alive():
+            return
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        from spotrun.control.durable.run import spawn
+        from spotrun.paths import home
+
+        proc = spawn(self.job_id, self.store_url, home() / f"controller-{self.job_id}.log")
+        self.started.append(proc.pid)
+        if not self.json_out:
+            say_plain(
+                f"job {self.job_id} has no live controller: started one here (pid {proc.pid}) to adopt it",
+                stderr=True,
+            )
+
+
+def wait(store_url: str, job_id: str, timeout: float | None, json_out: bool) -> None:
+    view = _view(store_url, job_id, json_out, patience=CONTROLLER_GONE_GRACE)
+    adopter = Adopter(store_url, job_id, json_out)
+    start = time.monotonic()
+    while True:
+        view.refresh()
+        j = view.job()
+        if j.status.terminal:
+            break
+        adopter.check(view)
+        if timeout is not None and time.monotonic() - start >= timeout:
+            raise fail(f"job {job_id} is still {j.status.value} after {timeout:g} s", EXIT_FAILED, json_out=json_out)
+        time.sleep(POLL)
+    if json_out:
+        print_json(_row(view))
+    else:
+        say_plain(f"job {j.id}: {j.status.value}" + (f" ({j.reason})" if j.reason else ""))
+    raise typer.Exit(exit_code_of(j))
+
+
+def logs(store_url: str, job_id: str, *, follow: bool, attempt: int | None, json_out: bool) -> None:
+    from spotrun.cli.logs import LogReader
+
+    view = _view(store_url, job_id, json_out, patience=CONTROLLER_GONE_GRACE if follow else 0.0)
+    reader = LogReader(view, job_id, only_attempt=attempt, store=view.store)  # type: ignore[arg-type]
+    if json_out:
+        from spotrun.cli.jobs import _json_chunks
+
+        chunks = [{"attempt": n, "text": text} for n, text in _json_chunks(reader)]
+        print_json({"job_id": job_id, "status": view.job().status.value, "logs": chunks})
+        return
+    adopter = Adopter(store_url, job_id, json_out)
+    while True:
+        print_log_chunks(reader.poll())
+        if not follow:
+            return
+        view.refresh()
+        current = view.job()
+        if current.status.terminal and reader.drained():
+            raise typer.Exit(exit_code_of(current))
+        adopter.check(view)
+        time.sleep(0.5)
+
+
+def cancel_one(store_url: str, job_id: str, wait_s: float, json_out: bool) -> dict[str, Any]:
+    """Write the cancel request; the job's controller acts on it (one is started here if none)."""
+    view = _view(store_url, job_id, json_out)
+    if view.job().status.terminal:
+        return {"job_id": job_id, "status": view.job().status.value, "note": "already ended"}
+    view.request_cancel()
+    adopter = Adopter(store_url, job_id, True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        view.refresh()
+        if view.job().status.terminal:
+            return {"job_id": job_id, "status": view.job().status.value, "note": ""}
+        adopter.check(view)
+        time.sleep(POLL)
+    return {"job_id": job_id, "status": view.job().status.value, "note": "its controller is stopping it"}

@@ -1,0 +1,3 @@
+from spotrun.control.durable.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""`DurableState`: the SQLite State, mirrored to the store and guarded by the store's lease.
+
+Everything is in the hooks State already has, so no part of the controller changes:
+
+- `claim_controller` also takes the lease (and stands down, like a busy local claim, when another
+  controller anywhere holds it); `release_controller` lets it go;
+- `touch_controller`, which the loop calls every round, renews the lease (a lost lease makes the
+  controller stop) and picks up a cancel request written to the store by another machine;
+- `after_commit` writes the job's record after every transaction that changed it, while this
+  controller holds the lease: the store is written before the controller acts, as SQLite is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from spotrun.clouds.store import Store, open_store
+from spotrun.control.durable import control_key
+from spotrun.control.durable.lease import Holder, Lease
+from spotrun.control.durable.record import publish
+from spotrun.control.state import State
+
+CANCEL_CHECK_EVERY = 5.0  # seconds between looks for a remote cancel request (one GET each)
+
+
+class DurableState(State):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        holder: Holder | None = None,
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(path)
+        self.holder = holder or Holder.me()
+        self._ttl = ttl
+        self._clock = clock
+        self._leases: dict[str, Lease] = {}
+        self._stores: dict[str, Store] = {}
+        self._cancel_checked: dict[str, float] = {}
+
+    @classmethod
+    def open_default(cls) -> DurableState:
+        from spotrun.paths import state_db
+
+        return cls(state_db())
+
+    def store_of(self, job_id: str) -> Store:
+        url = self.job(job_id).store_url
+        if url not in self._stores:
+            self._stores[url] = open_store(url)
+        return self._stores[url]
+
+    def lease(self, job_id: str) -> Lease | None:
+        return self._leases.get(job_id)
+
+    # ------------------------------------------------------------------ the controller's hooks
+
+    def claim_controller(self, job_id: str, pid: int, now: float, stale_after: float) -> bool:
+        if not super().claim_controller(job_id, pid, now, stale_after):
+            return False
+        lease = Lease(self.store_of(job_id), job_id, holder=self.holder, ttl=self._ttl, clock=self._clock)
+        if not lease.acquire():
+            super().release_controller(job_id, pid)
+            return False
+        self._leases[job_id] = lease
+        self.publish(job_id)
+        return True
+
+    def touch_controller(self, job_id: str, pid: int, now: float) -> bool:
+        if not super().touch_controller(job_id, pid, now):
+            return False
+        lease = self._leases.get(job_id)
+        if lease is None:
+            return True
+        if not lease.renew():
+            self._leases.pop(job_id, None)
+            return False
+        self._pick_up_cancel(job_id, now)
+        return True
+
+    def release_controller(self, job_id: str, pid: int) -> None:
+        lease = self._leases.pop(job_id, None)
+        if lease is not None and lease.held:
+            try:
+                publish(self, lease.store, job_id)
+            finally:
+                lease.release()
+        super().release_controller(job_id, pid)
+
+    def after_commit(self, job_id: str) -> None:
+        if job_id in self._leases:
+            self.publish(job_id)
+
+    # ------------------------------------------------------------------ helpers
+
+    def publish(self, job_id: str) -> None:
+        lease = self._leases.get(job_id)
+        if lease is not None and lease.held:
+            publish(self, lease.store, job_id)
+
+    def _pick_up_cancel(self, job_id: str, now: float) -> None:
+        wall = self._clock()
+        lease = self._leases.get(job_id)
+        every = min(CANCEL_CHECK_EVERY, lease.ttl / 3) if lease is not None else CANCEL_CHECK_EVERY
+        if wall - self._cancel_checked.get(job_id, 0.0) < every:
+            return
+        self._cancel_checked[job_id] = wall
+        if self.job(job_id).cancel_requested:
+            return
+        store = self.store_of(job_id)
+        if store.exists(control_key(job_id, "cancel")):
+            self.request_cancel(job_id, now)
