@@ -5,6 +5,7 @@
     providers: [aws, gcp]             # used when a spec gives no resources.providers
     regions: ["us-*"]                 # used when a spec gives no resources.regions
     budget: 50                        # USD, used when a spec gives no budget
+    controller: cloud                 # detached jobs' controllers on a small on-demand host (default local)
 
 A spec's own value always wins; CLI flags (`--provider`, `--region`, `--store`) win over both.
 Unknown keys and bad values are refused with the file and key named (exit 2).
@@ -21,6 +22,7 @@ KEYS: dict[str, str] = {
     "providers": "providers used when the spec gives none (list: aws, gcp, azure, local)",
     "regions": "region globs used when the spec gives none (list)",
     "budget": "budget in USD used when the spec gives none",
+    "controller": "where detached jobs' controllers run: local (this machine) or cloud (a small on-demand host)",
 }
 LIST_KEYS = ("providers", "regions")
 
@@ -82,6 +84,10 @@ def check_value(key: Any, value: Any, *, where: str = "config") -> Any:
         if not (number > 0 and number < float("inf")):
             raise ConfigError(f"{where}: budget: expected a positive finite number, got {value!r}")
         return number
+    if key == "controller":
+        if value not in ("local", "cloud"):
+            raise ConfigError(f"{where}: controller: expected local or cloud, got {value!r}")
+        return value
     if not isinstance(value, str) or "://" not in value:
         raise ConfigError(f"{where}: store: expected a URL like s3://bucket/prefix or file:///path, got {value!r}")
     return value

@@ -139,6 +139,12 @@ def status(
         _list_jobs(state, json_out, limit, parse_labels(label))
         return
     j = find_job_or_exit(state, job, json_out)
+    if not j.status.terminal and not controller_alive(j):
+        from spotrun.cli import remote
+
+        if remote.driven_elsewhere(j):  # the store's record is newer than this database
+            remote.status(j.store_url, j.id, json_out)
+            return
     attempts = state.attempts(j.id)
     events = state.events(j.id)
     now = time.time()
@@ -226,6 +232,12 @@ def wait(
         return
     state = open_state()
     j = find_job_or_exit(state, job, json_out)
+    if not j.status.terminal and not controller_alive(j):
+        from spotrun.cli import remote
+
+        if remote.driven_elsewhere(j):  # another machine or the controller host drives it
+            remote.wait(j.store_url, j.id, timeout, json_out)
+            return
     final = wait_for_end(state, j.id, timeout=timeout, json_out=json_out)
     if json_out:
         print_json(job_row(state, final))

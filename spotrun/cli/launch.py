@@ -159,7 +159,10 @@ def launch(
                 raise
             if detach:
                 try:
-                    _spawn_detached_controller(job_id)
+                    from spotrun.cli.remote import hand_to_controller_host
+
+                    if hand_to_controller_host(state, job_id, json_out) is None:  # controller: local
+                        _spawn_detached_controller(job_id)
                 except KeyboardInterrupt:
                     stop.ignore_all()
                     _cancel_after_interrupt(state, job_id)

@@ -54,6 +54,9 @@ def status(store_url: str, job_id: str, json_out: bool) -> None:
         row["attempts_detail"] = attempts_detail(j, attempts, now)
         row["events"] = [{"at": e.at, "kind": e.kind, "message": e.message} for e in events]
         row["lease"] = view.lease()
+        from spotrun.control.durable.host import host_cost, host_info
+
+        row["controller_host"] = host_cost(host_info(view.store), now)
         print_json(row)
         return
     from spotrun.cli import views
@@ -61,6 +64,15 @@ def status(store_url: str, job_id: str, json_out: bool) -> None:
 
     spent, ondemand = spend(attempts, now)
     console().print(views.job_detail(j, attempts, events, spent, ondemand, now))
+    from spotrun.control.durable.host import host_cost, host_info
+
+    cost = host_cost(host_info(view.store), now)
+    if cost is not None and cost["alive"]:
+        say(
+            f"controller host: {cost['provider']} {cost['instance_type']} on-demand, "
+            f"${cost['hourly_usd']:.4f}/h (${cost['monthly_usd_if_always_on']:.2f}/month if always on), "
+            f"${cost['spent_usd']:.4f} so far"
+        )
     if not j.status.terminal and not view.controller_alive():
         say(
             "[yellow]no controller holds this job's lease[/]: "
@@ -157,3 +169,51 @@ def cancel_one(store_url: str, job_id: str, wait_s: float, json_out: bool) -> di
         adopter.check(view)
         time.sleep(POLL)
     return {"job_id": job_id, "status": view.job().status.value, "note": "its controller is stopping it"}
+
+
+# ---------------------------------------------------------------------------- controller: cloud
+
+
+def controller_mode() -> str:
+    from spotrun.cli.defaults import ConfigError, load_config
+
+    try:
+        return str(load_config().get("controller") or "local")
+    except ConfigError as e:
+        raise fail(str(e)) from None
+
+
+def hand_to_controller_host(state: Any, job_id: str, json_out: bool) -> dict[str, Any] | None:
+    """`controller: cloud`: record and queue the job in its store, and make sure a controller host
+    serves that store (launching one if none). None under `controller: local`."""
+    if controller_mode() != "cloud":
+        return None
+    from spotrun.clouds import get_provider
+    from spotrun.clouds.store import open_store
+    from spotrun.control.durable.host import enqueue, ensure_host, host_cost
+    from spotrun.control.durable.record import publish
+    from spotrun.control.specs import planning_spec, provider_options
+
+    job = state.job(job_id)
+    store = open_store(job.store_url)
+    publish(state, store, job_id)
+    enqueue(store, job_id)
+    spec = planning_spec(job.spec)
+    try:
+        info = ensure_host(store, get_provider("local", **provider_options("local", spec)))
+    except (NotImplementedError, ValueError) as e:
+        raise fail(f"controller: cloud: {e}", EXIT_BAD_INPUT, json_out=json_out) from None
+    return host_cost(info, time.time()) or {}
+
+
+def driven_elsewhere(job: Any) -> bool:
+    """No controller runs the job here, but the store holds its record: another machine or the
+    controller host drives (or drove) it, and the record is the one to follow (and `wait` adopts
+    the job when nobody holds its lease)."""
+    from spotrun.clouds.store import StoreError, open_store
+    from spotrun.control.durable.record import read_record
+
+    try:
+        return read_record(open_store(job.store_url), job.id) is not None
+    except StoreError:
+        return False

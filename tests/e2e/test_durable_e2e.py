@@ -45,10 +45,12 @@ class World:
         self.store_url = (tmp / "store").as_uri()
         self.cloud = tmp / "cloud"
         self.provider = LocalProvider(tmp / "market.yaml", root=self.cloud)
+        self.extra_env: dict[str, dict[str, str]] = {}
 
     def env(self, machine: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(SPOTRUN_HOME=str(self.tmp / machine), SPOTRUN_LOCAL_ROOT=str(self.cloud), SPOTRUN_LEASE_TTL=TTL)
+        env.update(self.extra_env.get(machine, {}))
         return env
 
     def cli(self, machine: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:

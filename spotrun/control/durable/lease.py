@@ -76,10 +76,12 @@ class Lease:
         holder: Holder | None = None,
         ttl: float | None = None,
         clock: Callable[[], float] = time.time,
+        key: str | None = None,
     ) -> None:
         self.store = store
         self.job_id = job_id
-        self.key = control_key(job_id, "lease.json")
+        self.key = key or control_key(job_id, "lease.json")
+        self.extra: dict[str, Any] = {}  # more fields to keep in the lease object (the host's instance)
         self.holder = holder or Holder.me()
         self.ttl = ttl if ttl is not None else lease_ttl()
         self.clock = clock
@@ -94,9 +96,8 @@ class Lease:
     def _body(self, now: float, expires_at: float) -> bytes:
         h = self.holder
         holder = h.id if expires_at > 0 else None
-        return json.dumps(
-            {"holder": holder, "host": h.host, "pid": h.pid, "at": now, "expires_at": expires_at}
-        ).encode()
+        body = {**self.extra, "holder": holder, "host": h.host, "pid": h.pid, "at": now, "expires_at": expires_at}
+        return json.dumps(body).encode()
 
     def acquire(self) -> bool:
         """Take the lease if nobody live holds it; True when this controller now holds it."""

@@ -1,0 +1,59 @@
+"""`controller: cloud` on the local provider (issue 16, item 1): `launch --detach` hands the job to
+a controller host (an on-demand instance of the cheapest type, no GPU) that serves every detached
+job of the store, and deletes itself once idle. The launching machine's processes all exit."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from spotrun.clouds.local.provider import LocalProvider
+from spotrun.clouds.store import open_store
+from spotrun.control.durable.host import HOST_JOB, host_info
+from tests.e2e.test_durable_e2e import World, _wait
+from tests.test_faults_kill import MARKET, TOTAL
+
+pytestmark = pytest.mark.e2e
+
+SMALL = """
+  - {zone: z-c, region: r-1, instance_type: sim.small, vcpus: 2, memory_gb: 4,
+     spot_price: 0.006, ondemand_price: 0.02, interruption_rate: 0.0}
+"""
+
+
+def test_controller_host_serves_detached_jobs_and_deletes_itself_when_idle(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    (tmp_path / "market.yaml").write_text(MARKET.rstrip() + SMALL)
+    provider = LocalProvider(tmp_path / "market.yaml", root=world.cloud)
+    config = tmp_path / "config.yaml"
+    config.write_text("controller: cloud\n")
+    world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": "3"}
+
+    first = world.launch_detached()
+    second = world.launch_detached()  # the same host serves it: no second host
+    hosts = provider.list_owned(HOST_JOB)
+    assert len(hosts) == 1 and hosts[0].instance_type == "sim.small" and not hosts[0].spot
+    assert not (tmp_path / "a" / f"controller-{first}.log").exists()  # nothing runs on A
+
+    out = world.cli("b", "status", first, "--store", world.store_url, "--json")
+    assert out.returncode == 0, out.stderr
+    cost = json.loads(out.stdout)["controller_host"]
+    assert (cost["instance_type"], cost["hourly_usd"], cost["monthly_usd_if_always_on"]) == ("sim.small", 0.02, 14.6)
+
+    waited = world.cli("b", "wait", first, "--store", world.store_url)
+    assert waited.returncode == 0, waited.stderr[-2000:]
+    assert not (tmp_path / "b" / f"controller-{first}.log").exists()  # the host drove it, not B
+    local = world.cli("a", "wait", second)  # A's own database sees the host drives it: follows the store
+    assert local.returncode == 0, local.stderr[-2000:]
+    logs = world.cli("b", "logs", second, "--store", world.store_url)
+    assert f"completed {TOTAL}\n" in logs.stdout
+
+    store = open_store(world.store_url)
+    assert _wait(lambda: not any(provider.poll(i).alive for i in provider.list_owned(HOST_JOB)), 30)
+    info = host_info(store)
+    assert info is not None and info["holder"] is None  # released, then its instance deleted itself
+    assert store.list("controller/jobs/") == []
+    time.sleep(0.1)
