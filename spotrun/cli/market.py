@@ -301,15 +301,22 @@ def plan(
     from spotrun.cli.specs import load_spec_or_exit
 
     spec = load_spec_or_exit(spec_path, json_out=json_out)  # with the config's defaults, as launch reads it
-    result = planner.plan(spec, _spec_offers(spec))
+    offers = _spec_offers(spec)
+    result = planner.plan(spec, offers)
+    from spotrun.cli import remote
+
+    host = remote.controller_host_estimate(spec, offers)  # None under `controller: local`
     if json_out:
         data = result.to_dict()
         data["candidates"] = data["candidates"][:limit]
         data["chosen"] = data["candidates"][0] if data["candidates"] else None
         data["total_candidates"] = len(result.candidates)
+        if host is not None:
+            data["controller_host"] = host
         _print_json(data)
     else:
         _render_plan(result, limit, spec_path)
+        remote.say_controller_host(host)
     if not result.candidates:
         raise typer.Exit(_nothing_fits_code(spec, result, json_out))
 

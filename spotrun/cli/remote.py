@@ -217,3 +217,42 @@ def driven_elsewhere(job: Any) -> bool:
         return read_record(open_store(job.store_url), job.id) is not None
     except StoreError:
         return False
+
+
+def controller_host_estimate(spec: Any, offers: list[Any]) -> dict[str, Any] | None:
+    """Under `controller: cloud`, what the controller host adds to a job: its offer, its price,
+    and the job's share (the job's hours, when the spec gives them, plus the idle tail)."""
+    if controller_mode() != "cloud":
+        return None
+    from spotrun.control.durable.host import idle_limit, pick_offer
+
+    try:
+        offer = pick_offer([o for o in offers if o.provider == "local"])
+    except ValueError:
+        return {"error": "no on-demand local offer for the controller host"}
+    price = float(offer.ondemand_price or 0.0)
+    hours = getattr(getattr(spec, "workload", None), "hours", None)
+    idle_h = idle_limit() / 3600
+    return {
+        "provider": offer.provider,
+        "instance_type": offer.instance_type,
+        "hourly_usd": price,
+        "monthly_usd_if_always_on": round(price * 730, 2),
+        "idle_hours_before_self_delete": round(idle_h, 3),
+        "job_share_usd": None if hours is None else round(price * (float(hours) + idle_h), 4),
+    }
+
+
+def say_controller_host(estimate: dict[str, Any] | None) -> None:
+    if not estimate:
+        return
+    if "error" in estimate:
+        say(f"[yellow]controller: cloud[/]: {escape(estimate['error'])}")
+        return
+    share = estimate["job_share_usd"]
+    say(
+        f"controller: cloud on {estimate['provider']} {estimate['instance_type']} on-demand at "
+        f"${estimate['hourly_usd']:.4f}/h (${estimate['monthly_usd_if_always_on']:.2f}/month if always on; it "
+        f"deletes itself after {estimate['idle_hours_before_self_delete'] * 60:g} min idle)"
+        + (f": about ${share:.4f} for this job" if share is not None else "")
+    )

@@ -5,7 +5,6 @@ job of the store, and deletes itself once idle. The launching machine's processe
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,12 @@ def test_controller_host_serves_detached_jobs_and_deletes_itself_when_idle(tmp_p
     config.write_text("controller: cloud\n")
     world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": "3"}
 
+    planned = world.cli("a", "plan", str(world.spec), "--json")
+    assert planned.returncode == 0, planned.stderr
+    estimate = json.loads(planned.stdout)["controller_host"]
+    assert (estimate["instance_type"], estimate["hourly_usd"]) == ("sim.small", 0.02)
+    assert estimate["job_share_usd"] == round(0.02 * (0.1 + 3 / 3600), 4)  # workload.hours + the idle tail
+
     first = world.launch_detached()
     second = world.launch_detached()  # the same host serves it: no second host
     hosts = provider.list_owned(HOST_JOB)
@@ -56,4 +61,28 @@ def test_controller_host_serves_detached_jobs_and_deletes_itself_when_idle(tmp_p
     info = host_info(store)
     assert info is not None and info["holder"] is None  # released, then its instance deleted itself
     assert store.list("controller/jobs/") == []
-    time.sleep(0.1)
+
+
+def test_a_dead_controller_host_is_replaced_and_its_job_adopted(tmp_path: Path) -> None:
+    """The host's instance is deleted mid-job (every process on it killed): `wait --store` on B
+    notices and adopts the job's running instance; the next detached launch starts a new host."""
+    world = World(tmp_path)
+    (tmp_path / "market.yaml").write_text(MARKET.rstrip() + SMALL)
+    provider = LocalProvider(tmp_path / "market.yaml", root=world.cloud)
+    config = tmp_path / "config.yaml"
+    config.write_text("controller: cloud\n")
+    world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": "2"}
+    job = world.launch_detached()
+    view = world.view(job)
+    assert _wait(lambda: world.progress(view) >= 5)
+    (host,) = provider.list_owned(HOST_JOB)
+    provider.terminate(host)  # the controller host dies with its controllers
+    waited = world.cli("b", "wait", job, "--store", world.store_url)
+    assert waited.returncode == 0, waited.stderr[-2000:]
+    assert "started one here" in waited.stderr
+    view.refresh()
+    assert [a.n for a in view.attempts() if a.started_at is not None] == [1]  # adopted, not relaunched
+    again = world.launch_detached()  # the dead host's lease is noticed: a new host serves this job
+    assert world.cli("b", "wait", again, "--store", world.store_url).returncode == 0
+    assert len(provider.list_owned(HOST_JOB)) >= 1
+    assert _wait(lambda: not any(provider.poll(i).alive for i in provider.list_owned(HOST_JOB)), 30)
