@@ -189,20 +189,29 @@ def hand_to_controller_host(state: Any, job_id: str, json_out: bool) -> dict[str
     if controller_mode() != "cloud":
         return None
     from spotrun.clouds import get_provider
+    from spotrun.clouds.base import ProviderError
     from spotrun.clouds.store import open_store
     from spotrun.control.durable.host import enqueue, ensure_host, host_cost
     from spotrun.control.durable.record import publish
-    from spotrun.control.specs import planning_spec, provider_options
+    from spotrun.control.specs import allowed_providers, planning_spec, provider_options
+    from spotrun.control.state import JobStatus
 
     job = state.job(job_id)
     store = open_store(job.store_url)
-    publish(state, store, job_id)
-    enqueue(store, job_id)
     spec = planning_spec(job.spec)
     try:
-        info = ensure_host(store, get_provider("local", **provider_options("local", spec)))
-    except (NotImplementedError, ValueError) as e:
-        raise fail(f"controller: cloud: {e}", EXIT_BAD_INPUT, json_out=json_out) from None
+        if "local" not in allowed_providers(spec):
+            raise NotImplementedError("the controller host runs on the local provider only, so far")
+        provider = get_provider("local", **provider_options("local", spec))
+        publish(state, store, job_id)
+        enqueue(store, job_id)
+        info = ensure_host(store, provider)
+    except (NotImplementedError, ValueError, ProviderError) as e:
+        store.delete(f"controller/jobs/{job_id}")
+        why = f"controller: cloud: {e}"
+        state.set_job_status(job_id, JobStatus.FAILED, time.time(), reason=why, exit_code=EXIT_BAD_INPUT)
+        publish(state, store, job_id)
+        raise fail(why, EXIT_BAD_INPUT, json_out=json_out) from None
     return host_cost(info, time.time()) or {}
 
 

@@ -53,6 +53,7 @@ from spotrun.clouds.local.host import (
     CONFIG,
     FINAL,
     HOST_PID,
+    MARKER_ENV,
     NOTICE,
     PREEMPT,
     STATE,
@@ -206,6 +207,7 @@ class LocalProvider(Provider):
 
     def _spawn_host(self, sandbox: Path) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
+        env.pop(MARKER_ENV, None)  # launched from inside an instance (a controller host): not part of it
         package_parent = str(Path(__file__).resolve().parents[3])  # works from a source checkout too
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
         with open(sandbox / "host.log", "ab") as log:

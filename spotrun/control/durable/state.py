@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from spotrun.clouds.store import Store, open_store
+from spotrun.clouds.store import Store, StoreError, open_store
 from spotrun.control.durable import control_key
 from spotrun.control.durable.lease import Holder, Lease
 from spotrun.control.durable.record import publish
@@ -86,7 +86,9 @@ class DurableState(State):
         lease = self._leases.pop(job_id, None)
         if lease is not None and lease.held:
             try:
-                publish(self, lease.store, job_id)
+                self._publish_retrying(lease.store, job_id)
+            except StoreError:
+                pass  # the record stays behind: whoever reads it next adopts the job and republishes
             finally:
                 lease.release()
         super().release_controller(job_id, pid)
@@ -100,7 +102,18 @@ class DurableState(State):
     def publish(self, job_id: str) -> None:
         lease = self._leases.get(job_id)
         if lease is not None and lease.held:
-            publish(self, lease.store, job_id)
+            self._publish_retrying(lease.store, job_id)
+
+    def _publish_retrying(self, store: Store, job_id: str) -> None:
+        """A store hiccup is retried for a few seconds; past that the error stops the controller
+        (its record must not fall behind what it does: another machine would act on a stale one)."""
+        for delay in (0.2, 0.5, 1.0, 2.0):
+            try:
+                publish(self, store, job_id)
+                return
+            except StoreError:
+                time.sleep(delay)
+        publish(self, store, job_id)
 
     def _pick_up_cancel(self, job_id: str, now: float) -> None:
         wall = self._clock()
