@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         if store_url is not None and not sync_from_store(state, job_id, store_url):
             print(f"no record of job {job_id} in {store_url}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        if store_url is not None:  # another machine's job: its secret env values may not be here
+            from spotrun.control.secrets import resume_refusal
+
+            refusal = resume_refusal(state, job_id)
+            if refusal is not None:
+                print(refusal, file=sys.stderr)
+                return EXIT_BAD_INPUT
         return Controller(state).run(job_id).exit_code
     except ControllerBusy as e:
         print(str(e), file=sys.stderr)
