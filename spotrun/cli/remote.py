@@ -111,7 +111,8 @@ class Adopter:
 
 
 def wait(store_url: str, job_id: str, timeout: float | None, json_out: bool) -> None:
-    view = _view(store_url, job_id, json_out, patience=CONTROLLER_GONE_GRACE)
+    patience = CONTROLLER_GONE_GRACE if timeout is None else min(timeout, CONTROLLER_GONE_GRACE)
+    view = _view(store_url, job_id, json_out, patience=patience)
     adopter = Adopter(store_url, job_id, json_out)
     start = time.monotonic()
     while True:
