@@ -126,7 +126,7 @@ class FakeARM(RestFake):
         *,
         subscription: str = SUBSCRIPTION,
         resource_groups: tuple[str, ...] = (RESOURCE_GROUP,),
-        op_polls: int = 1,
+        op_polls: int = 2,
         notice_seconds: float = 30.0,
     ) -> None:
         super().__init__()
