@@ -296,3 +296,39 @@ def test_arm_network_puts_are_asynchronous(arm: FakeARM) -> None:
         assert len(statuses) < 10
     assert statuses[-1] == "Succeeded"
     assert requests.get(url, headers=auth, timeout=10).json()["properties"]["provisioningState"] == "Succeeded"
+
+
+# ---------------------------------------------------------------------- preemption timing
+
+
+def test_gce_preempted_spot_vm_is_deleted_when_the_notice_ends(gce: FakeGCE) -> None:
+    inst = gcp(gce).launch(
+        Offer("gcp", "us-central1", ZONE, "n1-standard-8", "T4", 1, 16.0, 8, 30, 0.2, 0.6, 0.1),
+        spot=True,
+        boot=boot(),
+        client_token="pre",
+    )
+    gce.preempt(inst.instance_id, reclaim_after=0.3)  # GCE: 30 s
+    assert gce.instance(inst.instance_id)["status"] == "STOPPING"
+    deadline = time.monotonic() + 5
+    while gce.instance(inst.instance_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gce.instance(inst.instance_id) is None  # termination action DELETE, nobody called reclaim
+
+
+def test_arm_preempt_event_evicts_at_not_before_without_approval(arm: FakeARM) -> None:
+    from email.utils import parsedate_to_datetime
+
+    inst = azure(arm).launch(azure_offer(), spot=True, boot=boot(), client_token="pre")
+    arm.notice_seconds = 1.5
+    try:
+        event = arm.preempt(inst.instance_id)
+    finally:
+        arm.notice_seconds = 30.0
+    assert event["EventType"] == "Preempt" and event["Resources"] == [inst.instance_id]
+    assert -1 < parsedate_to_datetime(event["NotBefore"]).timestamp() - time.time() < 3
+    assert arm.vm(inst.instance_id) is not None  # not before NotBefore
+    deadline = time.monotonic() + 5
+    while arm.vm(inst.instance_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert arm.vm(inst.instance_id) is None and arm.evicted == [inst.instance_id]

@@ -215,7 +215,9 @@ class FakeARM(RestFake):
             return base64.b64decode(vm["properties"]["osProfile"]["customData"]).decode()
 
     def preempt(self, name: str, *, reclaim_after: float | None = None) -> dict[str, Any]:
-        """Announce a Spot eviction of VM `name` through its Scheduled Events."""
+        """Announce a Spot eviction of VM `name` through its Scheduled Events: it happens when the
+        event is approved, or at NotBefore (`reclaim_after`, default `notice_seconds`)."""
+        reclaim_after = self.notice_seconds if reclaim_after is None else reclaim_after
         with self.lock:
             assert self.vm(name) is not None, f"no VM {name}"
             event = {
@@ -231,11 +233,10 @@ class FakeARM(RestFake):
             }
             self.events.setdefault(name, []).append(event)
             next(self._incarnation)
-        if reclaim_after is not None:
-            timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
-            timer.daemon = True
-            self._timers.append(timer)
-            timer.start()
+        timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
         return event
 
     def reclaim(self, name: str) -> None:

@@ -95,6 +95,7 @@ class FakeGCE(RestFake):
         self.op_polls = op_polls  # an operation GET-polled is DONE at the op_polls-th poll at the earliest
         self.op_seconds = op_seconds  # ... and not before op_seconds have passed
         self.wait_cap = wait_cap  # `/wait` returns at DONE or after this long (the real API: ~2 min)
+        self.preempt_seconds = 30.0  # a preempted VM is stopped (deleted) this long after the notice
         self.machine_types = _catalog_machine_types() | set(EXTRA_MACHINE_TYPES)
         self.images = set(IMAGES)
         self.networks = set(NETWORKS)
@@ -170,6 +171,10 @@ class FakeGCE(RestFake):
         return out
 
     def preempt(self, name: str, *, reclaim_after: float | None = None) -> None:
+        """Preempt a Spot VM: metadata `preempted` TRUE, STOPPING, the preempted operation; the
+        guest gets its ACPI shutdown now (the emulator's part) and the VM is stopped/deleted after
+        `reclaim_after` seconds (GCE: 30 s, `preempt_seconds`) unless `reclaim(name)` comes first."""
+        reclaim_after = self.preempt_seconds if reclaim_after is None else reclaim_after
         with self.lock:
             inst = self.instance(name)
             assert inst is not None, f"no instance {name}"
@@ -178,11 +183,10 @@ class FakeGCE(RestFake):
             inst["status"] = "STOPPING"
             op = self._new_op(zone, "compute.instances.preempted", inst, status="DONE")
             op["user"] = "system"
-        if reclaim_after is not None:
-            timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
-            timer.daemon = True
-            self._timers.append(timer)
-            timer.start()
+        timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def reclaim(self, name: str) -> None:
         """The end of the notice: a preempted Spot VM with termination action DELETE is deleted."""
