@@ -107,6 +107,18 @@ def test_unusable_identities_are_named(cloud: str, value: str, why: str) -> None
     assert len(problems) == 1 and why in problems[0]
 
 
+def test_check_names_an_azure_identity_that_does_not_exist(arm: FakeARM) -> None:
+    ghost = IDENTITY.replace("spotrun-runner", "spotrun-ghost")
+    report = AzureProvider(
+        SUBSCRIPTION, RESOURCE_GROUP, endpoint=arm.url, credential=StaticToken(), identity=ghost
+    ).check()
+    assert report["usable"] is False and report["missing"] == [
+        f"azure.identity {ghost} does not exist: create it (az identity create -n spotrun-ghost) "
+        "(docs/providers/azure.md#permissions)"
+    ]
+    assert arm.requests_to("GET", r"/userAssignedIdentities/spotrun-ghost$")
+
+
 def test_launch_refuses_without_identity_and_creates_nothing(gce: FakeGCE, arm: FakeARM) -> None:
     boot = Boot(job_id="j", attempt=1, store_url="gs://b/p", job_prefix="jobs/j")
     gcp = GCPProvider(PROJECT, endpoint=gce.url, credentials=gce_credentials())

@@ -62,6 +62,7 @@ IMAGES = (  # marketplace images the fake knows (publisher, offer, sku); any ver
     ("canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2"),
     ("canonical", "ubuntu-24_04-lts", "server"),
 )
+IDENTITIES = ("spotrun-runner",)
 IDENTITY_RX = re.compile(
     r"^/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.managedidentity/userassignedidentities/[^/]+$",
     re.IGNORECASE,
@@ -143,6 +144,7 @@ class FakeARM(RestFake):
         self.restricted: dict[tuple[str, str], str] = {}  # (location, size) -> reason code
         self.zone_restricted: dict[tuple[str, str], set[str]] = {}  # (location, size) -> zones not offered
         self.sizes = set(SKUS) | _catalog_sizes()
+        self.identities = set(IDENTITIES)  # user-assigned identity names in the resource groups
         self.images = set(IMAGES)
         self._incarnation = itertools.count(1)
         self._fail_next: list[dict[str, Any]] = []
@@ -160,6 +162,11 @@ class FakeARM(RestFake):
             "GET",
             S + r"/providers/Microsoft\.(?:Compute|Network)/locations/[^/]+/operations/(?P<op>[^/]+)",
             self._operation,
+        )
+        r(
+            "GET",
+            RG + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/(?P<identity>[^/]+)",
+            self._identity_get,
         )
         r("GET", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_get)
         r("POST", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_post)
@@ -270,6 +277,7 @@ class FakeARM(RestFake):
             self.restricted.clear()
             self.zone_restricted.clear()
             self.images = set(IMAGES)
+            self.identities = set(IDENTITIES)
             self._fail_next.clear()
             self._throttle = 0
             self.requests.clear()
@@ -645,6 +653,28 @@ class FakeARM(RestFake):
                 )
             value.append({"resourceType": "disks", "name": "Premium_LRS", "locations": [loc], "restrictions": []})
         return Response(200, {"value": value})
+
+    def _identity_get(self, req: Request) -> Response:
+        """Microsoft.ManagedIdentity/userAssignedIdentities GET (what `check` reads)."""
+        if req.header("authorization") != f"Bearer {self.token}":
+            return _error(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        denied = self._guard(req)
+        if denied:
+            return denied
+        name = req.params["identity"]
+        if name not in self.identities:
+            return _error(
+                404,
+                "ResourceNotFound",
+                f"The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/{name}' under resource group "
+                f"'{req.params['rg']}' was not found.",
+            )
+        rid = req.path.split("?", 1)[0]
+        principal = str(uuid.uuid5(uuid.NAMESPACE_URL, rid))
+        body = {"id": rid, "name": name, "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                "location": "eastus", "properties": {"principalId": principal, "clientId": principal,
+                                                     "tenantId": str(uuid.UUID(int=1))}}  # fmt: skip
+        return Response(200, body)
 
     # ------------------------------------------------------------------ Scheduled Events
 

@@ -97,5 +97,29 @@ def require(identity: str | None) -> None:
         raise AuthError("; ".join(problems), code="identity")
 
 
+IDENTITY_API = "2023-01-31"  # Microsoft.ManagedIdentity
+
+
 def check_items(provider: Any) -> list[str]:
-    return missing(getattr(provider, "identity", None))
+    """The provider check's identity line: not configured, malformed, or not there (one ARM GET)."""
+    identity = getattr(provider, "identity", None)
+    problems = missing(identity)
+    if problems:
+        return problems
+    from azure.core.exceptions import AzureError
+    from azure.core.rest import HttpRequest
+
+    request = HttpRequest("GET", f"{identity}?api-version={IDENTITY_API}")
+    try:
+        status = provider.compute.send_request(request).status_code
+    except AzureError as e:  # unreachable: the provider check reports the endpoint itself
+        return [f"azure.identity could not be read: {e}"]
+    if status == 404:
+        name = str(identity).rsplit("/", 1)[-1]
+        return [f"azure.identity {identity} does not exist: create it (az identity create -n {name}) ({DOC})"]
+    if status in (401, 403):
+        return [
+            f"azure.identity {identity} cannot be read by spotrun's credential "
+            f"(needs Microsoft.ManagedIdentity/userAssignedIdentities/read) ({DOC})"
+        ]
+    return []
