@@ -151,6 +151,7 @@ GCE_PERMISSIONS = [  # (method, path regex) -> what Compute Engine checks
     ("GET", r"/operations$", ["compute.zoneOperations.list"]),
     ("GET", r"/acceleratorTypes/[^/]+$", ["compute.acceleratorTypes.get"]),
     ("GET", r"/projects/[^/]+$", ["compute.projects.get"]),
+    ("GET", r"/v1/projects/[^/]+/serviceAccounts/[^/]+$", ["iam.serviceAccounts.get"]),
 ]  # fmt: skip
 
 

@@ -107,6 +107,15 @@ def test_unusable_identities_are_named(cloud: str, value: str, why: str) -> None
     assert len(problems) == 1 and why in problems[0]
 
 
+def test_check_names_a_gcp_service_account_that_does_not_exist(gce: FakeGCE) -> None:
+    ghost = "spotrun-ghost@spotrun-test.iam.gserviceaccount.com"
+    report = GCPProvider(PROJECT, endpoint=gce.url, credentials=gce_credentials(), service_account=ghost).check()
+    assert report["usable"] is False and report["missing"] == [
+        f"gcp.service_account {ghost} does not exist: create it (gcloud iam service-accounts create spotrun-ghost) "
+        "(docs/providers/gcp.md#permissions)"
+    ]
+
+
 def test_check_names_an_azure_identity_that_does_not_exist(arm: FakeARM) -> None:
     ghost = IDENTITY.replace("spotrun-runner", "spotrun-ghost")
     report = AzureProvider(

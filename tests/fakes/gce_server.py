@@ -232,6 +232,7 @@ class FakeGCE(RestFake):
     def _routes_(self) -> None:
         r = self.route
         r("GET", P, self._project)
+        r("GET", r"/v1/projects/(?P<sa_project>[^/]+)/serviceAccounts/(?P<email>[^/]+)", self._sa_get)
         r("POST", Z + r"/instances", self._insert)
         r("GET", Z + r"/instances", self._list)
         r("GET", Z + r"/instances/(?P<name>[^/]+)", self._get)
@@ -276,6 +277,18 @@ class FakeGCE(RestFake):
         if zone is not None and zone not in self.zones:
             return _error(400, "invalid", f"Invalid value for field 'zone': '{zone}'. Unknown zone.")
         return None
+
+    def _sa_get(self, req: Request) -> Response:
+        """IAM `projects.serviceAccounts.get` (iam.googleapis.com; served here for `check`)."""
+        if req.header("authorization") != f"Bearer {self.token}":
+            return Response(
+                401, {"error": {"code": 401, "message": "Invalid Credentials", "status": "UNAUTHENTICATED"}}
+            )
+        email = req.params["email"]
+        if email not in self.service_accounts:
+            return Response(404, {"error": {"code": 404, "message": "Unknown service account", "status": "NOT_FOUND"}})
+        name = f"projects/{self.project}/serviceAccounts/{email}"
+        return Response(200, {"name": name, "email": email, "projectId": self.project, "uniqueId": "1" * 21})
 
     def _project(self, req: Request) -> Response:
         return self._guard(req) or Response(200, {"kind": "compute#project", "name": self.project, "id": "1234"})

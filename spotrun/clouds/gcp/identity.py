@@ -111,6 +111,36 @@ def require(service_account: str | None) -> None:
         raise AuthError("; ".join(problems), code="identity")
 
 
+IAM_ENDPOINT = "https://iam.googleapis.com"
+
+
 def check_items(provider: Any) -> list[str]:
-    """The provider check's identity line: what is missing, if anything."""
-    return missing(getattr(provider, "service_account", None))
+    """The provider check's identity line: not configured, unusable, or not there (one IAM GET)."""
+    email = getattr(provider, "service_account", None)
+    problems = missing(email)
+    if problems:
+        return problems
+    from google.auth.transport.requests import AuthorizedSession
+
+    credentials = getattr(provider, "_credentials", None)
+    if credentials is None:
+        import google.auth
+
+        credentials, _ = google.auth.default()
+    base = getattr(provider, "endpoint", None) or IAM_ENDPOINT
+    url = f"{base}/v1/projects/-/serviceAccounts/{email}"
+    try:
+        status = AuthorizedSession(credentials).get(url, timeout=30).status_code
+    except Exception as e:  # noqa: BLE001 -- transport or credentials: say so, do not crash check
+        return [f"gcp.service_account {email} could not be read: {type(e).__name__}: {e}"]
+    if status == 404:
+        name = email.split("@", 1)[0]
+        return [
+            f"gcp.service_account {email} does not exist: create it (gcloud iam service-accounts create {name}) ({DOC})"
+        ]
+    if status in (401, 403):
+        return [
+            f"gcp.service_account {email} cannot be read by spotrun's credential "
+            f"(needs iam.serviceAccounts.get) ({DOC})"
+        ]
+    return []
