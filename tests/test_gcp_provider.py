@@ -227,7 +227,8 @@ def test_check_finds_the_project_without_launching(gce: FakeGCE) -> None:
     assert inserts(gce) == []
     missing = GCPProvider("no-such-project", endpoint=gce.url, credentials=gce_credentials()).check()
     assert missing["usable"] is False and "no-such-project" in missing["detail"]
-    assert "service_account" in GCPProvider(PROJECT, endpoint=gce.url, credentials=gce_credentials()).check()["detail"]
+    no_identity = GCPProvider(PROJECT, endpoint=gce.url, credentials=gce_credentials()).check()
+    assert no_identity["usable"] is False and "gcp.service_account" in no_identity["missing"][0]
 
 
 # ---------------------------------------------------------------------- lifecycle

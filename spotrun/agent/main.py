@@ -109,6 +109,7 @@ class Agent:
         self.restored_step: int | None = None
         self._secrets: dict[str, str] = {}  # `${VAR}` values read from the cloud's secret store
         self._terminated = threading.Event()
+        self._terminated_reason: str | None = None  # "preempted" or "terminated", once asked
         self._next_notice_check = 0.0
         self._periodic: list[Periodic] = []
         self.log = LogShipper(self.store, self.prefix, boot.attempt, echo=echo)
@@ -292,6 +293,15 @@ class Agent:
         self._final_checkpoint()
         error = self.log.last_error() if code else ""
         outcome = Outcome(code, "completed" if code == 0 else "failed", error, phase=ended_in)
+        if code != 0 and self._terminated.is_set():
+            # The OS's shutdown (GCE's ACPI stop on a preemption) signalled the workload as well as
+            # the Agent: it did not fail, it was stopped; its last checkpoint is uploaded above.
+            reason = self._stop_reason()
+            self.log.note(f"the workload ended with code {code} in the OS shutdown ({reason})")
+            self._finish(Outcome(code, reason), EXIT_PREEMPTED)
+            if reason == "preempted" and self.watcher is not None:
+                self.watcher.acknowledge()
+            return EXIT_PREEMPTED
         if code == 0:
             try:
                 count = upload_outputs(self.store, self.prefix, self.paths.output)
@@ -327,7 +337,7 @@ class Agent:
 
     def _poll_notice(self) -> tuple[float, str] | None:
         if self._terminated.is_set():
-            return self.terminate_grace, "terminated"
+            return self.terminate_grace, self._stop_reason()
         if self.watcher is None:
             return None
         now = self.clock.now()
@@ -340,6 +350,18 @@ class Agent:
             self.log.note(f"notice check failed: {type(e).__name__}: {e}")
             return None
         return None if left is None else (left, "preempted")
+
+    def _stop_reason(self) -> str:
+        """Why the OS stopped the Agent: GCE preempts with an ACPI shutdown at the same moment its
+        metadata says `preempted`, so a SIGTERM with a pending notice is a preemption (asked once)."""
+        if self._terminated_reason is None:
+            self._terminated_reason = "terminated"
+            try:
+                if self.watcher is not None and self.watcher.check() is not None:
+                    self._terminated_reason = "preempted"
+            except Exception as e:  # noqa: BLE001 -- no answer: a plain termination
+                self.log.note(f"notice check failed: {type(e).__name__}: {e}")
+        return self._terminated_reason
 
     def _check_notice(self) -> None:
         self._next_notice_check = 0.0

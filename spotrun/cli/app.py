@@ -82,11 +82,16 @@ def validate(
 
 @app.command()
 def check(
+    spec: Annotated[
+        Path | None,
+        typer.Argument(help="A job spec: check its providers as it configures them (identity, network, store)."),
+    ] = None,
     provider: Annotated[list[str] | None, typer.Option("--provider", "-p", help="Only these providers.")] = None,
     json_out: cli_jobs.JSON = False,
 ) -> None:
-    """Which providers are configured and usable (credentials, region, quota hints). Launches nothing.
-    Exits 2 when a provider asked for with -p is unknown or unusable."""
+    """Which providers are configured and usable (credentials, region, quota hints, the VMs' identity).
+    Launches nothing. Prints what each provider is missing; exits 2 when a provider asked for with -p
+    is unknown or misses anything."""
     from spotrun.clouds import PROVIDERS, get_provider
     from spotrun.clouds.base import ProviderError
 
@@ -94,12 +99,20 @@ def check(
     unknown = [p for p in provider or [] if p not in known]
     if unknown:
         raise fail(f"unknown provider {unknown[0]!r}; known: {', '.join(known)}", json_out=json_out)
+    job = None
+    if spec is not None:
+        from spotrun.cli.specs import load_spec_or_exit
+
+        job = load_spec_or_exit(spec, json_out=json_out)
     rows = []
     for name in provider or known:
         try:
-            rows.append(get_provider(name).check())
+            rows.append(get_provider(name, **_check_options(name, job)).check())
         except (ProviderError, ImportError, ValueError, TypeError, OSError) as e:
-            rows.append({"provider": name, "usable": False, "detail": str(e)})
+            rows.append({"provider": name, "usable": False, "detail": str(e), "missing": [str(e)]})
+    for r in rows:  # one contract: anything missing makes the provider unusable
+        r["missing"] = [str(m) for m in r.get("missing") or []]
+        r["usable"] = bool(r["usable"]) and not r["missing"]
     bad = bool(provider) and not all(r["usable"] for r in rows)
     if json_out:
         print_json({"providers": rows, "ok": not bad})
@@ -118,8 +131,20 @@ def check(
                 Text(str(r.get("detail", ""))),
             )
         console().print(table)
+        for r in rows:
+            for item in r["missing"] if r["missing"] != [r.get("detail")] else []:
+                say_plain(f"{r['provider']}: missing {item}")
     if bad:
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _check_options(name: str, job: object) -> dict[str, object]:
+    """A provider's options from the job spec (its section, disk, max price); none without a spec."""
+    if job is None:
+        return {}
+    from spotrun.control.specs import provider_options
+
+    return provider_options(name, job)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- registration

@@ -254,5 +254,7 @@ class Provider(ABC):
         """Delete what the provider created for this job only (e.g. an IAM role), once it ended."""
 
     def check(self) -> dict[str, Any]:
-        """Is this provider usable (credentials, region)? Never launches anything."""
-        return {"provider": self.name, "usable": True, "detail": ""}
+        """Is this provider usable (credentials, region, what its VMs need)? Never launches anything.
+        Returns {"provider", "usable", "detail", "missing": [what to create or set, ...]};
+        `usable` is False whenever `missing` is not empty."""
+        return {"provider": self.name, "usable": True, "detail": "", "missing": []}

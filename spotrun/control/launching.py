@@ -160,9 +160,8 @@ class LaunchingMixin(ControllerCore):
             )
         except AuthError as e:
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"auth: {e}")
-            raise JobFinished(
-                JobStatus.FAILED, EXIT_BAD_INPUT, f"{offer.provider}: credentials rejected: {e}"
-            ) from None
+            what = "the VMs' identity" if e.code == "identity" else "credentials rejected"  # identity.py's refusal
+            raise JobFinished(JobStatus.FAILED, EXIT_BAD_INPUT, f"{offer.provider}: {what}: {e}") from None
         except (NoCapacity, PriceTooLow, QuotaExceeded, BadRequest, Throttled) as e:
             kind = type(e).__name__
             if isinstance(e, NoCapacity):

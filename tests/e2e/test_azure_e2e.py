@@ -34,6 +34,11 @@ from tests.fakes.cloud_e2e import (
 )
 from tests.fakes.storage_emulators import Azurite, azurite_fixture, azurite_server_fixture, make_azure_container, unique  # noqa: F401  (fixtures)
 
+VM_IDENTITY = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+    "Microsoft.ManagedIdentity/userAssignedIdentities/spotrun-runner"
+)
+
 pytestmark = pytest.mark.e2e
 
 ARGS = ["100", "10", "0.1"]  # steps, checkpoint every, seconds per step in attempt 1 (not in the digest)
@@ -51,6 +56,7 @@ def azure_provider(arm: FakeARM) -> AzureProvider:
         credential=StaticToken(),
         imds_endpoint=arm.metadata_endpoint,
         poll_interval=0.01,
+        identity=VM_IDENTITY,  # in the emulator, Azurite's key in the VM's env stands in for it
     )
 
 

@@ -50,6 +50,11 @@ from tests.fakes.storage_emulators import (  # noqa: F401
     unique,
 )
 
+VM_IDENTITY = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+    "Microsoft.ManagedIdentity/userAssignedIdentities/spotrun-runner"
+)
+
 pytestmark = pytest.mark.e2e
 
 TRAIN = ["--steps", "40", "--every-steps", "10", "--samples", "1024", "--log-every", "10"]
@@ -111,6 +116,7 @@ def test_preempted_on_gcp_finished_on_azure_bit_for_bit(
             credential=StaticToken(),
             imds_endpoint=arm.metadata_endpoint,
             poll_interval=0.01,
+            identity=VM_IDENTITY,
         ),
     }
     offers = [

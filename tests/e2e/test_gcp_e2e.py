@@ -114,8 +114,8 @@ def test_gcp_preempted_then_finished_in_another_zone_bit_for_bit(
 def test_gcp_boot_failures_end_the_job_with_the_boot_log(
     tmp_path: Path, gce: FakeGCE, gcs_emulator: GCSEmulator, failure: str
 ) -> None:
-    """A failing startup script: boot log in GCS (or, for a VM without a service account, which cannot
-    write it, from the serial port), FAILED after max_boot_failures, no VM left."""
+    """A failing startup script: boot log in GCS, FAILED after max_boot_failures, no VM left. A VM
+    without a service account is refused before launch (exit 2)."""
     if vm_image.unavailable():
         pytest.skip(f"needs the emulated VM image: {vm_image.unavailable()}")
     bucket = unique("e2e-gcp-boot")
@@ -139,9 +139,10 @@ def test_gcp_boot_failures_end_the_job_with_the_boot_log(
         if failure == "corrupt-package":
             emu.emulator.before_boot = corrupt_agent_package
         result = ControllerRun(controller, job).start().join(240, emu.report)
-        if failure == "no-identity":  # read from the VM's serial port before it was deleted
-            assert_failed_booting(result, controller, job, failure, limit=2, expect="no service-account token")
-            assert not open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")
+        if failure == "no-identity":  # refused before any VM: it could not have read the store (#12)
+            assert (result.status.value, result.exit_code) == ("FAILED", 2), result
+            assert "gcp.service_account" in result.reason and "gcloud iam service-accounts create" in result.reason
+            assert gce.requests_to("POST", r"/instances$") == []
         else:
             assert_failed_booting(result, controller, job, failure, limit=2)
             assert open_store(store_url).exists(f"jobs/{job}/attempts/2/boot.log")

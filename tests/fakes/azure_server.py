@@ -28,6 +28,7 @@ import base64
 import binascii
 import copy
 import itertools
+import re
 import threading
 import time
 import uuid
@@ -55,8 +56,69 @@ KINDS = {
 }
 
 
-def _error(status: int, code: str, message: str) -> Response:
-    return Response(status, {"error": {"code": code, "message": message}})
+IMAGES = (  # marketplace images the fake knows (publisher, offer, sku); any version
+    ("microsoft-dsvm", "ubuntu-hpc", "2204"),
+    ("microsoft-dsvm", "ubuntu-hpc", "2004"),
+    ("canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2"),
+    ("canonical", "ubuntu-24_04-lts", "server"),
+)
+IDENTITIES = ("spotrun-runner",)
+IDENTITY_RX = re.compile(
+    r"^/subscriptions/[^/]+/resourcegroups/[^/]+/providers/microsoft\.managedidentity/userassignedidentities/[^/]+$",
+    re.IGNORECASE,
+)
+
+
+def _error(status: int, code: str, message: str, target: str = "") -> Response:
+    err = {"code": code, "message": message}
+    if target:
+        err["target"] = target
+    return Response(status, {"error": err})
+
+
+def _catalog_sizes() -> set[str]:
+    from spotrun.catalog import bundled_offers
+
+    return {o.instance_type for o in bundled_offers() if o.provider == "azure"}
+
+
+def _model_class(typ: Any) -> Any:
+    """The SDK model class a (nested functools.partial) field deserializer builds, if any."""
+    import functools
+
+    from azure.mgmt.compute._utils.model_base import Model
+
+    if isinstance(typ, type) and issubclass(typ, Model):
+        return typ
+    if isinstance(typ, functools.partial):
+        for arg in (typ.func, *typ.args):
+            found = _model_class(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def unknown_member(model: Any, data: Any, path: str = "") -> str | None:
+    """The first JSON member azure-mgmt-compute's model `model` does not define (ARM refuses it
+    with InvalidRequestContent), walking nested models and lists of models."""
+    if not isinstance(data, dict):
+        return None
+    fields = {f._rest_name: f for f in model()._attr_to_rest_field.values()}  # noqa: SLF001 - the SDK's schema
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            return f"Could not find member '{key}' on object of type '{model.__name__}'. Path '{path}{key}'."
+        sub = _model_class(field._type)  # noqa: SLF001
+        if sub is None:
+            continue
+        if "_deserialize_dict" in repr(field._type):  # noqa: SLF001 - a map: its keys are names, not members
+            value = list(value.values()) if isinstance(value, dict) else value
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            where = f"{path}{key}[{i}]." if isinstance(value, list) else f"{path}{key}."
+            found = unknown_member(sub, item, where)
+            if found:
+                return found
+    return None
 
 
 class FakeARM(RestFake):
@@ -65,7 +127,7 @@ class FakeARM(RestFake):
         *,
         subscription: str = SUBSCRIPTION,
         resource_groups: tuple[str, ...] = (RESOURCE_GROUP,),
-        op_polls: int = 1,
+        op_polls: int = 2,
         notice_seconds: float = 30.0,
     ) -> None:
         super().__init__()
@@ -80,6 +142,10 @@ class FakeARM(RestFake):
         self.acknowledged: list[str] = []  # EventIds approved through StartRequests
         self.evicted: list[str] = []
         self.restricted: dict[tuple[str, str], str] = {}  # (location, size) -> reason code
+        self.zone_restricted: dict[tuple[str, str], set[str]] = {}  # (location, size) -> zones not offered
+        self.sizes = set(SKUS) | _catalog_sizes()
+        self.identities = set(IDENTITIES)  # user-assigned identity names in the resource groups
+        self.images = set(IMAGES)
         self._incarnation = itertools.count(1)
         self._fail_next: list[dict[str, Any]] = []
         self._throttle = 0
@@ -96,6 +162,11 @@ class FakeARM(RestFake):
             "GET",
             S + r"/providers/Microsoft\.(?:Compute|Network)/locations/[^/]+/operations/(?P<op>[^/]+)",
             self._operation,
+        )
+        r(
+            "GET",
+            RG + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/(?P<identity>[^/]+)",
+            self._identity_get,
         )
         r("GET", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_get)
         r("POST", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_post)
@@ -114,6 +185,10 @@ class FakeARM(RestFake):
 
     def restrict_sku(self, location: str, size: str, reason: str = "NotAvailableForSubscription") -> None:
         self.restricted[(location, size)] = reason
+
+    def restrict_zones(self, location: str, size: str, zones: set[str]) -> None:
+        """`size` is not offered in these zones of `location` (a `Zone` restriction in the SKU list)."""
+        self.zone_restricted[(location, size)] = set(zones)
 
     def throttle_next(self, n: int) -> None:
         self._throttle = n
@@ -147,7 +222,9 @@ class FakeARM(RestFake):
             return base64.b64decode(vm["properties"]["osProfile"]["customData"]).decode()
 
     def preempt(self, name: str, *, reclaim_after: float | None = None) -> dict[str, Any]:
-        """Announce a Spot eviction of VM `name` through its Scheduled Events."""
+        """Announce a Spot eviction of VM `name` through its Scheduled Events: it happens when the
+        event is approved, or at NotBefore (`reclaim_after`, default `notice_seconds`)."""
+        reclaim_after = self.notice_seconds if reclaim_after is None else reclaim_after
         with self.lock:
             assert self.vm(name) is not None, f"no VM {name}"
             event = {
@@ -163,11 +240,10 @@ class FakeARM(RestFake):
             }
             self.events.setdefault(name, []).append(event)
             next(self._incarnation)
-        if reclaim_after is not None:
-            timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
-            timer.daemon = True
-            self._timers.append(timer)
-            timer.start()
+        timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
         return event
 
     def reclaim(self, name: str) -> None:
@@ -199,6 +275,9 @@ class FakeARM(RestFake):
             self.acknowledged.clear()
             self.evicted.clear()
             self.restricted.clear()
+            self.zone_restricted.clear()
+            self.images = set(IMAGES)
+            self.identities = set(IDENTITIES)
             self._fail_next.clear()
             self._throttle = 0
             self.requests.clear()
@@ -295,27 +374,23 @@ class FakeARM(RestFake):
                     subnet = cfg["properties"].get("subnet", {}).get("id", "")
                     if subnet.rsplit("/subnets/", 1)[0].lower() not in self.resources:
                         return _error(400, "InvalidResourceReference", f"subnet {subnet} not found")
-            props["provisioningState"] = "Succeeded"
             existed = rid.lower() in self.resources
+            props["provisioningState"] = "Updating"  # network PUTs are asynchronous, as on ARM
+
+            def done() -> None:
+                props["provisioningState"] = "Succeeded"
+
             self.resources[rid.lower()] = resource
-            return Response(200 if existed else 201, self._public(resource))
+            headers = self._start_op(location, "Microsoft.Network", on_done=done)
+            return Response(200 if existed else 201, self._public(resource), headers=headers)
 
     def _put_vm(self, rid: str, vm: dict[str, Any], props: dict[str, Any]) -> Response:
         failure = self._fail_next.pop(0) if self._fail_next else None
         if failure and not failure["async"]:
             return _error(failure["status"], failure["code"], failure["message"])
-        size = props.get("hardwareProfile", {}).get("vmSize", "")
-        location = vm["location"]
-        if size not in SKUS:
-            return _error(400, "InvalidParameter", f"The value {size} provided for the VM size is not valid.")
-        if (location, size) in self.restricted:
-            return _error(
-                409,
-                "SkuNotAvailable",
-                f"The requested VM size {size} is currently not available in location '{location}'.",
-            )
-        if props.get("priority") == "Spot" and not props.get("evictionPolicy"):
-            return _error(400, "InvalidParameter", "Spot VMs need an evictionPolicy.")
+        bad = self._vm_error(vm, props)
+        if bad:
+            return bad
         custom = props.get("osProfile", {}).get("customData", "")
         try:
             base64.b64decode(custom, validate=True)
@@ -344,6 +419,125 @@ class FakeARM(RestFake):
 
         headers = self._start_op(vm["location"], "Microsoft.Compute", error=error, on_done=done)
         return Response(201, self._public(vm), headers=headers)
+
+    def _vm_error(self, vm: dict[str, Any], props: dict[str, Any]) -> Response | None:
+        """What ARM refuses in a VM PUT, with its HTTP status and error code."""
+        from azure.mgmt.compute.models import VirtualMachine
+
+        body = {k: v for k, v in vm.items() if not k.startswith("_")}
+        member = unknown_member(VirtualMachine, body)
+        if member:
+            return _error(
+                400, "InvalidRequestContent", f"The request content was invalid and could not be deserialized: {member}"
+            )
+        priority = props.get("priority", "Regular")
+        if priority not in ("Regular", "Low", "Spot"):
+            return _error(
+                400,
+                "InvalidRequestContent",
+                f"Error converting value \"{priority}\" to type 'VirtualMachinePriorityTypes'. "
+                "Path 'properties.priority'.",
+            )
+        size = props.get("hardwareProfile", {}).get("vmSize", "")
+        location = vm["location"]
+        if size not in self.sizes:
+            return _error(400, "InvalidParameter", f"The value {size} provided for the VM size is not valid.", "vmSize")
+        if (location, size) in self.restricted:
+            return _error(
+                409,
+                "SkuNotAvailable",
+                f"The requested VM size {size} is currently not available in location '{location}'.",
+            )
+        zones = vm.get("zones") or []
+        if len(zones) > 1:
+            return _error(400, "InvalidParameter", "A virtual machine can be placed in one zone only.", "zones")
+        for zone in zones:
+            if zone not in ("1", "2", "3"):
+                return _error(400, "InvalidParameter", f"The zone(s) '{zone}' for resource is not supported.", "zones")
+            if zone in self.zone_restricted.get((location, size), set()):
+                return _error(
+                    409,
+                    "SkuNotAvailable",
+                    f"The requested VM size {size} is currently not available in location '{location}' zones '{zone}'.",
+                )
+        if priority != "Spot":
+            if props.get("evictionPolicy"):
+                return _error(
+                    400,
+                    "InvalidParameter",
+                    "Eviction policy can be set only on Azure Spot Virtual Machines.",
+                    "evictionPolicy",
+                )
+            if props.get("billingProfile"):
+                return _error(
+                    400,
+                    "InvalidParameter",
+                    "Max price can be set only for Azure Spot Virtual Machines.",
+                    "billingProfile",
+                )
+        elif props.get("evictionPolicy") not in ("Delete", "Deallocate"):
+            return _error(
+                400, "InvalidParameter", "Spot VMs need an evictionPolicy of Delete or Deallocate.", "evictionPolicy"
+            )
+        else:
+            max_price = props.get("billingProfile", {}).get("maxPrice", -1)
+            if max_price != -1 and not (isinstance(max_price, (int, float)) and max_price > 0):
+                return _error(400, "InvalidParameter", f"The value {max_price} of maxPrice is not valid.", "maxPrice")
+        storage = props.get("storageProfile", {})
+        ref = storage.get("imageReference", {})
+        if "id" not in ref:
+            key = (ref.get("publisher", "").lower(), ref.get("offer", "").lower(), ref.get("sku", "").lower())
+            if key not in {tuple(p.lower() for p in i) for i in self.images}:
+                urn = ":".join(ref.get(k, "") for k in ("publisher", "offer", "sku", "version"))
+                return _error(
+                    404,
+                    "PlatformImageNotFound",
+                    f"The platform image '{urn}' is not available. "
+                    "Verify that all fields in the storage profile are correct.",
+                )
+        os_profile = props.get("osProfile", {})
+        admin = os_profile.get("adminUsername", "")
+        linux = os_profile.get("linuxConfiguration", {})
+        for key in linux.get("ssh", {}).get("publicKeys", []):
+            want = f"/home/{admin}/.ssh/authorized_keys"
+            if key.get("path") != want:
+                return _error(
+                    400,
+                    "InvalidParameter",
+                    f"Destination path for SSH public keys is currently limited to its default value {want} "
+                    "due to a known issue in Linux provisioning agent.",
+                    "linuxConfiguration.ssh.publicKeys.path",
+                )
+            if not str(key.get("keyData", "")).startswith(("ssh-rsa ", "ssh-ed25519 ")):
+                return _error(
+                    400,
+                    "InvalidParameter",
+                    "The value of parameter linuxConfiguration.ssh.publicKeys.keyData is invalid.",
+                    "linuxConfiguration.ssh.publicKeys.keyData",
+                )
+        if linux.get("disablePasswordAuthentication") and not linux.get("ssh", {}).get("publicKeys"):
+            return _error(
+                400,
+                "InvalidParameter",
+                "Authentication using either SSH or by user name and password must be enabled in Linux profile.",
+                "linuxConfiguration",
+            )
+        identity = vm.get("identity")
+        if identity:
+            ids = list((identity.get("userAssignedIdentities") or {}).keys())
+            if "UserAssigned" in identity.get("type", "") and not ids:
+                return _error(
+                    400, "InvalidParameter", "UserAssigned identity type needs userAssignedIdentities.", "identity"
+                )
+            for ident in ids:
+                if not IDENTITY_RX.match(ident):
+                    return _error(
+                        400,
+                        "InvalidParameter",
+                        f"The identity id '{ident}' is not a valid user assigned identity resource id.",
+                        "identity",
+                    )
+        return None
 
     def _get(self, req: Request) -> Response:
         denied = self._guard(req)
@@ -426,8 +620,18 @@ class FakeARM(RestFake):
         locations = [loc for loc in LOCATIONS if f"'{loc}'" in wanted] or list(LOCATIONS)
         value = []
         for loc in locations:
-            for size in SKUS:
+            for size in sorted(self.sizes):
                 restrictions = []
+                blocked = self.zone_restricted.get((loc, size))
+                if blocked:
+                    restrictions.append(
+                        {
+                            "type": "Zone",
+                            "values": [loc],
+                            "reasonCode": "NotAvailableForSubscription",
+                            "restrictionInfo": {"locations": [loc], "zones": sorted(blocked)},
+                        }
+                    )
                 if (loc, size) in self.restricted:
                     restrictions.append(
                         {
@@ -449,6 +653,28 @@ class FakeARM(RestFake):
                 )
             value.append({"resourceType": "disks", "name": "Premium_LRS", "locations": [loc], "restrictions": []})
         return Response(200, {"value": value})
+
+    def _identity_get(self, req: Request) -> Response:
+        """Microsoft.ManagedIdentity/userAssignedIdentities GET (what `check` reads)."""
+        if req.header("authorization") != f"Bearer {self.token}":
+            return _error(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        denied = self._guard(req)
+        if denied:
+            return denied
+        name = req.params["identity"]
+        if name not in self.identities:
+            return _error(
+                404,
+                "ResourceNotFound",
+                f"The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/{name}' under resource group "
+                f"'{req.params['rg']}' was not found.",
+            )
+        rid = req.path.split("?", 1)[0]
+        principal = str(uuid.uuid5(uuid.NAMESPACE_URL, rid))
+        body = {"id": rid, "name": name, "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
+                "location": "eastus", "properties": {"principalId": principal, "clientId": principal,
+                                                     "tenantId": str(uuid.UUID(int=1))}}  # fmt: skip
+        return Response(200, body)
 
     # ------------------------------------------------------------------ Scheduled Events
 

@@ -42,7 +42,26 @@ ZONES = ("us-central1-a", "us-central1-b", "us-east1-c", "europe-west4-a")
 GOOD_TOKEN = "gce-test-token"
 ACCELERATORS = ("nvidia-tesla-t4", "nvidia-tesla-v100", "nvidia-l4", "nvidia-tesla-a100")
 NAME_RX = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-BUILT_IN_GPU_FAMILIES = ("a2-", "a3-", "g2-")
+BUILT_IN_GPU_FAMILIES = ("a2-", "a3-", "a4-", "g2-")
+HYPERDISK_ONLY = ("a3-ultragpu-", "a4-", "a4x-")
+# Machine types the fake knows: every GCP type of the bundled catalog (real data) and a few CPU ones.
+EXTRA_MACHINE_TYPES = ("e2-standard-2", "e2-standard-4", "n1-standard-1", "n1-standard-2", "n2-standard-4")
+DISK_TYPES = ("pd-standard", "pd-balanced", "pd-ssd", "pd-extreme", "hyperdisk-balanced", "hyperdisk-extreme")
+# Public images the fake knows (image or family links), as `projects/<p>/global/images/...`.
+IMAGES = (
+    "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310",
+    "projects/deeplearning-platform-release/global/images/family/common-cu128-ubuntu-2204-nvidia-570",
+    "projects/deeplearning-platform-release/global/images/family/pytorch-latest-gpu",
+    "projects/debian-cloud/global/images/family/debian-12",
+    "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts",
+)
+NETWORKS = ("default",)
+SUBNETWORKS = ("default",)  # in every region
+SERVICE_ACCOUNTS = (
+    "spotrun-runner@spotrun-test.iam.gserviceaccount.com",
+    "runner@spotrun-test.iam",
+)
+GOOGLE_SCOPES = "https://www.googleapis.com/auth/"
 P = r"/compute/v1/projects/(?P<project>[^/]+)"
 Z = P + r"/zones/(?P<zone>[^/]+)"
 
@@ -61,11 +80,27 @@ def _error(status: int, reason: str, message: str) -> Response:
 
 
 class FakeGCE(RestFake):
-    def __init__(self, *, project: str = PROJECT, zones: tuple[str, ...] = ZONES, op_polls: int = 1) -> None:
+    def __init__(
+        self,
+        *,
+        project: str = PROJECT,
+        zones: tuple[str, ...] = ZONES,
+        op_polls: int = 2,
+        op_seconds: float = 0.1,
+        wait_cap: float = 2.0,
+    ) -> None:
         super().__init__()
         self.project = project
         self.zones = set(zones)
-        self.op_polls = op_polls
+        self.op_polls = op_polls  # an operation GET-polled is DONE at the op_polls-th poll at the earliest
+        self.op_seconds = op_seconds  # ... and not before op_seconds have passed
+        self.wait_cap = wait_cap  # `/wait` returns at DONE or after this long (the real API: ~2 min)
+        self.preempt_seconds = 30.0  # a preempted VM is stopped (deleted) this long after the notice
+        self.machine_types = _catalog_machine_types() | set(EXTRA_MACHINE_TYPES)
+        self.images = set(IMAGES)
+        self.networks = set(NETWORKS)
+        self.subnetworks = set(SUBNETWORKS)
+        self.service_accounts = set(SERVICE_ACCOUNTS)
         self.token = GOOD_TOKEN
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}
         self.operations: dict[tuple[str, str], dict[str, Any]] = {}
@@ -136,6 +171,10 @@ class FakeGCE(RestFake):
         return out
 
     def preempt(self, name: str, *, reclaim_after: float | None = None) -> None:
+        """Preempt a Spot VM: metadata `preempted` TRUE, STOPPING, the preempted operation; the
+        guest gets its ACPI shutdown now (the emulator's part) and the VM is stopped/deleted after
+        `reclaim_after` seconds (GCE: 30 s, `preempt_seconds`) unless `reclaim(name)` comes first."""
+        reclaim_after = self.preempt_seconds if reclaim_after is None else reclaim_after
         with self.lock:
             inst = self.instance(name)
             assert inst is not None, f"no instance {name}"
@@ -144,11 +183,10 @@ class FakeGCE(RestFake):
             inst["status"] = "STOPPING"
             op = self._new_op(zone, "compute.instances.preempted", inst, status="DONE")
             op["user"] = "system"
-        if reclaim_after is not None:
-            timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
-            timer.daemon = True
-            self._timers.append(timer)
-            timer.start()
+        timer = threading.Timer(reclaim_after, self.reclaim, args=(name,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def reclaim(self, name: str) -> None:
         """The end of the notice: a preempted Spot VM with termination action DELETE is deleted."""
@@ -184,12 +222,17 @@ class FakeGCE(RestFake):
             self.requests.clear()
             self.token = GOOD_TOKEN
             self.accelerators = {z: set(ACCELERATORS) for z in self.zones}
+            self.images = set(IMAGES)
+            self.networks = set(NETWORKS)
+            self.subnetworks = set(SUBNETWORKS)
+            self.service_accounts = set(SERVICE_ACCOUNTS)
 
     # ------------------------------------------------------------------ routes
 
     def _routes_(self) -> None:
         r = self.route
         r("GET", P, self._project)
+        r("GET", r"/v1/projects/(?P<sa_project>[^/]+)/serviceAccounts/(?P<email>[^/]+)", self._sa_get)
         r("POST", Z + r"/instances", self._insert)
         r("GET", Z + r"/instances", self._list)
         r("GET", Z + r"/instances/(?P<name>[^/]+)", self._get)
@@ -197,7 +240,7 @@ class FakeGCE(RestFake):
         r("DELETE", Z + r"/instances/(?P<name>[^/]+)", self._delete)
         r("GET", P + r"/aggregated/instances", self._aggregated)
         r("GET", Z + r"/operations/(?P<op>[^/]+)", self._op_get)
-        r("POST", Z + r"/operations/(?P<op>[^/]+)/wait", self._op_get)
+        r("POST", Z + r"/operations/(?P<op>[^/]+)/wait", self._op_wait)
         r("GET", Z + r"/operations", self._op_list)
         r("GET", Z + r"/acceleratorTypes/(?P<acc>[^/]+)", self._acc_get)
         r("GET", Z + r"/acceleratorTypes", self._acc_list)
@@ -235,6 +278,18 @@ class FakeGCE(RestFake):
             return _error(400, "invalid", f"Invalid value for field 'zone': '{zone}'. Unknown zone.")
         return None
 
+    def _sa_get(self, req: Request) -> Response:
+        """IAM `projects.serviceAccounts.get` (iam.googleapis.com; served here for `check`)."""
+        if req.header("authorization") != f"Bearer {self.token}":
+            return Response(
+                401, {"error": {"code": 401, "message": "Invalid Credentials", "status": "UNAUTHENTICATED"}}
+            )
+        email = req.params["email"]
+        if email not in self.service_accounts:
+            return Response(404, {"error": {"code": 404, "message": "Unknown service account", "status": "NOT_FOUND"}})
+        name = f"projects/{self.project}/serviceAccounts/{email}"
+        return Response(200, {"name": name, "email": email, "projectId": self.project, "uniqueId": "1" * 21})
+
     def _project(self, req: Request) -> Response:
         return self._guard(req) or Response(200, {"kind": "compute#project", "name": self.project, "id": "1234"})
 
@@ -256,6 +311,7 @@ class FakeGCE(RestFake):
             "insertTime": time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()),
             "selfLink": self._link("zones", zone, "operations", name),
             "_polls": 0,
+            "_ready_at": time.monotonic() + self.op_seconds,
         }
         self.operations[(zone, name)] = op
         return op
@@ -265,20 +321,108 @@ class FakeGCE(RestFake):
         return {k: v for k, v in obj.items() if not k.startswith("_")}
 
     def _validate(self, zone: str, body: dict[str, Any]) -> Response | None:
+        """What Compute Engine refuses in an insert, with its HTTP status and `errors[].reason`:
+        the schema (google-cloud-compute's own `Instance` message), then each referenced resource."""
+        schema = _schema_error(body)
+        if schema:
+            return _error(400, "invalid", schema)
         name = body.get("name", "")
         if not NAME_RX.match(name):
             return _error(400, "invalid", f"Invalid value for field 'resource.name': '{name}'")
-        mtype = body.get("machineType", "").rsplit("/", 1)[-1]
+        mtype_link = body.get("machineType", "")
+        mtype = mtype_link.rsplit("/", 1)[-1]
         if not mtype:
             return _error(400, "invalid", "Invalid value for field 'resource.machineType': ''")
-        for acc in body.get("guestAccelerators", []):
+        if mtype not in self.machine_types:
+            return _error(
+                400,
+                "invalid",
+                f"Invalid value for field 'resource.machineType': '{mtype_link}'. "
+                f"Machine type with name '{mtype}' does not exist in zone '{zone}'.",
+            )
+        accelerators = body.get("guestAccelerators", [])
+        for acc in accelerators:
             acc_name = acc.get("acceleratorType", "").rsplit("/", 1)[-1]
             if mtype.startswith(BUILT_IN_GPU_FAMILIES):
                 return _error(400, "invalid", f"Machine type {mtype} does not support additional accelerators")
             if acc_name not in self.accelerators.get(zone, set()):
                 return _error(400, "invalid", f"Invalid value for field 'acceleratorType': '{acc_name}'")
-        if not body.get("disks"):
+        scheduling = body.get("scheduling", {})
+        has_gpu = bool(accelerators) or mtype.startswith(BUILT_IN_GPU_FAMILIES)
+        if has_gpu and scheduling.get("onHostMaintenance", "MIGRATE") != "TERMINATE":
+            return _error(400, "badRequest", "Instances with guest accelerators do not support live migration.")
+        model = scheduling.get("provisioningModel", "STANDARD")
+        action = scheduling.get("instanceTerminationAction")
+        if action and model != "SPOT":
+            return _error(
+                400,
+                "invalid",
+                f"Invalid value for field 'resource.scheduling.instanceTerminationAction': '{action}'. "
+                "Instance Termination Action is only supported for SPOT provisioning model.",
+            )
+        if model == "SPOT" and scheduling.get("automaticRestart") is True:
+            return _error(
+                400,
+                "invalid",
+                "Invalid value for field 'resource.scheduling.automaticRestart': 'true'. "
+                "Spot VMs cannot have automatic restart enabled.",
+            )
+        disks = body.get("disks", [])
+        if not disks:
             return _error(400, "invalid", "At least one disk should be attached to the instance")
+        for i, disk in enumerate(disks):
+            bad = self._disk_error(zone, mtype, i, disk)
+            if bad:
+                return bad
+        for nic in body.get("networkInterfaces", []):
+            bad = self._network_error(zone, nic)
+            if bad:
+                return bad
+        for sa in body.get("serviceAccounts", []):
+            email = sa.get("email", "")
+            if email not in self.service_accounts:
+                return _error(
+                    404, "notFound", f"The resource 'One of [{email}]' of type 'serviceAccount' was not found."
+                )
+            for scope in sa.get("scopes", []):
+                if not scope.startswith(GOOGLE_SCOPES):
+                    return _error(
+                        400, "invalid", f"Invalid value for field 'resource.serviceAccounts[0].scopes': '{scope}'"
+                    )
+        return None
+
+    def _disk_error(self, zone: str, mtype: str, i: int, disk: dict[str, Any]) -> Response | None:
+        params = disk.get("initializeParams", {})
+        image = params.get("sourceImage", "")
+        if disk.get("boot") and not image and not disk.get("source"):
+            return _error(400, "invalid", f"Invalid value for field 'resource.disks[{i}]': a boot disk needs a source")
+        if image and _local(image) not in self.images:
+            return _error(404, "notFound", f"The resource '{_local(image)}' was not found")
+        dtype_link = params.get("diskType", "")
+        if dtype_link:
+            m = re.fullmatch(r"(?:.*/)?zones/(?P<z>[^/]+)/diskTypes/(?P<t>[^/]+)", dtype_link)
+            if not m or m.group("z") != zone or m.group("t") not in DISK_TYPES:
+                return _error(
+                    400,
+                    "invalid",
+                    f"Invalid value for field 'resource.disks[{i}].initializeParams.diskType': '{dtype_link}'.",
+                )
+            hyperdisk = m.group("t").startswith("hyperdisk-")
+            if mtype.startswith(HYPERDISK_ONLY) and not hyperdisk:
+                return _error(400, "badRequest", f"[{m.group('t')}] features are not compatible for creating instance.")
+        return None
+
+    def _network_error(self, zone: str, nic: dict[str, Any]) -> Response | None:
+        network = nic.get("network")
+        if network:
+            name = network.rsplit("/", 1)[-1]
+            if "/networks/" not in f"/{network}" or name not in self.networks:
+                return _error(404, "notFound", f"The resource '{_local(network)}' was not found")
+        subnet = nic.get("subnetwork")
+        if subnet:
+            m = re.search(r"regions/(?P<r>[^/]+)/subnetworks/(?P<s>[^/]+)$", subnet)
+            if not m or m.group("s") not in self.subnetworks or m.group("r") != zone.rsplit("-", 1)[0]:
+                return _error(404, "notFound", f"The resource '{_local(subnet)}' was not found")
         return None
 
     def _insert(self, req: Request) -> Response:
@@ -367,9 +511,30 @@ class FakeGCE(RestFake):
             if op["status"] != "DONE":
                 op["_polls"] += 1
                 op["status"] = "RUNNING"
-                if op["_polls"] >= self.op_polls:
+                if op["_polls"] >= self.op_polls and time.monotonic() >= op["_ready_at"]:
                     self._finish(key[0], op)
             return Response(200, self._public(op))
+
+    def _op_wait(self, req: Request) -> Response:
+        """zoneOperations.wait: returns when the operation is DONE, or after `wait_cap` seconds
+        (the real API's ~2 minutes) with it still RUNNING."""
+        denied = self._guard(req)
+        if denied:
+            return denied
+        key = (req.params["zone"], req.params["op"])
+        deadline = time.monotonic() + self.wait_cap
+        while True:
+            with self.lock:
+                op = self.operations.get(key)
+                if op is None:
+                    return _error(404, "notFound", f"The resource 'operations/{key[1]}' was not found")
+                if op["status"] != "DONE":
+                    op["status"] = "RUNNING"
+                    if time.monotonic() >= op["_ready_at"]:
+                        self._finish(key[0], op)
+                if op["status"] == "DONE" or time.monotonic() >= deadline:
+                    return Response(200, self._public(op))
+            time.sleep(0.02)
 
     def _get(self, req: Request) -> Response:
         denied = self._guard(req)
@@ -527,6 +692,47 @@ class FakeGCE(RestFake):
             if key == "name":
                 return Response(200, name)
         return Response(404, f"no metadata key {key}")
+
+
+# ---------------------------------------------------------------------- validation helpers
+
+
+def _catalog_machine_types() -> set[str]:
+    from spotrun.catalog import bundled_offers
+
+    return {o.instance_type for o in bundled_offers() if o.provider == "gcp"}
+
+
+def _local(link: str) -> str:
+    """A resource link as `projects/...` (full URLs and `global/...` forms alike)."""
+    m = re.search(r"(projects/.*)$", link)
+    if m:
+        return m.group(1)
+    return f"projects/{PROJECT}/{link.lstrip('/')}"
+
+
+def _schema_error(body: dict[str, Any]) -> str | None:
+    """The body as google-cloud-compute's `Instance` message parses it (unknown fields and wrong
+    types refused, as the API's JSON parser does), then its enum fields against the SDK's enums."""
+    import json
+
+    from google.cloud import compute_v1
+    from google.protobuf.json_format import ParseError
+
+    try:
+        compute_v1.Instance.from_json(json.dumps(body), ignore_unknown_fields=False)
+    except ParseError as e:
+        return f"Invalid JSON payload received. {str(e).splitlines()[0]}"
+    enums = {
+        "provisioningModel": compute_v1.Scheduling.ProvisioningModel,
+        "onHostMaintenance": compute_v1.Scheduling.OnHostMaintenance,
+        "instanceTerminationAction": compute_v1.Scheduling.InstanceTerminationAction,
+    }
+    for field, enum in enums.items():
+        value = body.get("scheduling", {}).get(field)
+        if value is not None and (value not in enum.__members__ or value.startswith("UNDEFINED")):
+            return f"Invalid value for field 'resource.scheduling.{field}': '{value}'"
+    return None
 
 
 # ---------------------------------------------------------------------- filters

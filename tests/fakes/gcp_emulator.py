@@ -6,9 +6,10 @@ each one's startup script back into its boot record, and runs the Agent of that 
 per-instance metadata path (`imds_endpoint=fake.metadata_endpoint`); the emulator only makes the
 Agent poll it faster than the 1 s a real VM uses. A preemption, as Compute Engine does it:
 
-    emu.preempt(name)   # metadata `preempted` -> TRUE, VM STOPPING, compute.instances.preempted op
-    ... the Agent's notice watcher sees it, the workload checkpoints, the Agent uploads ...
-    emu.reclaim(name)   # the 30 s are up: termination action DELETE deletes the VM (Agent killed)
+    emu.preempt(name)   # metadata `preempted` -> TRUE, VM STOPPING, compute.instances.preempted op,
+                        # and the guest's ACPI shutdown at once (SIGTERM: the Agent checkpoints)
+    ... the workload checkpoints, the Agent uploads and writes its record, the guest powers off ...
+    emu.reclaim(name)   # or after `preempt_grace` (GCE: 30 s): termination action DELETE deletes it
 
 The Agents' environment (`env`) stands in for the VM's service account: it points them at the
 test's object-store emulator.
@@ -23,6 +24,9 @@ seconds later the power is cut (GCE gives 30 s; tests scale it down).
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,9 +46,11 @@ class GCPEmulator:
         notice_poll_interval: float = 0.2,
         interval: float = 0.05,
         shutdown_grace: float = 3.0,
+        preempt_grace: float = 30.0,
         index_url: str | None = None,
     ) -> None:
         self.gce = gce
+        self.preempt_grace = preempt_grace
         self.notice_poll_interval = notice_poll_interval
         self.emulator = InstanceEmulator(
             list_instances=lambda: list(gce.running_boots()),
@@ -84,7 +90,26 @@ class GCPEmulator:
         return self.emulator.instance(name)
 
     def preempt(self, name: str, *, reclaim_after: float | None = None) -> None:
-        self.gce.preempt(name, reclaim_after=reclaim_after)
+        """A Compute Engine preemption: the metadata says `preempted` and, at the same moment, the
+        guest gets an ACPI shutdown (SIGTERM to its processes); the VM is stopped `preempt_grace`
+        seconds later (GCE: 30 s) if the guest has not powered off by then, and deleted."""
+        grace = self.preempt_grace if reclaim_after is None else reclaim_after
+        self.gce.preempt(name, reclaim_after=grace)
+        threading.Thread(target=self._acpi_shutdown, args=(name, grace), daemon=True).start()
+
+    def _acpi_shutdown(self, name: str, grace: float) -> None:
+        with self.emulator._lock:  # noqa: SLF001 - the emulator's own table of instances
+            inst = self.emulator.started.get(name)
+        if inst is None:
+            return
+        if inst.vm is not None:
+            inst.vm.shutdown(grace)  # SIGTERM to every process, power cut after `grace`
+        elif inst.process.poll() is None:
+            inst.process.send_signal(signal.SIGTERM)  # the in-process Agent: its own SIGTERM handling
+            try:
+                inst.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
 
     def reclaim(self, name: str) -> None:
         self.gce.reclaim(name)

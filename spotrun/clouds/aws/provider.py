@@ -435,11 +435,18 @@ class AWSProvider(Provider):
 
     def check(self) -> dict[str, Any]:
         region = self.region or self.api.default_region()
-        result: dict[str, Any] = {"provider": self.name, "usable": False, "region": region or "", "detail": ""}
+        result: dict[str, Any] = {
+            "provider": self.name,
+            "usable": False,
+            "region": region or "",
+            "detail": "",
+            "missing": [],
+        }
         try:
             identity = self.api.call(self.api.client("sts", region or "us-east-1").get_caller_identity)
         except ProviderError as exc:
             result["detail"] = str(exc)
+            result["missing"] = [str(exc)]
             return result
         result.update(usable=True, account=identity.get("Account", ""), identity=identity.get("Arn", ""))
         result["detail"] = f"credentials of {identity.get('Arn', '?')}"

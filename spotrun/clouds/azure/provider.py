@@ -324,6 +324,9 @@ class AzureProvider(Provider):
     # -------------------------------------------------------------- launch
 
     def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
+        from spotrun.clouds.azure import identity
+
+        identity.require(self.identity)  # no identity: the VM could not read the store
         location = offer.region
         name = vm_name(boot.job_id, boot.attempt, client_token)
         existing = self._get(lambda: self.compute.virtual_machines.get(self.resource_group, name))
@@ -559,12 +562,17 @@ class AzureProvider(Provider):
 
     def check(self) -> dict[str, Any]:
         """Lists the resource group's VMs: proves the credential, subscription and group."""
+        from spotrun.clouds.azure import identity
+
+        missing: list[str] = []
         try:
             self._call(lambda: next(iter(self.compute.virtual_machines.list(self.resource_group)), None))
         except ProviderError as e:
-            return {"provider": self.name, "usable": False, "detail": str(e)}
+            return {"provider": self.name, "usable": False, "detail": str(e), "missing": [str(e)]}
+        missing += identity.check_items(self)
         return {
             "provider": self.name,
-            "usable": True,
+            "usable": not missing,
             "detail": f"subscription {self.subscription_id}, resource group {self.resource_group}",
+            "missing": missing,
         }

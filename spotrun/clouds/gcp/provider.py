@@ -274,6 +274,9 @@ class GCPProvider(Provider):
     # -------------------------------------------------------------- launch
 
     def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
+        from spotrun.clouds.gcp import identity
+
+        identity.require(self.service_account)  # no identity: the VM could not read the store
         zone = offer.zone
         if not zone:
             raise BadRequest(f"GCP offer {offer.key} has no zone", code="zone")
@@ -538,15 +541,17 @@ class GCPProvider(Provider):
         return owned
 
     def check(self) -> dict[str, Any]:
+        from spotrun.clouds.gcp import identity
+
+        missing: list[str] = []
         try:
             projects = self._client("projects")
             found = self._call(lambda: projects.get(project=self.project))
         except ProviderError as e:
-            return {"provider": self.name, "usable": False, "detail": str(e)}
+            return {"provider": self.name, "usable": False, "detail": str(e), "missing": [str(e)]}
+        missing += identity.check_items(self)
         detail = f"project {found.name}"
-        if not self.service_account:
-            detail += "; no service_account set: instances cannot reach a gs:// store"
-        return {"provider": self.name, "usable": True, "detail": detail}
+        return {"provider": self.name, "usable": not missing, "detail": detail, "missing": missing}
 
 
 def _secrets_scope(boot: Boot) -> list[str]:

@@ -135,7 +135,7 @@ class LocalProvider(Provider):
     def check(self) -> dict[str, Any]:
         detail = f"simulated market {self.market.source or '(in memory)'}: {len(self.market.pools)} pools, "
         detail += f"time x{self.time_scale:g}, instances under {self.root}"
-        return {"provider": self.name, "usable": True, "detail": detail}
+        return {"provider": self.name, "usable": True, "detail": detail, "missing": []}
 
     # ------------------------------------------------------------------ launch
 
