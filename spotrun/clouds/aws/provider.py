@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
 from spotrun.clouds.aws.api import PERMISSION_CODES, AWSApi, redact
+from spotrun.clouds.aws.images import ami_choice
 from spotrun.clouds.aws.resources import DLAMI_NAME_PATTERNS, DLAMI_PARAMETER, TAG_JOB, LaunchResources
 from spotrun.clouds.base import (
     AuthError,
@@ -263,7 +264,9 @@ class AWSProvider(Provider):
         if existing is not None:
             log.info("launch %s already done: %s", client_token, existing["InstanceId"])
             return self._to_instance(existing, region, extra)
-        image = self.resources.image(region)
+        image = self.resources.image(
+            region, **ami_choice(offer, self.resources.ami_parameter, custom_ami=bool(self.resources.ami))
+        )
         vpc_id, subnet_id = self.resources.network(region, offer.zone)
         group_id = self.resources.security_group(region, vpc_id)
         profile, fresh = self.resources.instance_profile(boot)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
+from spotrun.clouds.azure.images import DEFAULT, image_for
 from spotrun.clouds.base import (
     AuthError,
     BadRequest,
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DEFAULT_IMAGE = "microsoft-dsvm:ubuntu-hpc:2204:latest"  # Ubuntu HPC: NVIDIA driver, CUDA, Python
+DEFAULT_IMAGE = DEFAULT  # Ubuntu HPC: NVIDIA driver, CUDA, Python (the image table: clouds/azure/images.py)
 DEFAULT_IMDS = "http://169.254.169.254"
 ARM_SCOPE = "https://management.azure.com/.default"
 TAG_JOB = "spotrun-job"
@@ -357,7 +358,7 @@ class AzureProvider(Provider):
         properties: dict[str, Any] = {
             "hardwareProfile": {"vmSize": offer.instance_type},
             "storageProfile": {
-                "imageReference": image_reference(self.image),
+                "imageReference": image_reference(image_for(offer, self.image)),
                 "osDisk": {
                     "createOption": "FromImage",
                     "deleteOption": "Delete",

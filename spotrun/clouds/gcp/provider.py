@@ -49,6 +49,7 @@ from spotrun.clouds.base import (
     Throttled,
     render_bootstrap_script,
 )
+from spotrun.clouds.gcp.images import DEFAULT, image_for
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
@@ -63,7 +64,7 @@ def boot_disk_type(machine_type: str) -> str:
     return "hyperdisk-balanced" if machine_type.startswith(HYPERDISK_ONLY) else "pd-balanced"
 
 
-DEFAULT_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
+DEFAULT_IMAGE = DEFAULT  # the Deep Learning VM image family of the image table (clouds/gcp/images.py)
 DEFAULT_IMDS = "http://metadata.google.internal"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 LABEL_JOB = "spotrun-job"
@@ -346,7 +347,7 @@ class GCPProvider(Provider):
             boot=True,
             auto_delete=True,
             initialize_params=compute_v1.AttachedDiskInitializeParams(
-                source_image=self.image,
+                source_image=image_for(offer, self.image),
                 disk_size_gb=self.disk_gb,
                 disk_type=f"zones/{zone}/diskTypes/{boot_disk_type(offer.instance_type)}",
             ),
