@@ -108,3 +108,12 @@ def markdown_table(provider: str) -> str:
         tested = row.tested if row.image else "tests/test_images.py: the planner never picks it"
         lines.append(f"| {gpus} | {families} | {row.arch} | {image} | {row.driver or '-'} | {row.source} | {tested} |")
     return "\n".join(lines)
+
+
+GPUS_ENV = "SPOTRUN_GPUS"  # read by the Agent (spotrun/agent/workload.py has the same name)
+
+
+def gpu_env(offer: Offer) -> dict[str, str]:
+    """The boot env telling the Agent how many GPUs the offer has, so it waits for the driver to
+    show them before the workload starts (empty for a CPU-only offer)."""
+    return {GPUS_ENV: str(offer.gpu_count)} if offer.gpu and offer.gpu_count > 0 else {}
