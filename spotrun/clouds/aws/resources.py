@@ -118,8 +118,11 @@ class LaunchResources:
         security_group_id: str | None = None,
         ami_parameter: str = DLAMI_PARAMETER,
         ami_name_patterns: tuple[str, ...] = DLAMI_NAME_PATTERNS,
+        subnet_nat: bool = False,
     ) -> None:
-        """`subnet_id` and `security_group_id` belong to the api's home region: used only there."""
+        """`subnet_id` and `security_group_id` belong to the api's home region: used only there.
+        `subnet_nat`: the configured subnet reaches the internet through a NAT (no public IP needed)."""
+        self.subnet_nat = subnet_nat
         self.api = api
         self.region = api.region
         self.ami = ami
