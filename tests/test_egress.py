@@ -12,6 +12,7 @@ from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
 from spotrun.clouds.aws.provider import AWSProvider
 from spotrun.clouds.base import Boot
+from tests.fakes.gce_server import gce_fixture, gce_server_fixture  # noqa: F401  (fixtures)
 from tests.fakes.moto_server import (  # noqa: F401  (aws, moto_server: fixtures)
     MotoServer,
     aws,
@@ -105,3 +106,90 @@ def test_aws_check_names_missing_egress(aws: MotoServer, internet: str, nat: boo
     assert result["usable"] is False
     assert len(result["missing"]) == 1 and subnet in result["missing"][0] and words in result["missing"][0]
     assert words in result["detail"]
+
+
+def test_aws_default_vpc_without_an_internet_route_is_named(aws: MotoServer) -> None:  # noqa: F811
+    session = fast_session(REGION)
+    provider = AWSProvider(region=REGION, session=session, clock=FakeClock())
+    assert provider.check()["missing"] == []  # the default VPC routes 0.0.0.0/0 to its gateway
+    ec2 = session.client("ec2")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    table = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"][0]
+    ec2.delete_route(RouteTableId=table["RouteTableId"], DestinationCidrBlock="0.0.0.0/0")
+    result = provider.check()
+    assert result["usable"] is False and vpc in result["missing"][0]
+
+
+# ------------------------------------------------------------------------------------------- GCP
+
+
+def _gcp(gce: Any, **kw: Any) -> Any:
+    from tests.test_gcp_provider import make_provider
+
+    return make_provider(gce, **kw)
+
+
+def _gcp_offer() -> Offer:
+    return Offer("gcp", "us-central1", "us-central1-a", "g2-standard-8", "L4", 1, 24, 8, 32, 0.3, 0.9, 0.1)
+
+
+def test_gcp_vm_gets_an_external_ip_behind_a_deny_all_ingress_rule(gce: Any) -> None:
+    provider = _gcp(gce)
+    provider.launch(_gcp_offer(), spot=True, boot=_boot(), client_token="g-1")
+    provider.launch(_gcp_offer(), spot=True, boot=_boot("egress-2"), client_token="g-2")
+    (nic,) = gce.requests_to("POST", r"/instances$")[0].body["networkInterfaces"]
+    assert nic["accessConfigs"] == [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}]  # ephemeral: no natIP
+    rule = gce.firewalls["spotrun-deny-ingress-default"]
+    assert rule["direction"] == "INGRESS" and rule["priority"] == 0  # above default-allow-ssh (65534)
+    assert rule["denied"] == [{"IPProtocol": "all"}] and rule["sourceRanges"] == ["0.0.0.0/0"]
+    assert rule["targetTags"] == ["spotrun-no-ingress"] and "allowed" not in rule
+    assert len(gce.requests_to("POST", r"/global/firewalls$")) == 1  # once per network
+    # a fresh provider (a new controller) finds the rule by name and creates nothing
+    _gcp(gce).launch(_gcp_offer(), spot=True, boot=_boot("egress-3"), client_token="g-3")
+    assert len(gce.requests_to("POST", r"/global/firewalls$")) == 1
+    assert provider.check()["missing"] == []
+
+
+def test_gcp_cloud_nat_means_no_external_ip_and_check_verifies_the_nat(gce: Any) -> None:
+    provider = _gcp(gce, cloud_nat=True)
+    result = provider.check()
+    assert result["usable"] is False and "no Cloud NAT" in result["missing"][0]
+    gce.add_router("us-central1", "default", [{"name": "nat-1", "natIpAllocateOption": "AUTO_ONLY"}])
+    assert provider.check()["missing"] == [] and provider.check()["usable"] is True
+    provider.launch(_gcp_offer(), spot=True, boot=_boot(), client_token="g-4")
+    (nic,) = gce.requests_to("POST", r"/instances$")[-1].body["networkInterfaces"]
+    assert "accessConfigs" not in nic and not gce.requests_to("POST", r"/global/firewalls$")
+
+
+def test_gcp_check_names_an_egress_deny_rule(gce: Any) -> None:
+    gce.firewalls["block-out"] = {
+        "name": "block-out", "direction": "EGRESS", "priority": 100, "denied": [{"IPProtocol": "all"}],
+        "destinationRanges": ["0.0.0.0/0"], "network": gce._link("global", "networks", "default"),
+    }  # fmt: skip
+    result = _gcp(gce).check()
+    assert result["usable"] is False and result["missing"] == [
+        "egress: firewall rule block-out denies egress to 0.0.0.0/0 on network default: VMs reach neither "
+        "the bucket nor the package index"
+    ]
+
+
+def test_gce_fake_refuses_a_firewall_the_real_api_refuses(gce: Any) -> None:
+    from google.api_core import exceptions as gexc
+    from google.cloud import compute_v1
+
+    from tests.fakes.gce_server import PROJECT, gce_credentials
+
+    client = compute_v1.FirewallsClient(credentials=gce_credentials(), client_options={"api_endpoint": gce.url})
+    both = compute_v1.Firewall(
+        name="x-both", direction="INGRESS", source_ranges=["0.0.0.0/0"],
+        allowed=[compute_v1.Allowed(I_p_protocol="tcp")], denied=[compute_v1.Denied(I_p_protocol="all")],
+    )  # fmt: skip
+    with pytest.raises(gexc.BadRequest, match="Exactly one of"):
+        client.insert(project=PROJECT, firewall_resource=both)
+    no_source = compute_v1.Firewall(name="x-open", direction="INGRESS", denied=[compute_v1.Denied(I_p_protocol="all")])
+    with pytest.raises(gexc.BadRequest, match="sourceRanges"):
+        client.insert(project=PROJECT, firewall_resource=no_source)
+    with pytest.raises(gexc.BadRequest, match="resource.name"):
+        client.insert(
+            project=PROJECT, firewall_resource=compute_v1.Firewall(name="Bad_Name", source_ranges=["0.0.0.0/0"])
+        )
