@@ -12,6 +12,7 @@ from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
 from spotrun.clouds.aws.provider import AWSProvider
 from spotrun.clouds.base import Boot
+from tests.fakes.azure_server import arm_fixture, arm_server_fixture  # noqa: F401  (fixtures)
 from tests.fakes.gce_server import gce_fixture, gce_server_fixture  # noqa: F401  (fixtures)
 from tests.fakes.moto_server import (  # noqa: F401  (aws, moto_server: fixtures)
     MotoServer,
@@ -193,3 +194,93 @@ def test_gce_fake_refuses_a_firewall_the_real_api_refuses(gce: Any) -> None:
         client.insert(
             project=PROJECT, firewall_resource=compute_v1.Firewall(name="Bad_Name", source_ranges=["0.0.0.0/0"])
         )
+
+
+# ----------------------------------------------------------------------------------------- Azure
+
+
+def _azure(arm: Any, **kw: Any) -> Any:
+    from tests.test_azure_provider import make_provider
+
+    return make_provider(arm, **kw)
+
+
+def _azure_offer() -> Offer:
+    return Offer("azure", "eastus", "", "Standard_NC4as_T4_v3", "T4", 1, 16.0, 4, 28, 0.16, 0.53, 0.1)
+
+
+def test_azure_vm_gets_a_standard_public_ip_behind_an_nsg_without_rules(arm: Any) -> None:
+    provider = _azure(arm)
+    inst = provider.launch(_azure_offer(), spot=True, boot=_boot(), client_token="a-1")
+    (pip,) = arm.of_kind("pip")
+    assert pip["sku"]["name"] == "Standard" and pip["properties"]["publicIPAllocationMethod"] == "Static"
+    assert pip["properties"]["deleteOption"] == "Delete"  # an evicted VM takes its NIC and IP along
+    (nic,) = arm.of_kind("nic")
+    (cfg,) = nic["properties"]["ipConfigurations"]
+    assert cfg["properties"]["publicIPAddress"]["id"] == pip["id"]
+    (nsg,) = arm.of_kind("nsg")
+    assert nic["properties"]["networkSecurityGroup"]["id"] == nsg["id"] and nsg["properties"]["securityRules"] == []
+    provider.terminate(inst)
+    assert arm.of_kind("pip") == [] and arm.of_kind("nic") == []  # nothing left billing
+    assert provider.check()["missing"] == []
+
+
+def test_azure_eviction_takes_the_public_ip_along(arm: Any) -> None:
+    provider = _azure(arm)
+    inst = provider.launch(_azure_offer(), spot=True, boot=_boot(), client_token="a-2")
+    arm.preempt(inst.instance_id)
+    arm.reclaim(inst.instance_id)  # evictionPolicy Delete: the VM, its NIC and (deleteOption) its IP
+    assert arm.vm(inst.instance_id) is None and arm.of_kind("nic") == [] and arm.of_kind("pip") == []
+
+
+def _configured_subnet(arm: Any) -> str:
+    """A subnet of a VNet that exists (spotrun's own, made by a first launch) as a user's subnet."""
+    first = _azure(arm)
+    first.launch(_azure_offer(), spot=True, boot=_boot("setup"), client_token="a-setup")
+    (vnet,) = arm.of_kind("vnet")
+    return vnet["properties"]["subnets"][0]["id"]
+
+
+def test_azure_subnet_with_nat_gets_no_public_ip_and_check_verifies_the_nat(arm: Any) -> None:
+    subnet = _configured_subnet(arm)
+    before = len(arm.of_kind("pip"))
+    provider = _azure(arm, subnet_id=subnet, subnet_nat=True)
+    result = provider.check()
+    assert result["usable"] is False and "has no NAT gateway" in result["missing"][0]
+    with arm.lock:
+        (vnet,) = arm._of_kind("vnet")
+        vnet["properties"]["subnets"][0]["properties"]["natGateway"] = {"id": "/subscriptions/x/natGateways/nat-1"}
+    assert provider.check()["missing"] == []
+    provider.launch(_azure_offer(), spot=True, boot=_boot(), client_token="a-3")
+    assert len(arm.of_kind("pip")) == before  # no new public IP
+    nics = [n for n in arm.of_kind("nic") if n["tags"]["spotrun-job"] == "egress-1"]
+    assert "publicIPAddress" not in nics[0]["properties"]["ipConfigurations"][0]["properties"]
+    assert nics[0]["properties"]["networkSecurityGroup"]["id"].endswith("spotrun-nsg-eastus")
+
+
+def test_azure_check_names_a_missing_subnet(arm: Any) -> None:
+    rg = "/subscriptions/00000000-0000-4000-8000-000000000001/resourceGroups/spotrun-test"
+    result = _azure(arm, subnet_id=f"{rg}/providers/Microsoft.Network/virtualNetworks/nope/subnets/default").check()
+    assert result["usable"] is False and "does not exist" in result["missing"][0]
+
+
+def test_azure_fake_refuses_what_arm_refuses_for_public_ips(arm: Any) -> None:
+    provider = _azure(arm)
+    provider.launch(_azure_offer(), spot=True, boot=_boot(), client_token="a-4")
+    (pip,) = arm.of_kind("pip")
+    net = provider.network
+    from spotrun.clouds.base import BadRequest, ProviderError
+
+    dynamic = {"location": "eastus", "sku": {"name": "Standard"}, "properties": {"publicIPAllocationMethod": "Dynamic"}}
+    with pytest.raises(ProviderError, match="StandardSkuPublicIPAddressesMustBeStatic"):
+        provider._call(lambda: net.public_ip_addresses.begin_create_or_update("spotrun-test", "x-ip", dynamic).result())
+    with pytest.raises(ProviderError, match="in use"):
+        provider._call(lambda: net.public_ip_addresses.begin_delete("spotrun-test", pip["name"]).result())
+    (vnet,) = arm.of_kind("vnet")
+    nic = {
+        "location": "eastus",
+        "properties": {"ipConfigurations": [{"name": "c", "properties": {
+            "subnet": {"id": vnet["properties"]["subnets"][0]["id"]}, "publicIPAddress": {"id": pip["id"]}}}]},
+    }  # fmt: skip
+    with pytest.raises(BadRequest, match="PublicIPAddressInUse"):
+        provider._call(lambda: net.network_interfaces.begin_create_or_update("spotrun-test", "other-nic", nic).result())

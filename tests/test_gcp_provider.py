@@ -82,8 +82,7 @@ def test_spot_n1_request_body(provider: GCPProvider, gce: FakeGCE) -> None:
     assert [nic.get("accessConfigs") for nic in body["networkInterfaces"]] == [
         [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}]
     ]
-    assert body["tags"] == {"items": ["spotrun-no-ingress"]}
-    assert "tags" not in body
+    assert body["tags"] == {"items": ["spotrun-no-ingress"]}  # the deny-ingress rule's target, nothing else
     assert body["serviceAccounts"] == [{"email": SA, "scopes": [STORAGE_SCOPE]}]
     assert body["labels"]["spotrun-job"] == "train-0101-abc123" and body["labels"]["spotrun-attempt"] == "1"
     items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
