@@ -284,3 +284,34 @@ def test_azure_fake_refuses_what_arm_refuses_for_public_ips(arm: Any) -> None:
     }  # fmt: skip
     with pytest.raises(BadRequest, match="PublicIPAddressInUse"):
         provider._call(lambda: net.network_interfaces.begin_create_or_update("spotrun-test", "other-nic", nic).result())
+
+
+# ----------------------------------------------------------------------------------- spotrun check
+
+
+def test_spotrun_check_names_missing_egress_and_exits_2(aws: MotoServer) -> None:  # noqa: F811
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def check() -> tuple[int, dict[str, Any]]:
+        done = subprocess.run(
+            [sys.executable, "-m", "spotrun", "check", "-p", "aws", "--json"],
+            capture_output=True, text=True, env=dict(os.environ), timeout=120,
+        )  # fmt: skip
+        return done.returncode, json.loads(done.stdout)
+
+    code, out = check()
+    assert code == 0 and out["providers"][0]["missing"] == [], out
+    ec2 = fast_session(REGION).client("ec2")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    table = ec2.describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc]}])["RouteTables"][0]
+    ec2.delete_route(RouteTableId=table["RouteTableId"], DestinationCidrBlock="0.0.0.0/0")
+    code, out = check()
+    (row,) = out["providers"]
+    assert code == 2 and row["usable"] is False
+    assert row["missing"] == [
+        f"egress: the default VPC {vpc} has no route 0.0.0.0/0 to an internet gateway, so a VM reaches neither "
+        "S3 nor the package index: add one, or set aws.subnet_nat: true if the subnet routes through a NAT"
+    ]
