@@ -315,3 +315,20 @@ def test_spotrun_check_names_missing_egress_and_exits_2(aws: MotoServer) -> None
         f"egress: the default VPC {vpc} has no route 0.0.0.0/0 to an internet gateway, so a VM reaches neither "
         "S3 nor the package index: add one, or set aws.subnet_nat: true if the subnet routes through a NAT"
     ]
+
+
+def test_the_spec_says_a_network_has_nat(tmp_path: Any) -> None:
+    from spotrun.clouds.azure.provider import AzureProvider
+    from spotrun.clouds.gcp.provider import GCPProvider
+    from spotrun.spec import load_spec
+
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "name: nat\nrun: python train.py\naws:\n  subnet_id: subnet-1\n  subnet_nat: true\n"
+        "gcp:\n  cloud_nat: true\nazure:\n  subnet_nat: true\n"
+    )
+    spec = load_spec(path)
+    aws_options = AWSProvider.options_from_spec(spec)
+    assert aws_options["subnet_nat"] is True and AWSProvider(**aws_options).resources.subnet_nat is True
+    assert GCPProvider(**GCPProvider.options_from_spec(spec)).cloud_nat is True
+    assert AzureProvider(**AzureProvider.options_from_spec(spec)).subnet_nat is True
