@@ -5,6 +5,7 @@ No GPU needed: a fake `nvidia-smi` on PATH plays the driver."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from spotrun.clock import FakeClock
 from spotrun.clouds.base import Boot
 from spotrun.clouds.store import LocalStore
 from spotrun.control.records import ExitRecord
+from spotrun.control.state import State
 
 PREFIX = "jobs/g1"
 
@@ -57,7 +59,7 @@ def fake_smi(folder: Path, *, ready_after: int | None) -> Path:
 
 def run_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, ready_after: int | None) -> tuple[int, LocalStore]:
     smi = fake_smi(tmp_path / "bin", ready_after=ready_after)
-    monkeypatch.setenv("PATH", f"{smi}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{smi}:{os.environ['PATH']}")
     store = LocalStore(tmp_path / "store")
     job = AgentJob(job_id="g1", name="gpu", run="echo WORKLOAD_RAN", heartbeat_interval=0.1, log_flush_interval=0.1)
     store.put_bytes(jobfile.job_key(PREFIX), job.to_json().encode())
@@ -136,3 +138,24 @@ def test_containers_get_the_gpus_the_agent_waited_for(tmp_path: Path, monkeypatc
     assert ensure_cdi_spec(["podman"], cdi) == f"generated the CDI spec {cdi[1] / 'nvidia.yaml'}"
     assert (cdi[1] / "nvidia.yaml").read_text() == "spec\n"
     assert ensure_cdi_spec(["podman"], cdi) is None  # there now
+
+
+# ------------------------------------------------------------------------------- the controller side
+
+
+def test_the_controller_ends_a_gpu_less_attempt_as_a_boot_failure_and_relaunches(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from tests.test_controller import make, offer, reasons
+
+    env = (State(tmp_path / "s.db"), LocalStore(tmp_path / "store"), FakeClock())
+    cloud = replace(offer("us-east-1a", 1.0), provider="aws")  # a cloud offer: the Agent is told its GPUs
+    controller, provider, job = make(env, {"us-east-1a": ["hang", ("exit", 0)]}, [cloud])
+    controller.providers = {"aws": provider}
+    record = {"code": None, "reason": "agent-error", "kind": "boot", "error": "the GPU driver shows 0 of 1 GPU(s)"}
+    env[1].put_bytes(f"jobs/{job}/attempts/1/exit", json.dumps(record).encode())
+    assert controller.run(job).exit_code == 0
+    assert reasons(env[0], job) == [("us-east-1a", "boot_failed"), ("us-east-1a", "completed")]
+    assert "the Agent found the VM unfit: the GPU driver shows 0 of 1" in (env[0].attempts(job)[0].detail or "")
+    _, boot = provider.fate["i-1"]
+    assert boot.env["SPOTRUN_GPUS"] == "1"  # the offer's count, for the Agent's wait
