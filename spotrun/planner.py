@@ -302,8 +302,9 @@ def _misfit(job: _Job, offer: Offer) -> str | None:
             return "other GPU count"
         if job.gpu_memory_gb is not None and offer.gpu_memory_gb < job.gpu_memory_gb * MEMORY_SLACK:
             return "too little GPU memory"
-        if offer.provider not in job.own_images and image_exclusion(offer) is not None:
-            return IMAGE_EXCLUDED  # e.g. a K80 no current driver image supports (docs/providers)
+    if offer.provider not in job.own_images and image_exclusion(offer) is not None:
+        return IMAGE_EXCLUDED  # e.g. a K80 no current driver image supports (docs/providers); the
+        # provider would refuse to boot it too, so a CPU-only job skips it as well
     if offer.vcpus < job.cpus:
         return "too few vCPUs"
     if offer.memory_gb < job.memory_gb:
