@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 OSS_X86 = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 OSS_ARM = "/aws/service/deeplearning/ami/arm64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
+# Derived by the naming rule above, not seen published: if SSM does not have it, the launch finds the
+# image by name instead (_PATTERNS below), as it does for any parameter it cannot read.
 PROPRIETARY_X86 = "/aws/service/deeplearning/ami/x86_64/base-proprietary-nvidia-driver-amazon-linux-2/latest/ami-id"
 
 _OSS_NOTES = (
