@@ -193,6 +193,7 @@ class Agent:
         if not expected:
             return
         env = {**os.environ, **self.boot.env}
+        self.phase = "gpu-wait"  # what the heartbeats (and `spotrun status`) say meanwhile
         try:
             timeout = float(env.get(GPU_WAIT_ENV) or DEFAULT_GPU_WAIT)
         except ValueError:
