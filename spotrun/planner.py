@@ -42,6 +42,8 @@ from spotrun.catalog.transfer import (
     egress_usd_per_gb,
     storage_usd_per_gb_month,
 )
+from spotrun.clouds.images import EXCLUDED as IMAGE_EXCLUDED
+from spotrun.clouds.images import exclusion as image_exclusion
 from spotrun.gpus import GPU_MODELS, canonical_gpu_name, checkpoint_gb, estimate_memory_gb
 
 DEFAULT_HOURS_ON_A100 = 1.0  # when the spec gives no runtime hint
@@ -170,6 +172,7 @@ class _Job:
     deadline_h: float | None
     store: tuple[str, str | None] | None  # (provider, region) of the Store, None: next to the instance
     data_source: tuple[str, str | None] | None  # where the input data is pulled from
+    own_images: frozenset[str] = frozenset()  # clouds whose boot image the spec names (its driver too)
 
 
 def _gpu_names(name: Any) -> frozenset[str] | None:
@@ -265,7 +268,15 @@ def _job(spec: Any, notes: list[str]) -> _Job:
         deadline_h=float(deadline) / 3600.0 if deadline is not None else None,
         store=store,
         data_source=data_source,
+        own_images=_own_images(spec),
     )
+
+
+def _own_images(spec: Any) -> frozenset[str]:
+    """Clouds whose spec section names a boot image: the image table (clouds/images.py) does not
+    judge their GPUs' drivers, the user's image does."""
+    keys = {"aws": "ami", "gcp": "image", "azure": "image"}
+    return frozenset(cloud for cloud, key in keys.items() if _get(_get(spec, cloud), key))
 
 
 def _scale(count: int) -> float:
@@ -291,6 +302,9 @@ def _misfit(job: _Job, offer: Offer) -> str | None:
             return "other GPU count"
         if job.gpu_memory_gb is not None and offer.gpu_memory_gb < job.gpu_memory_gb * MEMORY_SLACK:
             return "too little GPU memory"
+    if offer.provider not in job.own_images and image_exclusion(offer) is not None:
+        return IMAGE_EXCLUDED  # e.g. a K80 no current driver image supports (docs/providers); the
+        # provider would refuse to boot it too, so a CPU-only job skips it as well
     if offer.vcpus < job.cpus:
         return "too few vCPUs"
     if offer.memory_gb < job.memory_gb:

@@ -66,8 +66,8 @@ def vm_puts(fake: FakeARM) -> list[Any]:
 
 
 def leftovers(fake: FakeARM) -> list[str]:
-    """VMs and NICs (the shared VNet/NSG stay by design)."""
-    return sorted(r["name"] for kind in ("vm", "nic") for r in fake.of_kind(kind))
+    """VMs, NICs and public IPs (the shared VNet/NSG stay by design)."""
+    return sorted(r["name"] for kind in ("vm", "nic", "pip") for r in fake.of_kind(kind))
 
 
 # ---------------------------------------------------------------------- what is sent
@@ -111,9 +111,10 @@ def test_no_inbound_path_to_the_vm(provider: AzureProvider, arm: FakeARM) -> Non
     assert nsg["properties"]["securityRules"] == []  # only Azure's defaults: inbound from outside denied
     (nic,) = arm.of_kind("nic")
     assert nic["properties"]["networkSecurityGroup"]["id"] == nsg["id"]
-    for cfg in nic["properties"]["ipConfigurations"]:
-        assert "publicIPAddress" not in cfg["properties"]
-    assert not arm.requests_to("PUT", r"publicIPAddresses|securityRules")
+    # egress through a public IP (tests/test_egress.py); inbound closed by the NSG, no rule added
+    (pip,) = arm.of_kind("pip")
+    assert [cfg["properties"]["publicIPAddress"]["id"] for cfg in nic["properties"]["ipConfigurations"]] == [pip["id"]]
+    assert not arm.requests_to("PUT", r"securityRules")
 
 
 def test_max_price_zone_and_on_demand(arm: FakeARM) -> None:
@@ -239,7 +240,7 @@ def test_terminate_deletes_vm_and_nic_and_poll_says_terminated(provider: AzurePr
     provider.terminate(a)
     provider.terminate(a)
     assert provider.poll(a).status == InstanceStatus.TERMINATED
-    assert leftovers(arm) == sorted([b.instance_id, f"{b.instance_id}-nic"])
+    assert leftovers(arm) == sorted([b.instance_id, f"{b.instance_id}-nic", f"{b.instance_id}-ip"])
     arm.guest_shutdown(b.instance_id)
     assert provider.poll(b).status == InstanceStatus.TERMINATED
 

@@ -78,9 +78,11 @@ def test_spot_n1_request_body(provider: GCPProvider, gce: FakeGCE) -> None:
     ]
     assert body["disks"][0]["initializeParams"]["sourceImage"] == DEFAULT_IMAGE
     assert body["disks"][0]["autoDelete"] is True
-    # no external address (no accessConfigs) and nothing else that opens ingress
-    assert [set(nic) - {"network", "subnetwork"} for nic in body["networkInterfaces"]] == [set()]
-    assert "tags" not in body
+    # an ephemeral external IP for egress, behind spotrun's deny-ingress rule (tests/test_egress.py)
+    assert [nic.get("accessConfigs") for nic in body["networkInterfaces"]] == [
+        [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}]
+    ]
+    assert body["tags"] == {"items": ["spotrun-no-ingress"]}  # the deny-ingress rule's target, nothing else
     assert body["serviceAccounts"] == [{"email": SA, "scopes": [STORAGE_SCOPE]}]
     assert body["labels"]["spotrun-job"] == "train-0101-abc123" and body["labels"]["spotrun-attempt"] == "1"
     items = {i["key"]: i["value"] for i in body["metadata"]["items"]}

@@ -141,7 +141,11 @@ GCE_PERMISSIONS = [  # (method, path regex) -> what Compute Engine checks
     ("POST", r"/instances$", ["compute.instances.create", "compute.disks.create", "compute.subnetworks.use",
                               "compute.instances.setMetadata", "compute.instances.setLabels",
                               "compute.instances.setServiceAccount", "iam.serviceAccounts.actAs",
-                              "compute.images.useReadOnly"]),
+                              "compute.images.useReadOnly", "compute.instances.setTags",
+                              "compute.subnetworks.useExternalIp"]),
+    ("GET", r"/global/firewalls(/[^/]+)?$", ["compute.firewalls.list", "compute.firewalls.get"]),
+    ("POST", r"/global/firewalls$", ["compute.firewalls.create", "compute.networks.updatePolicy"]),
+    ("GET", r"/aggregated/routers$", ["compute.routers.list"]),
     ("GET", r"/instances/[^/]+$", ["compute.instances.get"]),
     ("DELETE", r"/instances/[^/]+$", ["compute.instances.delete"]),
     ("GET", r"/instances/[^/]+/serialPort$", ["compute.instances.getSerialPortOutput"]),
@@ -205,7 +209,8 @@ def arm_action(method: str, path: str) -> list[str]:
     actions = [f"{resource}/{verb}"]
     if resource == "Microsoft.Network/networkInterfaces" and method == "PUT":
         actions += ["Microsoft.Network/virtualNetworks/subnets/join/action",
-                    "Microsoft.Network/networkSecurityGroups/join/action"]  # fmt: skip
+                    "Microsoft.Network/networkSecurityGroups/join/action",
+                    "Microsoft.Network/publicIPAddresses/join/action"]  # fmt: skip
     if resource == "Microsoft.Compute/virtualMachines" and method == "PUT":
         actions += ["Microsoft.Network/networkInterfaces/join/action",
                     "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action"]  # fmt: skip

@@ -41,13 +41,20 @@ from spotrun.agent.workload import (
     CTR_DATA,
     CTR_META,
     CTR_OUTPUT,
+    DEFAULT_GPU_WAIT,
+    GPU_WAIT_ENV,
+    GPUS_ENV,
     AgentPaths,
     ContainerWorkload,
+    GpuWaitFailed,
     ProcessWorkload,
     Workload,
     container_cli,
     container_name,
+    count_gpus,
+    ensure_cdi_spec,
     ensure_image,
+    wait_for_gpus,
 )
 from spotrun.clock import SYSTEM_CLOCK, Clock
 from spotrun.clouds.base import BOOT_MARKER, Boot, extract_boot
@@ -138,6 +145,7 @@ class Agent:
             self.uploader.keep = max(1, self.job.keep)
             self.uploader.interval = min(1.0, self.job.heartbeat_interval)
             self._fetch()
+            self._wait_for_gpus()
             workload = self._start()
         except NoticeReceived as notice:
             self.log.note(f"{notice}: nothing started, nothing to save")
@@ -170,6 +178,35 @@ class Agent:
         else:
             self.log.note(f"restored checkpoint {self.restored_step}")
         self._check_notice()
+
+    def _expected_gpus(self) -> int:
+        """The offer's GPU count (SPOTRUN_GPUS, set by the controller for cloud launches); 0: none
+        expected (a CPU offer, the local provider)."""
+        try:
+            return max(0, int(self.boot.env.get(GPUS_ENV) or os.environ.get(GPUS_ENV) or 0))
+        except ValueError:
+            return 0
+
+    def _wait_for_gpus(self) -> None:
+        """Wait (bounded) until the driver shows the offer's GPUs; else the attempt is a boot
+        failure (kind "boot"): a workload must never train on the CPU because the driver is missing."""
+        expected = self._expected_gpus()
+        if not expected:
+            return
+        env = {**os.environ, **self.boot.env}
+        self.phase = "gpu-wait"  # what the heartbeats (and `spotrun status`) say meanwhile
+        try:
+            timeout = float(env.get(GPU_WAIT_ENV) or DEFAULT_GPU_WAIT)
+        except ValueError:
+            timeout = DEFAULT_GPU_WAIT
+        try:
+            seen = wait_for_gpus(
+                expected, timeout=timeout, now=self.clock.now, sleep=self.clock.sleep,
+                probe=lambda: count_gpus(env), note=self.log.note, stop=self._check_notice,
+            )  # fmt: skip
+        except GpuWaitFailed as e:
+            raise AgentFailure("boot", str(e)) from e
+        self.log.note(f"GPUs ready: {seen}")
 
     def _read_secrets(self) -> None:
         """`${VAR}` values from the cloud's secret store (spotrun/agent/secrets.py): memory only."""
@@ -216,6 +253,13 @@ class Agent:
             self.phase = "setup" if job.setup else "running"
             return ProcessWorkload(self.paths, job.setup, job.run, self._env(False))
         cli = container_cli(job.container_cli, {**os.environ, **self.boot.env})
+        gpus = self._expected_gpus() or None
+        try:
+            done = ensure_cdi_spec(cli) if gpus else None
+        except Exception as e:
+            raise AgentFailure("boot", f"GPUs for the container: {e}") from e
+        if done:
+            self.log.note(done)
         try:
             ensure_image(cli, job.image)
         except Exception as e:
@@ -230,7 +274,7 @@ class Agent:
         return ContainerWorkload(
             self.paths, job.setup, job.run, self._env(True),
             image=job.image, cli=cli, name=container_name(self.boot.job_id, self.boot.attempt),
-            checkpoint_dir=job.checkpoint_dir, extra_args=extra,
+            checkpoint_dir=job.checkpoint_dir, extra_args=extra, gpus=gpus,
         )  # fmt: skip
 
     def _watch(self, workload: Workload) -> int:

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -67,17 +68,85 @@ def process_runtime_env(env: dict[str, str], shims: Path) -> dict[str, str]:
     return out
 
 
-def gpu_args(cli: list[str], extra_args: list[str]) -> list[str]:
+# --------------------------------------------------------------------------- GPUs
+
+GPUS_ENV = "SPOTRUN_GPUS"  # the offer's GPU count, set by the controller for cloud launches
+GPU_WAIT_ENV = "SPOTRUN_GPU_WAIT"  # seconds to wait for the driver to show them (default 600)
+DEFAULT_GPU_WAIT = 600.0  # a first-boot driver install (GCP's DLVM) takes a few minutes
+GPU_POLL_INTERVAL = 5.0
+_NVIDIA_DEV = re.compile(r"nvidia[0-9]+")
+
+
+class GpuWaitFailed(Exception):
+    """The driver never showed the offer's GPUs: a boot failure, not the workload's."""
+
+
+def count_gpus(env: dict[str, str] | None = None, dev: Path = Path("/dev")) -> tuple[int, str]:
+    """(GPUs the NVIDIA driver shows, how that was seen). `nvidia-smi -L` (one "GPU <i>: ..." line
+    per GPU) on the env's PATH; without nvidia-smi, the `/dev/nvidia<N>` device nodes. A
+    nvidia-smi that fails (driver not loaded yet) counts 0."""
+    path = (env or os.environ).get("PATH", os.defpath)
+    smi = shutil.which("nvidia-smi", path=path)
+    if smi is not None:
+        try:
+            done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return 0, f"nvidia-smi -L: {e}"
+        if done.returncode != 0:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+            return 0, f"nvidia-smi -L: {last[0][:200]}"
+        found = sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
+        return found, f"nvidia-smi -L lists {found}"
+    try:
+        nodes = [p.name for p in dev.iterdir() if _NVIDIA_DEV.fullmatch(p.name)]
+    except OSError:
+        nodes = []
+    return len(nodes), f"no nvidia-smi; {len(nodes)} {dev}/nvidia<N> device(s)"
+
+
+def wait_for_gpus(
+    expected: int,
+    *,
+    timeout: float,
+    now: Callable[[], float],
+    sleep: Callable[[float], None],
+    probe: Callable[[], tuple[int, str]] = count_gpus,
+    interval: float = GPU_POLL_INTERVAL,
+    note: Callable[[str], None] = lambda _m: None,
+    stop: Callable[[], None] = lambda: None,
+) -> str:
+    """Poll `probe` until it shows `expected` GPUs (what it saw), or raise GpuWaitFailed once
+    `timeout` seconds passed. `stop` is called between polls (the Agent checks for a notice)."""
+    start = now()
+    found, how = probe()
+    if found >= expected:
+        return how
+    note(f"waiting for the GPU driver to show {expected} GPU(s): {how}")
+    while now() - start < timeout:
+        sleep(min(interval, max(0.0, timeout - (now() - start))))
+        stop()
+        found, how = probe()
+        if found >= expected:
+            note(f"{how} after {now() - start:.0f}s")
+            return how
+    raise GpuWaitFailed(
+        f"the GPU driver shows {found} of {expected} GPU(s) after {timeout:.0f}s ({how}): "
+        "the image has no working driver for this GPU"
+    )
+
+
+def gpu_args(cli: list[str], extra_args: list[str], *, gpus: int | None = None) -> list[str]:
     """How this container CLI passes every GPU, and a shared-memory size fit for DataLoader workers:
-    docker `--gpus all`; podman through CDI (`--device nvidia.com/gpu=all`) where CDI specs exist;
-    `--ipc=host` unless the job chose --ipc or --shm-size itself."""
+    docker `--gpus all`; podman through CDI (`--device nvidia.com/gpu=all`); `--ipc=host` unless
+    the job chose --ipc or --shm-size itself. `gpus` is the count the Agent waited for (then the
+    GPUs are passed whatever /dev shows); None: only when /dev/nvidia0 exists (a local run)."""
     args: list[str] = []
-    has_gpu = Path("/dev/nvidia0").exists()
+    has_gpu = gpus > 0 if gpus is not None else Path("/dev/nvidia0").exists()
     if _flavor(cli) == "docker" and has_gpu and "--gpus" not in extra_args:
         args += ["--gpus", "all"]
-    cdi = [*Path("/etc/cdi").glob("nvidia*"), *Path("/var/run/cdi").glob("nvidia*")]
-    if _flavor(cli) == "podman" and has_gpu and cdi and "--device" not in extra_args:
-        args += ["--device", "nvidia.com/gpu=all"]
+    device_given = any(a == "--device" or a.startswith("--device=") for a in extra_args)
+    if _flavor(cli) == "podman" and has_gpu and not device_given:
+        args += ["--device", "nvidia.com/gpu=all"]  # CDI: podman names the missing spec if there is none
     if not any(a.startswith(("--ipc", "--shm-size")) for a in extra_args):
         args += ["--ipc=host"]
     return args
@@ -317,6 +386,7 @@ class ContainerWorkload(Workload):
         name: str,
         checkpoint_dir: str,
         extra_args: list[str],
+        gpus: int | None = None,
     ) -> None:
         self.cli, self.name = cli, name
         _write_scripts(paths, setup, run)
@@ -338,7 +408,7 @@ class ContainerWorkload(Workload):
             env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (CTR_LIB, env.get("PYTHONPATH", "")) if p)}
         for key in sorted(env):
             args += ["-e", key]  # names only: values travel in the client's environment, not argv
-        args += gpu_args(cli, extra_args)
+        args += gpu_args(cli, extra_args, gpus=gpus)
         args += [*extra_args, image, "sh", f"{CTR_META}/entry.sh"]
         self._proc = subprocess.Popen(
             args,
@@ -385,6 +455,31 @@ class ContainerWorkload(Workload):
         if not self._removed:
             self._cli("rm", "-f", self.name)
             self._removed = True
+
+
+CDI_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
+
+
+def ensure_cdi_spec(cli: list[str], dirs: tuple[Path, ...] = CDI_DIRS) -> str | None:
+    """podman reaches NVIDIA GPUs through a CDI spec: generate one with the NVIDIA Container
+    Toolkit (`nvidia-ctk cdi generate`) when none exists. Returns what was done, None for docker
+    or when a spec is there; WorkloadError when podman would get no GPU."""
+    if _flavor(cli) != "podman" or any(d.is_dir() and any(d.glob("nvidia*")) for d in dirs):
+        return None
+    ctk = shutil.which("nvidia-ctk")
+    if ctk is None:
+        raise WorkloadError(
+            "podman needs a CDI spec for the GPUs (/etc/cdi/nvidia.yaml) and nvidia-ctk is not installed"
+        )
+    target = dirs[-1] / "nvidia.yaml"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkloadError(f"cannot create {target.parent} for the CDI spec: {e}") from e
+    done = subprocess.run([ctk, "cdi", "generate", f"--output={target}"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise WorkloadError(f"nvidia-ctk cdi generate failed: {done.stderr.strip()[-300:]}")
+    return f"generated the CDI spec {target}"
 
 
 def ensure_image(cli: list[str], image: str) -> None:

@@ -20,6 +20,7 @@ from spotrun.clouds.base import (
     QuotaExceeded,
     Throttled,
 )
+from spotrun.clouds.images import gpu_env
 from spotrun.clouds.store import job_prefix
 from spotrun.control.core import ControllerCore
 from spotrun.control.decide import order_for
@@ -150,7 +151,7 @@ class LaunchingMixin(ControllerCore):
             spotrun_spec=_spotrun_requirement(offer.provider if cloud else ""),
             spotrun_package=self._agent_package(store_url) if cloud else "",
             extra=offer.provider if cloud else "",
-            env=secrets_env,
+            env={**secrets_env, **gpu_env(offer)} if cloud and spec.resources.gpu else secrets_env,
             labels=dict(spec.labels),
             spotrun_sha256=self._agent_packed.sha256 if cloud and self._agent_packed else "",
         )

@@ -21,7 +21,8 @@ MAX_TEXT = 4000
 EXIT_REASONS = ("completed", "failed", "preempted", "terminated", "agent-error")
 # What an "agent-error" was about: the store, the code bundle or data, the Agent itself. These
 # are infrastructure failures: retried with backoff, never counted as the workload failing.
-INFRA_KINDS = ("store", "bundle", "data", "agent", "image")
+# "boot": the VM came up without what the offer promised (its GPUs never showed): a boot failure.
+INFRA_KINDS = ("store", "bundle", "data", "agent", "image", "boot")
 
 
 def _int(value: Any) -> int | None:

@@ -85,6 +85,10 @@ class WatchingMixin(ControllerCore):
                 "(is the store read-only or full?)",
                 kind="store" if st.exit_code == EXIT_AGENT_ERROR else "agent",
             )
+        if exit_rec is not None and exit_rec.kind == "boot":  # e.g. the GPU driver never showed the GPUs
+            why = f"the Agent found the VM unfit: {exit_rec.error or 'boot failed'}"
+            self._boot_failed(job, spec, attempt, provider, instance, st, why, "", now)
+            return
         if exit_rec is not None and exit_rec.infrastructure:
             self._infra_failure(provider, instance, job, spec, attempt, exit_rec, st, store.url)
             return
@@ -270,8 +274,26 @@ class WatchingMixin(ControllerCore):
         else:
             why = f"the cloud did not report the VM running within {timeout:.0f}s (recovery.boot_timeout)"
         tail = self._boot_log_tail(job, attempt, provider, instance, store)
+        self._boot_failed(job, spec, attempt, provider, instance, st, why, tail, now)
+        return True
+
+    def _boot_failed(
+        self,
+        job: Job,
+        spec: JobSpec,
+        attempt: Attempt,
+        provider: Provider,
+        instance: Instance,
+        st: InstanceState,
+        why: str,
+        tail: str,
+        now: float,
+    ) -> None:
+        """End the attempt as a boot failure (the controller saw no Agent, or the Agent found the VM
+        without what the offer promised); `max_boot_failures` of them fail the job."""
+        key = (job.id, attempt.n)
         last = tail.splitlines()[-1] if tail else "no boot log"
-        self._end(provider, instance, job, attempt, "boot_failed", None, st, detail=f"{why}; {last}")
+        self._end(provider, instance, job, attempt, "boot_failed", None, st, detail=f"{why}; {last}" if tail else why)
         if attempt.n != getattr(self.state.open_attempt(job.id), "n", None):  # the attempt did end
             self._boot_clock.pop(key, None)
             self.state.add_event(job.id, now, "boot_failed", f"attempt {attempt.n}: {why}\n{tail}")
@@ -280,7 +302,6 @@ class WatchingMixin(ControllerCore):
             if failures >= limit:
                 reason = f"{failures} boot failures (max_boot_failures {limit}): {why}. The boot log ends:\n{tail}"
                 raise JobFinished(JobStatus.FAILED, EXIT_FAILED, reason)
-        return True
 
     def _boot_log_tail(
         self, job: Job, attempt: Attempt, provider: Provider, instance: Instance, store: Any, lines: int = 15

@@ -414,6 +414,7 @@ class AWSOptions(_ProviderOptions):
     instance_profile: Word | None = None
     subnet_id: Word | None = None
     security_group_id: Word | None = None
+    subnet_nat: bool | None = None  # the subnet reaches the internet through a NAT: no public IP
 
 
 class GCPOptions(_ProviderOptions):
@@ -421,6 +422,7 @@ class GCPOptions(_ProviderOptions):
     image: Word | None = None
     service_account: Word | None = None
     network: Word | None = None
+    cloud_nat: bool | None = None  # the network has Cloud NAT: no external IP
 
 
 class AzureOptions(_ProviderOptions):
@@ -428,6 +430,7 @@ class AzureOptions(_ProviderOptions):
     resource_group: Word | None = None
     image: Word | None = None
     identity: Word | None = None
+    subnet_nat: bool | None = None  # subnet_id has a NAT gateway: no public IP
 
 
 _NAME = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")

@@ -4,8 +4,8 @@ The real `azure-mgmt-compute` / `azure-mgmt-network` clients talk to it over HTT
 
     Microsoft.Compute: virtualMachines PUT/GET(?$expand=instanceView)/DELETE/list, skus list,
                        async operations;
-    Microsoft.Network: virtualNetworks, networkSecurityGroups, networkInterfaces PUT/GET/DELETE,
-                       async operations.
+    Microsoft.Network: virtualNetworks, networkSecurityGroups, networkInterfaces, publicIPAddresses
+                       PUT/GET/DELETE, subnets GET (tests/fakes/azure_network.py), async operations.
 
 Modelled on ARM's behaviour where the provider depends on it:
 
@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 
 from spotrun.clouds.base import Boot, extract_boot
+from tests.fakes import azure_network
 from tests.fakes.rest_fake import Request, Response, RestFake
 
 SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"
@@ -53,6 +54,7 @@ KINDS = {
     "Microsoft.Network/virtualNetworks": "vnet",
     "Microsoft.Network/networkSecurityGroups": "nsg",
     "Microsoft.Network/networkInterfaces": "nic",
+    "Microsoft.Network/publicIPAddresses": "pip",
 }
 
 
@@ -156,6 +158,7 @@ class FakeARM(RestFake):
         r("GET", RG + prov + r"/(?P<name>[^/]+)", self._get)
         r("DELETE", RG + prov + r"/(?P<name>[^/]+)", self._delete)
         r("GET", RG + prov, self._list)
+        azure_network.install(self)  # subnets GET (tests/fakes/azure_network.py)
         r("GET", S + r"/providers/Microsoft\.Compute/virtualMachines", self._list_all)
         r("GET", S + r"/providers/Microsoft\.Compute/skus", self._skus)
         r(
@@ -374,6 +377,13 @@ class FakeARM(RestFake):
                     subnet = cfg["properties"].get("subnet", {}).get("id", "")
                     if subnet.rsplit("/subnets/", 1)[0].lower() not in self.resources:
                         return _error(400, "InvalidResourceReference", f"subnet {subnet} not found")
+                    denied = azure_network.check_nic_public_ip(self, cfg["properties"], rid)
+                    if denied:
+                        return denied
+            if kind == "pip":
+                denied = azure_network.check_public_ip(resource)
+                if denied:
+                    return denied
             existed = rid.lower() in self.resources
             props["provisioningState"] = "Updating"  # network PUTs are asynchronous, as on ARM
 
@@ -570,6 +580,7 @@ class FakeARM(RestFake):
             nic["properties"].pop("virtualMachine", None)
             if ref.get("properties", {}).get("deleteOption") == "Delete":
                 self.resources.pop(ref["id"].lower(), None)
+                azure_network.delete_with_nic(self, nic)
 
     def _delete(self, req: Request) -> Response:
         denied = self._guard(req)
@@ -582,6 +593,8 @@ class FakeARM(RestFake):
                 return Response(204)  # ARM: deleting what is not there succeeds with 204
             if resource["_kind"] == "nic" and resource["properties"].get("virtualMachine"):
                 return _error(400, "NicInUse", f"Network Interface {resource['id']} is used by a virtual machine")
+            if resource["_kind"] == "pip" and azure_network.attached_nic(self, rid):
+                return _error(400, "PublicIPAddressCannotBeDeleted", f"Public IP address {resource['id']} is in use")
             if resource["_kind"] == "vm":
                 resource["properties"]["provisioningState"] = "Deleting"
                 headers = self._start_op(

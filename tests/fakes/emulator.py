@@ -39,6 +39,7 @@ from typing import Any
 from spotrun.clouds.base import Boot
 from tests.fakes import vm_image
 
+FAKE_GPU_DIR = Path(__file__).resolve().parents[1] / "fixtures" / "fake_gpu"
 log = logging.getLogger(__name__)
 
 
@@ -107,7 +108,10 @@ class InstanceEmulator:
         self.boot_of = boot_of
         self.root = Path(root)
         # the instance's `python` is this interpreter (as a Deep Learning AMI comes with torch)
-        path = os.pathsep.join([str(Path(sys.executable).parent), (env or {}).get("PATH", os.environ.get("PATH", ""))])
+        # and its GPUs answer `nvidia-smi -L` (tests/fixtures/fake_gpu: the Agent waits for them)
+        path = os.pathsep.join(
+            [str(FAKE_GPU_DIR), str(Path(sys.executable).parent), (env or {}).get("PATH", os.environ.get("PATH", ""))]
+        )
         self.env = {**(env or {}), "PATH": path}
         self.prepare = prepare
         self.before_boot: Callable[[Boot], None] | None = None  # a test's hook, run as each instance boots
@@ -216,7 +220,8 @@ class InstanceEmulator:
             script = self.vm.script_of(instance_id)
             env = self.vm.env_of(instance_id, handle)
             name = f"{vm_image.vm_prefix()}{instance_id}"[:120]
-            vm = vm_image.start_vm(name, script, env=env, console=log_path, index_url=self.vm.index_url)
+            smi = {FAKE_GPU_DIR / "nvidia-smi": "/usr/local/bin/nvidia-smi"}  # the VM's GPUs (see fake_gpu)
+            vm = vm_image.start_vm(name, script, env=env, console=log_path, index_url=self.vm.index_url, mounts=smi)
             if self.vm.console is not None:
                 self.vm.console(instance_id, vm.read_console)
             with self._lock:

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from spotrun.clouds.base import Boot, extract_boot
+from tests.fakes import gce_network
 from tests.fakes.rest_fake import Request, Response, RestFake
 
 PROJECT = "spotrun-test"
@@ -226,6 +227,8 @@ class FakeGCE(RestFake):
             self.networks = set(NETWORKS)
             self.subnetworks = set(SUBNETWORKS)
             self.service_accounts = set(SERVICE_ACCOUNTS)
+            self.firewalls.clear()
+            self.routers.clear()
 
     # ------------------------------------------------------------------ routes
 
@@ -250,6 +253,7 @@ class FakeGCE(RestFake):
             r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/service-accounts/default/token",
             self._sa_token,
         )
+        gce_network.install(self)  # firewalls, routers: spotrun's egress (tests/fakes/gce_network.py)
 
     def _guard(self, req: Request) -> Response | None:
         """Authorization, project and zone checks, and injected rate limits."""

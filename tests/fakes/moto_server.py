@@ -112,6 +112,19 @@ _UNSET = (
 )
 
 
+def default_vpc_internet(region: str) -> None:
+    """Give moto's default VPC what a real one has: an internet gateway and the route 0.0.0.0/0 to
+    it in its main route table (moto creates the VPC and its subnets without them)."""
+    ec2 = fast_session(region).client("ec2")
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    igw = ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+    ec2.attach_internet_gateway(InternetGatewayId=igw, VpcId=vpc)
+    main = ec2.describe_route_tables(
+        Filters=[{"Name": "vpc-id", "Values": [vpc]}, {"Name": "association.main", "Values": ["true"]}]
+    )["RouteTables"][0]["RouteTableId"]
+    ec2.create_route(RouteTableId=main, DestinationCidrBlock="0.0.0.0/0", GatewayId=igw)
+
+
 @pytest.fixture
 def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: Any) -> Iterator[MotoServer]:
     """boto3 in this process talks to moto; no real AWS config or credentials are read."""
@@ -123,6 +136,7 @@ def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path_facto
     for name, value in moto_server.env().items():
         monkeypatch.setenv(name, value)
     moto_server.reset()
+    default_vpc_internet(TEST_REGION)
     try:
         yield moto_server
     finally:

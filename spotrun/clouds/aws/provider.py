@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
 from spotrun.clouds.aws.api import PERMISSION_CODES, AWSApi, redact
+from spotrun.clouds.aws.images import ami_choice
+from spotrun.clouds.aws.network import egress_missing, with_public_ip
 from spotrun.clouds.aws.resources import DLAMI_NAME_PATTERNS, DLAMI_PARAMETER, TAG_JOB, LaunchResources
 from spotrun.clouds.base import (
     AuthError,
@@ -43,6 +45,7 @@ from spotrun.clouds.base import (
     ProviderError,
     render_bootstrap_script,
 )
+from spotrun.clouds.egress import add_missing
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
@@ -107,6 +110,7 @@ class AWSProvider(Provider):
         regions: list[str] | None = None,
         ami_parameter: str = DLAMI_PARAMETER,
         ami_name_patterns: tuple[str, ...] = DLAMI_NAME_PATTERNS,
+        subnet_nat: bool = False,
         max_attempts: int = 6,
         backoff_base: float = 0.5,
         backoff_cap: float = 20.0,
@@ -139,6 +143,7 @@ class AWSProvider(Provider):
             security_group_id=security_group_id,
             ami_parameter=ami_parameter,
             ami_name_patterns=ami_name_patterns,
+            subnet_nat=subnet_nat,
         )
         self._regions: set[str] = {r for r in [region, *(regions or [])] if r}
         self._launched_regions: set[str] = set()
@@ -263,7 +268,9 @@ class AWSProvider(Provider):
         if existing is not None:
             log.info("launch %s already done: %s", client_token, existing["InstanceId"])
             return self._to_instance(existing, region, extra)
-        image = self.resources.image(region)
+        image = self.resources.image(
+            region, **ami_choice(offer, self.resources.ami_parameter, custom_ami=bool(self.resources.ami))
+        )
         vpc_id, subnet_id = self.resources.network(region, offer.zone)
         group_id = self.resources.security_group(region, vpc_id)
         profile, fresh = self.resources.instance_profile(boot)
@@ -278,6 +285,8 @@ class AWSProvider(Provider):
             security_group_id=group_id,
             instance_profile=profile,
         )
+        configured = bool(self.resources.subnet_id) and region == self.resources._home_region()
+        request = with_public_ip(request, subnet_id=subnet_id, configured=configured, nat=self.resources.subnet_nat)
         raw = self._run_instances(region, request, fresh_profile=fresh)
         extra.update(security_group_id=group_id, subnet_id=raw.get("SubnetId") or subnet_id or "")
         if profile:
@@ -450,6 +459,7 @@ class AWSProvider(Provider):
             return result
         result.update(usable=True, account=identity.get("Account", ""), identity=identity.get("Arn", ""))
         result["detail"] = f"credentials of {identity.get('Arn', '?')}"
+        add_missing(result, egress_missing(self))
         if not region:
             result["detail"] += "; no default region (offers carry their own region)"
             return result

@@ -118,8 +118,11 @@ class LaunchResources:
         security_group_id: str | None = None,
         ami_parameter: str = DLAMI_PARAMETER,
         ami_name_patterns: tuple[str, ...] = DLAMI_NAME_PATTERNS,
+        subnet_nat: bool = False,
     ) -> None:
-        """`subnet_id` and `security_group_id` belong to the api's home region: used only there."""
+        """`subnet_id` and `security_group_id` belong to the api's home region: used only there.
+        `subnet_nat`: the configured subnet reaches the internet through a NAT (no public IP needed)."""
+        self.subnet_nat = subnet_nat
         self.api = api
         self.region = api.region
         self.ami = ami
@@ -133,27 +136,32 @@ class LaunchResources:
         self._profiles: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
 
-    def image(self, region: str) -> tuple[str, str]:
-        """(image id, root device name) for `region`."""
+    def image(
+        self, region: str, *, parameter: str | None = None, patterns: tuple[str, ...] = (), arch: str = "x86_64"
+    ) -> tuple[str, str]:
+        """(image id, root device name) for `region`. `parameter`/`patterns`/`arch` come from the
+        image table (clouds/aws/images.py) when the offer's GPU needs another DLAMI than the default."""
+        parameter = parameter or self.ami_parameter
+        key = f"{region}|{parameter}|{arch}"
         with self._lock:
-            if region in self._images:
-                return self._images[region]
+            if key in self._images:
+                return self._images[key]
         ec2 = self.api.client("ec2", region)
-        image_id = self.ami or self._ami_from_parameter(region)
+        image_id = self.ami or self._ami_from_parameter(region, parameter)
         if image_id:
             images = self.api.call(ec2.describe_images, ImageIds=[image_id])["Images"]
             if not images:
                 raise BadRequest(f"AMI {image_id} not found in {region}", code="InvalidAMIID.NotFound")
         else:
             images = []
-            for pattern in self.ami_name_patterns:
+            for pattern in (*patterns, *self.ami_name_patterns):
                 images = self.api.call(
                     ec2.describe_images,
                     Owners=["amazon"],
                     Filters=[
                         {"Name": "name", "Values": [pattern]},
                         {"Name": "state", "Values": ["available"]},
-                        {"Name": "architecture", "Values": ["x86_64"]},
+                        {"Name": "architecture", "Values": [arch]},
                     ],
                 )["Images"]
                 if images:
@@ -167,15 +175,15 @@ class LaunchResources:
         image = images[-1]
         found = (image["ImageId"], image.get("RootDeviceName") or "/dev/sda1")
         with self._lock:
-            self._images[region] = found
+            self._images[key] = found
         return found
 
-    def _ami_from_parameter(self, region: str) -> str | None:
+    def _ami_from_parameter(self, region: str, parameter: str) -> str | None:
         ssm = self.api.client("ssm", region)
         try:
-            return str(self.api.call(ssm.get_parameter, Name=self.ami_parameter)["Parameter"]["Value"])
+            return str(self.api.call(ssm.get_parameter, Name=parameter)["Parameter"]["Value"])
         except (BadRequest, AuthError) as exc:  # not published here, or not allowed to read it
-            log.info("SSM parameter %s not usable in %s (%s): searching images", self.ami_parameter, region, exc.code)
+            log.info("SSM parameter %s not usable in %s (%s): searching images", parameter, region, exc.code)
             return None
 
     def _home_region(self) -> str | None:

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from spotrun.clock import SYSTEM_CLOCK, Clock
+from spotrun.clouds.azure.images import DEFAULT, image_for
+from spotrun.clouds.azure.network import delete_public_ip, egress_missing, ensure_nsg, public_ip
 from spotrun.clouds.base import (
     AuthError,
     BadRequest,
@@ -50,13 +52,14 @@ from spotrun.clouds.base import (
     Throttled,
     render_bootstrap_script,
 )
+from spotrun.clouds.egress import add_missing
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
 
 T = TypeVar("T")
 
-DEFAULT_IMAGE = "microsoft-dsvm:ubuntu-hpc:2204:latest"  # Ubuntu HPC: NVIDIA driver, CUDA, Python
+DEFAULT_IMAGE = DEFAULT  # Ubuntu HPC: NVIDIA driver, CUDA, Python (the image table: clouds/azure/images.py)
 DEFAULT_IMDS = "http://169.254.169.254"
 ARM_SCOPE = "https://management.azure.com/.default"
 TAG_JOB = "spotrun-job"
@@ -224,6 +227,7 @@ class AzureProvider(Provider):
         image: str | None = None,
         identity: str | None = None,
         subnet_id: str | None = None,
+        subnet_nat: bool = False,
         max_price: float | None = None,
         disk_gb: int = 128,
         endpoint: str | None = None,
@@ -242,6 +246,7 @@ class AzureProvider(Provider):
         self.image = image or DEFAULT_IMAGE
         self.identity = identity
         self.subnet_id = subnet_id
+        self.subnet_nat = subnet_nat  # subnet_id has a NAT gateway: no public IP (clouds/azure/network.py)
         self.max_price = max_price
         self.disk_gb = int(disk_gb)
         self.endpoint = endpoint
@@ -339,10 +344,12 @@ class AzureProvider(Provider):
             self._cleanup(name)  # a failed earlier try: start over cleanly
         self._check_sku(location, offer.instance_type, zones_for(offer))
         subnet_id, nsg_id = self._ensure_network(location)
+        nsg_id = nsg_id or ensure_nsg(self, location)  # a configured subnet's NICs get it too
         notice = {"kind": "azure", "endpoint": self.imds_endpoint.replace("{instance}", name), "vm_name": name}
         boot = dataclasses.replace(boot, notice=notice, env={**boot.env, **storage_account_env(boot.store_url)})
         try:
-            nic_id = self._create_nic(name, location, subnet_id, nsg_id, boot)
+            ip_id = public_ip(self, name, location, boot)  # egress without ingress (clouds/azure/network.py)
+            nic_id = self._create_nic(name, location, subnet_id, nsg_id, boot, public_ip=ip_id)
             body = self.vm_body(offer, spot=spot, boot=boot, name=name, nic_id=nic_id, token=client_token)
             created = self._call(
                 lambda: self.compute.virtual_machines.begin_create_or_update(self.resource_group, name, body).result()
@@ -360,7 +367,7 @@ class AzureProvider(Provider):
         properties: dict[str, Any] = {
             "hardwareProfile": {"vmSize": offer.instance_type},
             "storageProfile": {
-                "imageReference": image_reference(self.image),
+                "imageReference": image_reference(image_for(offer, self.image)),
                 "osDisk": {
                     "createOption": "FromImage",
                     "deleteOption": "Delete",
@@ -464,15 +471,13 @@ class AzureProvider(Provider):
         self._networks[location] = (subnets[0]["id"], _wire(nsg)["id"])
         return self._networks[location]
 
-    def _create_nic(self, name: str, location: str, subnet_id: str, nsg_id: str, boot: Boot) -> str:
-        properties: dict[str, Any] = {
-            "ipConfigurations": [
-                {
-                    "name": "ipconfig1",
-                    "properties": {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"},
-                }
-            ],
-        }  # (no publicIPAddress: nothing outside the VNet can reach the VM)
+    def _create_nic(
+        self, name: str, location: str, subnet_id: str, nsg_id: str, boot: Boot, *, public_ip: str | None = None
+    ) -> str:
+        config: dict[str, Any] = {"subnet": {"id": subnet_id}, "privateIPAllocationMethod": "Dynamic"}
+        if public_ip:  # for egress; inbound stays closed by the NSG
+            config["publicIPAddress"] = {"id": public_ip}
+        properties: dict[str, Any] = {"ipConfigurations": [{"name": "ipconfig1", "properties": config}]}
         if nsg_id:
             properties["networkSecurityGroup"] = {"id": nsg_id}
         body = {
@@ -501,6 +506,7 @@ class AzureProvider(Provider):
             except ProviderError as e:
                 if not isinstance(e.__cause__, ResourceNotFoundError):
                     raise
+        delete_public_ip(self, name)  # once the NIC is gone (Azure refuses to delete an IP in use)
 
     def _to_instance(self, vm: dict[str, Any], *, launched_at: float) -> Instance:
         tags = vm.get("tags") or {}
@@ -570,9 +576,10 @@ class AzureProvider(Provider):
         except ProviderError as e:
             return {"provider": self.name, "usable": False, "detail": str(e), "missing": [str(e)]}
         missing += identity.check_items(self)
-        return {
+        result = {
             "provider": self.name,
             "usable": not missing,
             "detail": f"subscription {self.subscription_id}, resource group {self.resource_group}",
             "missing": missing,
         }
+        return add_missing(result, egress_missing(self))

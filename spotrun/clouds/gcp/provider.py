@@ -49,6 +49,9 @@ from spotrun.clouds.base import (
     Throttled,
     render_bootstrap_script,
 )
+from spotrun.clouds.egress import add_missing
+from spotrun.clouds.gcp.images import DEFAULT, image_for
+from spotrun.clouds.gcp.network import egress_missing, ensure_deny_ingress, shape_nic
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
@@ -63,7 +66,7 @@ def boot_disk_type(machine_type: str) -> str:
     return "hyperdisk-balanced" if machine_type.startswith(HYPERDISK_ONLY) else "pd-balanced"
 
 
-DEFAULT_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
+DEFAULT_IMAGE = DEFAULT  # the Deep Learning VM image family of the image table (clouds/gcp/images.py)
 DEFAULT_IMDS = "http://metadata.google.internal"
 STORAGE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 LABEL_JOB = "spotrun-job"
@@ -182,6 +185,7 @@ class GCPProvider(Provider):
         service_account: str | None = None,
         network: str | None = None,
         subnetwork: str | None = None,
+        cloud_nat: bool = False,
         disk_gb: int = 100,
         endpoint: str | None = None,
         credentials: Any = None,
@@ -198,6 +202,7 @@ class GCPProvider(Provider):
         self.service_account = service_account
         self.network = network
         self.subnetwork = subnetwork
+        self.cloud_nat = cloud_nat  # the network has Cloud NAT: VMs get no external IP (clouds/gcp/network.py)
         self.disk_gb = int(disk_gb)
         self.endpoint = endpoint
         self._credentials = credentials
@@ -238,6 +243,8 @@ class GCPProvider(Provider):
                     "zone_operations": compute_v1.ZoneOperationsClient,
                     "accelerator_types": compute_v1.AcceleratorTypesClient,
                     "projects": compute_v1.ProjectsClient,
+                    "firewalls": compute_v1.FirewallsClient,
+                    "routers": compute_v1.RoutersClient,
                 }[kind]
                 options = {"api_endpoint": self.endpoint} if self.endpoint else None
                 try:
@@ -293,6 +300,7 @@ class GCPProvider(Provider):
             accelerator=accelerator,
             token=client_token,
         )
+        ensure_deny_ingress(self)  # before any VM of this network gets an external IP
         instances = self._client("instances")
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1
@@ -332,7 +340,7 @@ class GCPProvider(Provider):
         )
         if spot:
             scheduling.instance_termination_action = "DELETE"
-        nic = compute_v1.NetworkInterface()  # no access_configs: no external address, no ingress
+        nic = compute_v1.NetworkInterface()  # its external IP: shape_nic below
         if self.network:
             nic.network = self.network
         if self.subnetwork:
@@ -349,7 +357,7 @@ class GCPProvider(Provider):
             boot=True,
             auto_delete=True,
             initialize_params=compute_v1.AttachedDiskInitializeParams(
-                source_image=self.image,
+                source_image=image_for(offer, self.image),
                 disk_size_gb=self.disk_gb,
                 disk_type=f"zones/{zone}/diskTypes/{boot_disk_type(offer.instance_type)}",
             ),
@@ -368,6 +376,7 @@ class GCPProvider(Provider):
                 LABEL_TOKEN: label_value(request_id(token)),
             },
         )
+        shape_nic(self, instance)  # egress: an ephemeral external IP, no ingress (clouds/gcp/network.py)
         if accelerator:
             instance.guest_accelerators = [
                 compute_v1.AcceleratorConfig(
@@ -551,7 +560,8 @@ class GCPProvider(Provider):
             return {"provider": self.name, "usable": False, "detail": str(e), "missing": [str(e)]}
         missing += identity.check_items(self)
         detail = f"project {found.name}"
-        return {"provider": self.name, "usable": not missing, "detail": detail, "missing": missing}
+        result = {"provider": self.name, "usable": not missing, "detail": detail, "missing": missing}
+        return add_missing(result, egress_missing(self))
 
 
 def _secrets_scope(boot: Boot) -> list[str]:
