@@ -12,6 +12,7 @@ import pytest
 
 from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
+from spotrun.clouds.azure import identity as azure_identity
 from spotrun.clouds.azure.notice import AzureNotice
 from spotrun.clouds.azure.provider import AzureProvider
 from spotrun.clouds.base import (
@@ -81,7 +82,8 @@ def test_spot_vm_request_body(provider: AzureProvider, arm: FakeARM) -> None:
     assert props["billingProfile"] == {"maxPrice": -1}
     assert props["hardwareProfile"] == {"vmSize": "Standard_NC4as_T4_v3"}
     assert body["tags"]["spotrun-job"] == "train-0101-abc123" and body["tags"]["spotrun-attempt"] == "1"
-    assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {IDENTITY: {}}}
+    job_identity = IDENTITY.replace("spotrun-runner", azure_identity.job_identity_name("train-0101-abc123"))
+    assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {job_identity: {}}}  # its own
     assert props["storageProfile"]["osDisk"]["deleteOption"] == "Delete"
     assert props["storageProfile"]["imageReference"]["publisher"] == "microsoft-dsvm"
     (nic_ref,) = props["networkProfile"]["networkInterfaces"]

@@ -3,6 +3,7 @@ through the real google-cloud-compute client over HTTP."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from typing import Any
@@ -83,7 +84,10 @@ def test_spot_n1_request_body(provider: GCPProvider, gce: FakeGCE) -> None:
         [{"name": "External NAT", "type": "ONE_TO_ONE_NAT"}]
     ]
     assert body["tags"] == {"items": ["spotrun-no-ingress"]}  # the deny-ingress rule's target, nothing else
-    assert body["serviceAccounts"] == [{"email": SA, "scopes": [STORAGE_SCOPE]}]
+    # the job's own account (clouds/gcp/identity.py; tests/test_identity_jobs.py), not the configured SA
+    digest = hashlib.sha256(b"train-0101-abc123").hexdigest()[:8]
+    job_sa = f"spotrun-train-0101-ab-{digest}@{PROJECT}.iam.gserviceaccount.com"
+    assert body["serviceAccounts"] == [{"email": job_sa, "scopes": [STORAGE_SCOPE]}]
     assert body["labels"]["spotrun-job"] == "train-0101-abc123" and body["labels"]["spotrun-attempt"] == "1"
     items = {i["key"]: i["value"] for i in body["metadata"]["items"]}
     sent = extract_boot(items["startup-script"])

@@ -156,6 +156,12 @@ GCE_PERMISSIONS = [  # (method, path regex) -> what Compute Engine checks
     ("GET", r"/acceleratorTypes/[^/]+$", ["compute.acceleratorTypes.get"]),
     ("GET", r"/projects/[^/]+$", ["compute.projects.get"]),
     ("GET", r"/v1/projects/[^/]+/serviceAccounts/[^/]+$", ["iam.serviceAccounts.get"]),
+    # the job's own service account (clouds/gcp/identity.py): created, bound on the bucket, deleted
+    ("POST", r"/v1/projects/[^/]+/serviceAccounts$", ["iam.serviceAccounts.create"]),
+    ("GET", r"/v1/projects/[^/]+/serviceAccounts$", ["iam.serviceAccounts.list"]),
+    ("DELETE", r"/v1/projects/[^/]+/serviceAccounts/[^/]+$", ["iam.serviceAccounts.delete"]),
+    ("GET", r"/storage/v1/b/[^/]+/iam$", ["storage.buckets.getIamPolicy"]),
+    ("PUT", r"/storage/v1/b/[^/]+/iam$", ["storage.buckets.setIamPolicy"]),
 ]  # fmt: skip
 
 
@@ -177,6 +183,10 @@ def gcp_calls(gce: FakeGCE) -> set[str]:
     provider.list_owned("iam-job")
     provider.terminate(inst)
     provider.poll(inst)  # gone: was it preempted? (zone operations list)
+    from spotrun.clouds.gcp.identity import leftover_accounts
+
+    leftover_accounts(provider)  # what `spotrun gc` sweeps
+    provider.release_job("iam-job")  # the job's service account and its bucket bindings
     needed: set[str] = set()
     for req in gce.requests:
         path = req.path.split("?", 1)[0]
@@ -261,6 +271,10 @@ def test_azure_permissions_in_docs_cover_every_call_at_the_right_scope(arm: Fake
     provider.poll(inst)
     provider.list_owned("iam-job")
     provider.terminate(inst)
+    from spotrun.clouds.azure.identity import leftover_identities
+
+    leftover_identities(provider)  # what `spotrun gc` sweeps
+    provider.release_job("iam-job")  # the job's identity and its role assignments
     needed: dict[str, str] = {}
     for req in arm.requests:
         for action in arm_action(req.method, req.path):

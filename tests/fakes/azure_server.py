@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from spotrun.clouds.base import Boot, extract_boot
-from tests.fakes import azure_network
+from tests.fakes import azure_identity_fake, azure_network
 from tests.fakes.rest_fake import Request, Response, RestFake
 
 SUBSCRIPTION = "00000000-0000-4000-8000-000000000001"
@@ -171,6 +171,7 @@ class FakeARM(RestFake):
             RG + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/(?P<identity>[^/]+)",
             self._identity_get,
         )
+        azure_identity_fake.install(self)  # per-job identities, storage role assignments
         r("GET", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_get)
         r("POST", r"/_vm/(?P<vm>[^/]+)/metadata/scheduledevents", self._events_post)
 
@@ -281,6 +282,7 @@ class FakeARM(RestFake):
             self.zone_restricted.clear()
             self.images = set(IMAGES)
             self.identities = set(IDENTITIES)
+            azure_identity_fake.reset(self)
             self._fail_next.clear()
             self._throttle = 0
             self.requests.clear()
@@ -683,6 +685,8 @@ class FakeARM(RestFake):
                 f"'{req.params['rg']}' was not found.",
             )
         rid = req.path.split("?", 1)[0]
+        if rid.lower() in self.managed_identities:  # made through tests/fakes/azure_identity_fake.py
+            return Response(200, self.managed_identities[rid.lower()])
         principal = str(uuid.uuid5(uuid.NAMESPACE_URL, rid))
         body = {"id": rid, "name": name, "type": "Microsoft.ManagedIdentity/userAssignedIdentities",
                 "location": "eastus", "properties": {"principalId": principal, "clientId": principal,

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from spotrun.clouds.base import Boot, extract_boot
-from tests.fakes import gce_network
+from tests.fakes import gce_network, gcp_iam_fake
 from tests.fakes.rest_fake import Request, Response, RestFake
 
 PROJECT = "spotrun-test"
@@ -229,6 +229,7 @@ class FakeGCE(RestFake):
             self.service_accounts = set(SERVICE_ACCOUNTS)
             self.firewalls.clear()
             self.routers.clear()
+            gcp_iam_fake.reset(self)
 
     # ------------------------------------------------------------------ routes
 
@@ -254,6 +255,7 @@ class FakeGCE(RestFake):
             self._sa_token,
         )
         gce_network.install(self)  # firewalls, routers: spotrun's egress (tests/fakes/gce_network.py)
+        gcp_iam_fake.install(self)  # service accounts, bucket IAM: per-job identity (tests/fakes/gcp_iam_fake.py)
 
     def _guard(self, req: Request) -> Response | None:
         """Authorization, project and zone checks, and injected rate limits."""
@@ -291,6 +293,8 @@ class FakeGCE(RestFake):
         email = req.params["email"]
         if email not in self.service_accounts:
             return Response(404, {"error": {"code": 404, "message": "Unknown service account", "status": "NOT_FOUND"}})
+        if email in self.account_records:  # made through the IAM fake (tests/fakes/gcp_iam_fake.py)
+            return Response(200, self.account_records[email])
         name = f"projects/{self.project}/serviceAccounts/{email}"
         return Response(200, {"name": name, "email": email, "projectId": self.project, "uniqueId": "1" * 21})
 

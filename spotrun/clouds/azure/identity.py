@@ -28,10 +28,16 @@ BLOB_PATH = "@Resource[Microsoft.Storage/storageAccounts/blobServices/containers
 WRITE = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/write"
 READ = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/read"
 DELETE = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/delete"
+ADD = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/add/action"
+MOVE = "Microsoft.Storage/storageAccounts/blobServices/containers/blobs/move/action"
 
-ROLE_ACTIONS = {  # the data actions of the two built-in roles spotrun assigns
-    "Storage Blob Data Contributor": {READ, WRITE, DELETE},
+ROLE_ACTIONS = {  # the blob data actions of the two built-in roles spotrun assigns
+    "Storage Blob Data Contributor": {READ, WRITE, DELETE, ADD, MOVE},
     "Storage Blob Data Reader": {READ},
+}
+ROLE_IDS = {  # the built-in role definitions' ids (the same in every subscription)
+    "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
+    "Storage Blob Data Reader": "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1",
 }
 
 
@@ -44,7 +50,9 @@ class Assignment:
     def condition(self) -> str:
         """The ABAC condition (version 2.0) as `az role assignment create --condition` takes it."""
         tests = " OR ".join(f"{BLOB_PATH} StringStartsWith '{p}'" for p in self.prefixes)
-        return f"((!(ActionMatches{{'{WRITE}'}}) AND !(ActionMatches{{'{READ}'}})) OR ({tests}))"
+        # every blob action of the role is conditioned (a delete left out would be unrestricted)
+        actions = " AND ".join(f"!(ActionMatches{{'{a}'}})" for a in sorted(ROLE_ACTIONS[self.role]))
+        return f"(({actions}) OR ({tests}))"
 
 
 def _prefix(store_url: str) -> str:
@@ -123,3 +131,166 @@ def check_items(provider: Any) -> list[str]:
             f"(needs Microsoft.ManagedIdentity/userAssignedIdentities/read) ({DOC})"
         ]
     return []
+
+
+# ---------------------------------------------------------------------- the per-job identity
+
+ROLE_API = "2022-04-01"  # Microsoft.Authorization/roleAssignments (conditions need >= 2020-04-01-preview)
+TAG_JOB = "spotrun-job"
+TAG_STORE = "spotrun-store"
+TAG_SCOPE = "spotrun-scope"
+
+
+def uses_job_identity(boot: Any) -> bool:
+    """Does this launch run its VM as a per-job identity? Only for a store on Blob storage, and a
+    job without `${VAR}` secrets (Key Vault's grant is made for the configured `azure.identity`,
+    clouds/azure/secrets.py, which such a job keeps)."""
+    from spotrun.clouds.secrets import SECRETS_REF_ENV
+
+    return boot.store_url.startswith("az://") and SECRETS_REF_ENV not in boot.env
+
+
+def job_identity_name(job_id: str) -> str:
+    """`spotrun-<job slug>-<8 hex>`: 3-128 letters, digits, '-' and '_', starting alphanumeric."""
+    import hashlib
+
+    slug = re.sub(r"[^a-z0-9-]", "-", job_id.lower()).strip("-")[:60].rstrip("-") or "job"
+    return f"spotrun-{slug}-{hashlib.sha256(job_id.encode()).hexdigest()[:8]}"
+
+
+def container_scope(provider: Any, store_url: str) -> str:
+    """The store container's resource id, the scope of the job's role assignments. The storage
+    account is named by `az://container@account/...` or the environment the controller's store
+    reads; it lives in AZURE_STORAGE_RESOURCE_GROUP, else in the provider's resource group."""
+    import os
+    from urllib.parse import urlparse
+
+    from spotrun.clouds.azure.provider import storage_account_env
+    from spotrun.clouds.base import BadRequest
+
+    head = store_url.split("://", 1)[-1].split("/", 1)[0]
+    container, _, account = head.partition("@")
+    if not account:
+        env = storage_account_env(store_url)
+        account = env.get("AZURE_STORAGE_ACCOUNT", "")
+        url = env.get("AZURE_STORAGE_ACCOUNT_URL", "")
+        if url:
+            parsed = urlparse(url)
+            host = parsed.hostname or ""
+            first = host.split(".", 1)[0]
+            account = parsed.path.strip("/").split("/", 1)[0] if first.isdigit() or host == "localhost" else first
+    if not account:
+        raise BadRequest(f"{store_url}: cannot tell the storage account to scope the job's identity", code="identity")
+    group = os.environ.get("AZURE_STORAGE_RESOURCE_GROUP") or provider.resource_group
+    return (
+        f"/subscriptions/{provider.subscription_id}/resourceGroups/{group}/providers/Microsoft.Storage/"
+        f"storageAccounts/{account}/blobServices/default/containers/{container}"
+    )
+
+
+def _identity_id(provider: Any, job_id: str) -> str:
+    return (
+        f"/subscriptions/{provider.subscription_id}/resourceGroups/{provider.resource_group}/providers/"
+        f"Microsoft.ManagedIdentity/userAssignedIdentities/{job_identity_name(job_id)}"
+    )
+
+
+def _assignment_path(scope: str, principal: str, role: str) -> str:
+    import uuid
+
+    name = uuid.uuid5(uuid.NAMESPACE_URL, f"spotrun:{scope}:{principal}:{role}")
+    return f"{scope}/providers/Microsoft.Authorization/roleAssignments/{name}?api-version={ROLE_API}"
+
+
+def _arm(provider: Any, method: str, path: str, what: str, action: str, body: Any = None) -> Any:
+    """One ARM call through the compute client's pipeline (its credential, retries, endpoint)."""
+    from azure.core.exceptions import AzureError
+    from azure.core.rest import HttpRequest
+
+    from spotrun.clouds.azure.provider import classify
+    from spotrun.clouds.base import AuthError, ProviderError
+
+    request = HttpRequest(method, path, json=body) if body is not None else HttpRequest(method, path)
+    try:
+        response = provider.compute.send_request(request)
+    except AzureError as e:
+        raise ProviderError(f"{what}: Azure Resource Manager unreachable: {e}", code="network") from e
+    if response.status_code < 400 or response.status_code == 404 and method != "PUT":
+        return response
+    try:
+        error = response.json().get("error", {})
+    except ValueError:
+        error = {}
+    err = classify(str(error.get("code", "")), f"{what}: {error.get('message', '')}", status=response.status_code)
+    if isinstance(err, AuthError):
+        err = AuthError(f"{err} (spotrun's credential needs {action}; {DOC})", code="identity")
+    raise err
+
+
+def ensure_job_identity(provider: Any, boot: Any, location: str) -> str:
+    """Create job `boot.job_id`'s user-assigned identity (tagged with the job and its store) and
+    its two conditioned role assignments on the store container; idempotent. Returns its id."""
+    rid = _identity_id(provider, boot.job_id)
+    scope = container_scope(provider, boot.store_url)
+    body = {"location": location, "tags": {TAG_JOB: boot.job_id, TAG_STORE: boot.store_url, TAG_SCOPE: scope}}
+    found = _arm(provider, "GET", f"{rid}?api-version={IDENTITY_API}", "reading the job's identity",
+                 "Microsoft.ManagedIdentity/userAssignedIdentities/read")  # fmt: skip
+    if found.status_code == 404:
+        found = _arm(provider, "PUT", f"{rid}?api-version={IDENTITY_API}", "creating the job's identity",
+                     "Microsoft.ManagedIdentity/userAssignedIdentities/write", body)  # fmt: skip
+    principal = found.json()["properties"]["principalId"]
+    for a in job_assignments(boot.store_url, boot.job_id, principal):
+        assignment = {
+            "properties": {
+                "roleDefinitionId": f"/subscriptions/{provider.subscription_id}/providers/"
+                f"Microsoft.Authorization/roleDefinitions/{ROLE_IDS[a.role]}",
+                "principalId": principal,
+                "principalType": "ServicePrincipal",
+                "condition": a.condition(),
+                "conditionVersion": "2.0",
+                "description": f"spotrun job {boot.job_id}",
+            }
+        }
+        _arm(provider, "PUT", _assignment_path(scope, principal, a.role), "granting the job's identity",
+             "Microsoft.Authorization/roleAssignments/write", assignment)  # fmt: skip
+    return rid
+
+
+def release_job_identity(provider: Any, job_id: str) -> bool:
+    """Delete job `job_id`'s role assignments, then its identity (idempotent; the scope is read
+    from the identity's tags). True when there was one."""
+    rid = _identity_id(provider, job_id)
+    found = _arm(provider, "GET", f"{rid}?api-version={IDENTITY_API}", "reading the job's identity",
+                 "Microsoft.ManagedIdentity/userAssignedIdentities/read")  # fmt: skip
+    if found.status_code == 404:
+        return False
+    record = found.json()
+    principal, scope = record["properties"]["principalId"], (record.get("tags") or {}).get(TAG_SCOPE, "")
+    if scope:
+        for role in ROLE_IDS:
+            _arm(provider, "DELETE", _assignment_path(scope, principal, role), "removing the job's grant",
+                 "Microsoft.Authorization/roleAssignments/delete")  # fmt: skip
+    _arm(provider, "DELETE", f"{rid}?api-version={IDENTITY_API}", "deleting the job's identity",
+         "Microsoft.ManagedIdentity/userAssignedIdentities/delete")  # fmt: skip
+    return True
+
+
+def leftover_identities(provider: Any) -> dict[str, str]:
+    """Per-job identities still in the resource group: job id -> resource id (a crashed
+    controller leaves them; `spotrun gc` releases those whose job has ended)."""
+    path = (
+        f"/subscriptions/{provider.subscription_id}/resourceGroups/{provider.resource_group}/providers/"
+        f"Microsoft.ManagedIdentity/userAssignedIdentities?api-version={IDENTITY_API}"
+    )
+    found: dict[str, str] = {}
+    while path:
+        page = _arm(
+            provider, "GET", path, "listing identities", "Microsoft.ManagedIdentity/userAssignedIdentities/read"
+        )
+        body = page.json() if page.status_code == 200 else {}
+        for item in body.get("value", []):
+            job = (item.get("tags") or {}).get(TAG_JOB)
+            if job:
+                found[job] = item.get("id", "")
+        path = body.get("nextLink", "")
+    return found

@@ -8,9 +8,11 @@ A launch creates, in the configured resource group:
 * per instance, a NIC without a public IP, attached to that NSG, and the VM:
   `priority=Spot`, `evictionPolicy=Delete`, `billingProfile.maxPrice=-1` (pay up to the on-demand
   price; or `max_price`), the NIC and OS disk with `deleteOption=Delete` (an evicted VM leaves
-  nothing behind), `customData` = the bootstrap script, tags `spotrun-job` / `spotrun-attempt`, an
-  optional user-assigned managed identity (its role on the storage container is the only right the
-  VM gets), and an SSH public key whose private half is never kept: nobody can log in.
+  nothing behind), `customData` = the bootstrap script, tags `spotrun-job` / `spotrun-attempt`, the
+  job's own user-assigned identity (created once per job with role assignments conditioned on its
+  prefix, deleted by `release_job`: clouds/azure/identity.py; the configured `identity` for a job
+  with `${VAR}` secrets or a store off Blob storage), and an SSH public key whose private half is
+  never kept: nobody can log in.
 
 Idempotency: the VM and NIC names derive from the client token; a launch first looks for its VM.
 A failed create deletes the VM (Azure keeps a VM in `Failed` state) and the NIC before raising.
@@ -259,6 +261,7 @@ class AzureProvider(Provider):
         self._lock = threading.Lock()
         self._networks: dict[str, tuple[str, str]] = {}  # location -> (subnet id, nsg id)
         self._skus: dict[str, dict[str, dict[str, Any]]] = {}  # location -> size -> sku
+        self._job_identities: dict[str, str] = {}  # job id -> its managed identity (made this run)
         self._terminated: set[str] = set()  # VM names this provider deleted (vs. evicted)
 
     # -------------------------------------------------------------- clients
@@ -343,6 +346,7 @@ class AzureProvider(Provider):
                 return self._to_instance(found, launched_at=self.clock.now())
             self._cleanup(name)  # a failed earlier try: start over cleanly
         self._check_sku(location, offer.instance_type, zones_for(offer))
+        vm_identity = self._job_identity(boot, location)
         subnet_id, nsg_id = self._ensure_network(location)
         nsg_id = nsg_id or ensure_nsg(self, location)  # a configured subnet's NICs get it too
         notice = {"kind": "azure", "endpoint": self.imds_endpoint.replace("{instance}", name), "vm_name": name}
@@ -350,7 +354,9 @@ class AzureProvider(Provider):
         try:
             ip_id = public_ip(self, name, location, boot)  # egress without ingress (clouds/azure/network.py)
             nic_id = self._create_nic(name, location, subnet_id, nsg_id, boot, public_ip=ip_id)
-            body = self.vm_body(offer, spot=spot, boot=boot, name=name, nic_id=nic_id, token=client_token)
+            body = self.vm_body(
+                offer, spot=spot, boot=boot, name=name, nic_id=nic_id, token=client_token, identity=vm_identity
+            )
             created = self._call(
                 lambda: self.compute.virtual_machines.begin_create_or_update(self.resource_group, name, body).result()
             )
@@ -362,8 +368,11 @@ class AzureProvider(Provider):
             raise
         return self._to_instance(_wire(created), launched_at=self.clock.now())
 
-    def vm_body(self, offer: Offer, *, spot: bool, boot: Boot, name: str, nic_id: str, token: str) -> dict[str, Any]:
-        """The VM resource one launch sends, as ARM JSON."""
+    def vm_body(
+        self, offer: Offer, *, spot: bool, boot: Boot, name: str, nic_id: str, token: str, identity: str | None = None
+    ) -> dict[str, Any]:
+        """The VM resource one launch sends, as ARM JSON (its identity: `identity`, else the
+        configured one)."""
         properties: dict[str, Any] = {
             "hardwareProfile": {"vmSize": offer.instance_type},
             "storageProfile": {
@@ -408,9 +417,33 @@ class AzureProvider(Provider):
         zones = zones_for(offer)
         if zones:
             body["zones"] = zones
-        if self.identity:
-            body["identity"] = {"type": "UserAssigned", "userAssignedIdentities": {self.identity: {}}}
+        vm_identity = identity or self.identity
+        if vm_identity:
+            body["identity"] = {"type": "UserAssigned", "userAssignedIdentities": {vm_identity: {}}}
         return body
+
+    def _job_identity(self, boot: Boot, location: str) -> str | None:
+        """The job's own managed identity, created with its conditioned role assignments once per
+        job (per-job scoping: clouds/azure/identity.py); None where the configured one is used."""
+        from spotrun.clouds.azure import identity
+
+        if not identity.uses_job_identity(boot):
+            return None
+        with self._lock:
+            if boot.job_id in self._job_identities:
+                return self._job_identities[boot.job_id]
+        rid = identity.ensure_job_identity(self, boot, location)
+        with self._lock:
+            self._job_identities[boot.job_id] = rid
+        return rid
+
+    def release_job(self, job_id: str) -> None:
+        """The job's role assignments and managed identity are deleted."""
+        from spotrun.clouds.azure import identity
+
+        with self._lock:
+            self._job_identities.pop(job_id, None)
+        identity.release_job_identity(self, job_id)
 
     @staticmethod
     def _tags(boot: Boot, token: str) -> dict[str, str]:

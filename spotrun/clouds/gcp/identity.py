@@ -16,6 +16,7 @@ the project.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -59,9 +60,10 @@ def _split(store_url: str) -> tuple[str, str]:
 
 
 def job_service_account(job_id: str, project: str) -> str:
-    """The per-job account's email: `spotrun-<job slug>` (6-30 characters, GCE's rule)."""
-    slug = re.sub(r"[^a-z0-9-]", "-", job_id.lower()).strip("-")[:20].rstrip("-") or "job"
-    return f"spotrun-{slug}@{project}.iam.gserviceaccount.com"
+    """The per-job account's email: `spotrun-<job slug>-<8 hex>` (6-30 characters, IAM's rule)."""
+    slug = re.sub(r"[^a-z0-9-]", "-", job_id.lower()).strip("-")[:13].rstrip("-") or "job"
+    digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]  # two long ids sharing 13 characters differ
+    return f"spotrun-{slug}-{digest}@{project}.iam.gserviceaccount.com"
 
 
 def job_bindings(store_url: str, job_id: str, member: str) -> list[Binding]:
@@ -144,3 +146,172 @@ def check_items(provider: Any) -> list[str]:
             f"(needs iam.serviceAccounts.get) ({DOC})"
         ]
     return []
+
+
+# ---------------------------------------------------------------------- the per-job account
+
+STORAGE_ENDPOINT = "https://storage.googleapis.com"
+DESCRIPTION_TAG = "spotrun-job="  # the account's description: `spotrun-job=<id> store=<gs://...>`
+ETAG_TRIES = 5  # read-modify-write of the bucket policy, retried on 412 (another writer won)
+
+
+def uses_job_account(boot: Any) -> bool:
+    """Does this launch run its VM as a per-job account? Only for a store on GCS (there is a bucket
+    policy to scope) and a job without `${VAR}` secrets: Secret Manager's accessor binding is made
+    for the configured `gcp.service_account` (clouds/gcp/secrets.py), which such a job keeps."""
+    from spotrun.clouds.secrets import SECRETS_REF_ENV
+
+    return boot.store_url.startswith("gs://") and SECRETS_REF_ENV not in boot.env
+
+
+def _session(provider: Any) -> Any:
+    from google.auth.transport.requests import AuthorizedSession
+
+    provider.project  # noqa: B018 -- resolves the default credentials when none were given
+    credentials = getattr(provider, "_credentials", None)
+    if credentials is None:
+        import google.auth
+
+        credentials, _ = google.auth.default()
+    return AuthorizedSession(credentials)
+
+
+def _bases(provider: Any) -> tuple[str, str]:
+    """(IAM base URL, Cloud Storage base URL): the provider's test endpoint serves both."""
+    endpoint = getattr(provider, "endpoint", None)
+    return (endpoint or IAM_ENDPOINT, endpoint or STORAGE_ENDPOINT)
+
+
+def _fail(what: str, response: Any, permission: str) -> Exception:
+    from spotrun.clouds.base import AuthError, BadRequest, ProviderError, Throttled
+
+    status = response.status_code
+    try:
+        message = response.json().get("error", {}).get("message", "")
+    except ValueError:
+        message = response.text[:200]
+    text = f"{what}: HTTP {status} {message}".strip()
+    if status in (401, 403):
+        return AuthError(f"{text} (spotrun's credential needs {permission}; {DOC})", code="identity")
+    if status == 429:
+        return Throttled(text, code="429")
+    if 400 <= status < 500:
+        return BadRequest(text, code=str(status))
+    return ProviderError(text, code=str(status))
+
+
+def _request(session: Any, method: str, url: str, what: str, permission: str, **kwargs: Any) -> Any:
+    from google.auth import exceptions as authexc
+
+    from spotrun.clouds.base import AuthError, ProviderError
+
+    try:
+        return session.request(method, url, timeout=30, **kwargs)
+    except authexc.TransportError as e:
+        raise ProviderError(f"{what}: {type(e).__name__}: {e}", code="network") from e
+    except authexc.GoogleAuthError as e:  # a 401 made it refresh credentials that cannot be refreshed
+        raise AuthError(f"{what}: Google credentials rejected: {e}", code="credentials") from e
+    except OSError as e:  # requests' connection errors
+        raise ProviderError(f"{what}: {type(e).__name__}: {e}", code="network") from e
+
+
+def ensure_job_account(provider: Any, boot: Any) -> str:
+    """Create job `boot.job_id`'s service account (if absent) and bind it on the store bucket as
+    `job_bindings` says; idempotent (a resumed job finds both in place). Returns its email."""
+    session = _session(provider)
+    iam, storage = _bases(provider)
+    project = provider.project
+    email = job_service_account(boot.job_id, project)
+    body = {
+        "accountId": email.split("@", 1)[0],
+        "serviceAccount": {
+            "displayName": f"spotrun job {boot.job_id}"[:100],
+            "description": f"{DESCRIPTION_TAG}{boot.job_id} store={boot.store_url}"[:256],
+        },
+    }
+    url = f"{iam}/v1/projects/{project}/serviceAccounts"
+    r = _request(session, "POST", url, "creating the job's service account", "iam.serviceAccounts.create", json=body)
+    if r.status_code not in (200, 409):  # 409 ALREADY_EXISTS: an earlier launch of this job made it
+        raise _fail(f"creating service account {email}", r, "iam.serviceAccounts.create")
+    bucket, _ = _split(boot.store_url)
+    member = f"serviceAccount:{email}"
+    _update_bucket_policy(session, storage, bucket, member, job_bindings(boot.store_url, boot.job_id, member))
+    return email
+
+
+def _update_bucket_policy(session: Any, base: str, bucket: str, member: str, bindings: list[Binding]) -> None:
+    """Replace `member`'s bindings on the bucket by `bindings` (read-modify-write on the etag)."""
+    url = f"{base}/storage/v1/b/{bucket}/iam"
+    for _ in range(ETAG_TRIES):
+        r = _request(session, "GET", url, "reading the bucket's IAM policy", "storage.buckets.getIamPolicy",
+                     params={"optionsRequestedPolicyVersion": "3"})  # fmt: skip
+        if r.status_code != 200:
+            raise _fail(f"reading gs://{bucket}'s IAM policy", r, "storage.buckets.getIamPolicy")
+        policy = r.json()
+        kept = []
+        for b in policy.get("bindings", []):
+            members = [m for m in b.get("members", []) if m != member]
+            if members:
+                kept.append({**b, "members": members})
+        for b in bindings:
+            kept.append({"role": b.role, "members": [member], "condition": b.condition(bucket)})
+        new = {"bindings": kept, "version": 3, "etag": policy.get("etag", "")}
+        r = _request(session, "PUT", url, "writing the bucket's IAM policy", "storage.buckets.setIamPolicy", json=new)
+        if r.status_code == 200:
+            return
+        if r.status_code not in (409, 412):  # 412: the etag is stale (someone else wrote): read again
+            raise _fail(f"writing gs://{bucket}'s IAM policy", r, "storage.buckets.setIamPolicy")
+    from spotrun.clouds.base import Throttled
+
+    raise Throttled(f"gs://{bucket}'s IAM policy kept changing under us ({ETAG_TRIES} tries)", code="412")
+
+
+def release_job_account(provider: Any, job_id: str) -> bool:
+    """Remove job `job_id`'s account from the bucket policy, then delete it (idempotent; the
+    store is read from the account's description). True when there was one to delete."""
+    session = _session(provider)
+    iam, storage = _bases(provider)
+    email = job_service_account(job_id, provider.project)
+    url = f"{iam}/v1/projects/{provider.project}/serviceAccounts/{email}"
+    r = _request(session, "GET", url, "reading the job's service account", "iam.serviceAccounts.get")
+    if r.status_code == 404:
+        return False
+    if r.status_code != 200:
+        raise _fail(f"reading service account {email}", r, "iam.serviceAccounts.get")
+    store = _described_store(r.json().get("description", ""))
+    if store.startswith("gs://"):
+        _update_bucket_policy(session, storage, _split(store)[0], f"serviceAccount:{email}", [])
+    r = _request(session, "DELETE", url, "deleting the job's service account", "iam.serviceAccounts.delete")
+    if r.status_code not in (200, 404):
+        raise _fail(f"deleting service account {email}", r, "iam.serviceAccounts.delete")
+    return True
+
+
+def _described_store(description: str) -> str:
+    for word in description.split():
+        if word.startswith("store="):
+            return word[len("store=") :]
+    return ""
+
+
+def leftover_accounts(provider: Any) -> dict[str, str]:
+    """Per-job accounts still in the project: job id -> email (a crashed controller leaves them;
+    `spotrun gc` releases those whose job has ended)."""
+    session = _session(provider)
+    iam, _ = _bases(provider)
+    url = f"{iam}/v1/projects/{provider.project}/serviceAccounts"
+    found: dict[str, str] = {}
+    token = ""
+    while True:
+        params = {"pageToken": token} if token else {}
+        r = _request(session, "GET", url, "listing service accounts", "iam.serviceAccounts.list", params=params)
+        if r.status_code != 200:
+            raise _fail("listing service accounts", r, "iam.serviceAccounts.list")
+        page = r.json()
+        for account in page.get("accounts", []):
+            words = account.get("description", "").split()
+            if words and words[0].startswith(DESCRIPTION_TAG):
+                found[words[0][len(DESCRIPTION_TAG) :]] = account.get("email", "")
+        token = page.get("nextPageToken", "")
+        if not token:
+            return found

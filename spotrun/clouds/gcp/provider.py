@@ -13,8 +13,10 @@ What a launch sends (one `instances.insert`, nothing else is created):
 * labels `spotrun-job` / `spotrun-attempt`, which `list_owned` filters on.
 * a network interface without an access config: no external IP, no firewall rule is touched.
   The VM reaches PyPI through Cloud NAT and the bucket through Private Google Access.
-* the service account named by `service_account` with only the storage scope; its IAM role on the
-  bucket is limited to the job prefix (see docs/providers/gcp.md).
+* the job's own service account (created at its first launch, bound on the store bucket to its
+  job prefix and read-only `agent/`, `data/`; deleted by `release_job`: clouds/gcp/identity.py),
+  or the configured `service_account` for a job with `${VAR}` secrets or a store off GCS; only the
+  storage scope.
 
 Idempotency: the instance name and the insert's `requestId` are both derived from the client token,
 so a repeated launch returns the instance the first call started.
@@ -213,6 +215,7 @@ class GCPProvider(Provider):
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._accelerators: dict[tuple[str, str], bool] = {}
+        self._job_accounts: dict[str, str] = {}  # job id -> its service account (made this run)
         self._failed_inserts: dict[str, int] = {}  # client token -> inserts that failed (fresh request ids)
 
     # -------------------------------------------------------------- clients
@@ -284,6 +287,7 @@ class GCPProvider(Provider):
         from spotrun.clouds.gcp import identity
 
         identity.require(self.service_account)  # no identity: the VM could not read the store
+        account = self._job_account(boot)
         zone = offer.zone
         if not zone:
             raise BadRequest(f"GCP offer {offer.key} has no zone", code="zone")
@@ -299,6 +303,7 @@ class GCPProvider(Provider):
             name=name,
             accelerator=accelerator,
             token=client_token,
+            service_account=account,
         )
         ensure_deny_ingress(self)  # before any VM of this network gets an external IP
         instances = self._client("instances")
@@ -327,9 +332,18 @@ class GCPProvider(Provider):
         return self._adopt(zone, name, client_token, spot)
 
     def instance_body(
-        self, offer: Offer, *, spot: bool, boot: Boot, name: str, accelerator: str | None, token: str
+        self,
+        offer: Offer,
+        *,
+        spot: bool,
+        boot: Boot,
+        name: str,
+        accelerator: str | None,
+        token: str,
+        service_account: str | None = None,
     ) -> Any:
-        """The `Instance` resource one launch sends."""
+        """The `Instance` resource one launch sends (the VM runs as `service_account`, else the
+        configured one)."""
         from google.cloud import compute_v1
 
         zone = offer.zone
@@ -384,10 +398,34 @@ class GCPProvider(Provider):
                     accelerator_count=offer.gpu_count,
                 )
             ]
-        if self.service_account:
+        email = service_account or self.service_account
+        if email:
             scopes = [STORAGE_SCOPE, *_secrets_scope(boot)]
-            instance.service_accounts = [compute_v1.ServiceAccount(email=self.service_account, scopes=scopes)]
+            instance.service_accounts = [compute_v1.ServiceAccount(email=email, scopes=scopes)]
         return instance
+
+    def _job_account(self, boot: Boot) -> str | None:
+        """The job's own service account, created and bound on the bucket once per job (per-job
+        scoping: clouds/gcp/identity.py); None where the configured account is used instead."""
+        from spotrun.clouds.gcp import identity
+
+        if not identity.uses_job_account(boot):
+            return None
+        with self._lock:
+            if boot.job_id in self._job_accounts:
+                return self._job_accounts[boot.job_id]
+        email = identity.ensure_job_account(self, boot)
+        with self._lock:
+            self._job_accounts[boot.job_id] = email
+        return email
+
+    def release_job(self, job_id: str) -> None:
+        """The job's service account leaves the bucket policy and the project."""
+        from spotrun.clouds.gcp import identity
+
+        with self._lock:
+            self._job_accounts.pop(job_id, None)
+        identity.release_job_account(self, job_id)
 
     def _require_accelerator(self, zone: str, accelerator: str) -> None:
         """An accelerator the zone does not have is a bad offer, not a capacity problem."""

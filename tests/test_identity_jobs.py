@@ -1,0 +1,219 @@
+"""Per-job identities (issue #12, item 3): each job's VMs run as their own GCP service account /
+Azure managed identity, bound only to the job's prefix (read-only on `agent/` and `data/`).
+
+The policies are read back from the fakes (the bucket's IAM policy, the role assignments ARM
+stored) and evaluated with `allowed`: job B's identity cannot write job A's checkpoint nor an
+`agent/` object, and can read `agent/`. After the jobs end, identities and bindings are gone."""
+
+from __future__ import annotations
+
+import pytest
+
+from spotrun.catalog.model import Offer
+from spotrun.clock import FakeClock
+from spotrun.clouds.azure import identity as az
+from spotrun.clouds.azure.provider import AzureProvider
+from spotrun.clouds.base import Boot
+from spotrun.clouds.gcp import identity as gi
+from spotrun.clouds.gcp.provider import GCPProvider
+from tests.fakes import azure_identity_fake, gcp_iam_fake
+from tests.fakes.azure_server import (  # noqa: F401  (fixtures)
+    RESOURCE_GROUP,
+    SUBSCRIPTION,
+    FakeARM,
+    StaticToken,
+    arm_fixture,
+    arm_server_fixture,
+)
+from tests.fakes.gce_server import PROJECT, FakeGCE, gce_credentials, gce_fixture, gce_server_fixture  # noqa: F401
+
+SA = "spotrun-runner@spotrun-test.iam.gserviceaccount.com"
+IDENTITY = (
+    f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/"
+    "Microsoft.ManagedIdentity/userAssignedIdentities/spotrun-runner"
+)
+GCS = "gs://bucket/spotrun"
+AZ = "az://runs@acct/spotrun"
+GCP_OFFER = Offer("gcp", "us-central1", "us-central1-a", "n1-standard-8", "T4", 1, 16.0, 8, 30, 0.2, 0.6, 0.1)
+AZ_OFFER = Offer("azure", "eastus", "", "Standard_NC4as_T4_v3", "T4", 1, 16.0, 4, 28, 0.2, 0.5, 0.05)
+
+
+def boot(job: str, store: str) -> Boot:
+    return Boot(job_id=job, attempt=1, store_url=store, job_prefix=f"jobs/{job}")
+
+
+# ---------------------------------------------------------------------- GCP
+
+
+def gcp(gce: FakeGCE) -> GCPProvider:
+    return GCPProvider(PROJECT, endpoint=gce.url, credentials=gce_credentials(), service_account=SA,
+                       imds_endpoint=gce.metadata_endpoint, clock=FakeClock())  # fmt: skip
+
+
+def applied_bindings(gce: FakeGCE, bucket: str) -> list[gi.Binding]:
+    """The bucket policy as the fake holds it, turned back into bindings (prefixes parsed from
+    each condition's expression; an unconditioned binding covers the whole bucket)."""
+    out = []
+    for b in gce.bucket_policies.get(bucket, {}).get("bindings", []):
+        cond = b.get("condition")
+        prefixes = gcp_iam_fake.condition_prefixes(bucket, cond["expression"]) if cond else [""]
+        assert prefixes is not None
+        out += [gi.Binding(b["role"], m, tuple(prefixes)) for m in b["members"]]
+    return out
+
+
+def test_gcp_jobs_get_their_own_account_scoped_to_their_prefix(gce: FakeGCE) -> None:
+    provider = gcp(gce)
+    a = provider.launch(GCP_OFFER, spot=True, boot=boot("job-a", GCS), client_token="a")
+    b = provider.launch(GCP_OFFER, spot=True, boot=boot("job-b", GCS), client_token="b")
+    provider.launch(GCP_OFFER, spot=True, boot=boot("job-b", GCS), client_token="b2")  # idempotent per job
+    sa_a, sa_b = (gce.instance(i.instance_id)["serviceAccounts"][0]["email"] for i in (a, b))
+    assert sa_a != sa_b and SA not in (sa_a, sa_b)
+    assert set(gce.account_records) == {sa_a, sa_b}
+    policy = applied_bindings(gce, "bucket")
+    mb = f"serviceAccount:{sa_b}"
+    write, read = "storage.objects.create", "storage.objects.get"
+    assert not gi.allowed(policy, mb, write, "spotrun/jobs/job-a/ckpt/step-10/manifest.json")
+    assert not gi.allowed(policy, mb, write, "spotrun/agent/spotrun.whl")
+    assert gi.allowed(policy, mb, read, "spotrun/agent/spotrun.whl")
+    assert gi.allowed(policy, mb, write, "spotrun/jobs/job-b/ckpt/step-10/manifest.json")
+    assert gi.allowed(policy, f"serviceAccount:{sa_a}", write, "spotrun/jobs/job-a/ckpt/x")
+    assert len(gce.requests_to("PUT", r"/storage/v1/b/bucket/iam$")) == 2  # once per job, not per launch
+
+    for inst in (a, b):
+        provider.terminate(inst)
+    provider.release_job("job-a")
+    assert {m for bd in applied_bindings(gce, "bucket") for m in [bd.member]} == {mb}
+    gcp(gce).release_job("job-b")  # a fresh provider (a restarted controller) finds it by name
+    gcp(gce).release_job("job-b")  # idempotent
+    assert gce.account_records == {} and gce.bucket_policies["bucket"]["bindings"] == []
+
+
+def test_gcp_bucket_policy_write_retries_a_stale_etag_and_keeps_others(gce: FakeGCE) -> None:
+    provider = gcp(gce)
+    other = {"role": "roles/storage.objectViewer", "members": ["user:someone@example.com"]}
+    gce.bucket_policies["bucket"] = {"bindings": [other], "etag": "old", "version": 1}
+    stale = {"done": False}
+    real_put = next(h for m, rx, h in gce._routes if m == "PUT" and rx.pattern.startswith("/storage"))
+
+    def racing_put(req):  # another writer changes the policy between our read and our write
+        if not stale["done"]:
+            stale["done"] = True
+            gce.bucket_policies["bucket"] = {**gce.bucket_policies["bucket"], "etag": "changed"}
+        return real_put(req)
+
+    gce._routes = [(m, rx, racing_put if h is real_put else h) for m, rx, h in gce._routes]
+    try:
+        provider.launch(GCP_OFFER, spot=True, boot=boot("job-a", GCS), client_token="a")
+    finally:
+        gce._routes = [(m, rx, real_put if h is racing_put else h) for m, rx, h in gce._routes]
+    puts = gce.requests_to("PUT", r"/storage/v1/b/bucket/iam$")
+    assert len(puts) == 2  # the first was refused (412), the second read again and won
+    assert other in gce.bucket_policies["bucket"]["bindings"]
+
+
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        ({"bindings": [{"role": "roles/storage.objectUser", "members": ["serviceAccount:nobody@x.iam"]}]},
+         "does not exist"),
+        ({"version": 1, "bindings": [{"role": "roles/storage.objectUser", "members": [f"serviceAccount:{SA}"],
+                                      "condition": {"title": "t", "expression": 'resource.name.startsWith("projects/_/buckets/bucket/objects/x")'}}]},  # noqa: E501
+         "version 3"),
+        ({"version": 3, "bindings": [{"role": "roles/storage.objectUser", "members": [f"serviceAccount:{SA}"],
+                                      "condition": {"title": "t", "expression": "true"}}]},
+         "invalid"),
+        ({"etag": "stale", "bindings": []}, "Precondition"),
+    ],
+)  # fmt: skip
+def test_gcs_iam_fake_refuses_what_cloud_storage_refuses(gce: FakeGCE, body: dict, why: str) -> None:
+    import requests
+
+    r = requests.put(f"{gce.url}/storage/v1/b/bucket/iam", json=body,
+                     headers={"Authorization": f"Bearer {gce.token}"}, timeout=10)  # fmt: skip
+    assert r.status_code in (400, 412) and why in r.json()["error"]["message"]
+    if why == "Precondition":
+        assert r.status_code == 412
+
+
+def test_gcp_leftover_accounts_are_found_by_the_sweep(gce: FakeGCE) -> None:
+    provider = gcp(gce)
+    provider.launch(GCP_OFFER, spot=True, boot=boot("crashed-job", GCS), client_token="c")
+    found = gi.leftover_accounts(gcp(gce))
+    assert found == {"crashed-job": gi.job_service_account("crashed-job", PROJECT)}
+
+
+# ---------------------------------------------------------------------- Azure
+
+
+def azure(arm: FakeARM) -> AzureProvider:
+    return AzureProvider(SUBSCRIPTION, RESOURCE_GROUP, endpoint=arm.url, credential=StaticToken(),
+                         poll_interval=0.01, identity=IDENTITY, imds_endpoint=arm.metadata_endpoint)  # fmt: skip
+
+
+def applied_assignments(arm: FakeARM) -> list[az.Assignment]:
+    roles = {v: k for k, v in az.ROLE_IDS.items()}
+    out = []
+    for a in arm.storage_assignments.values():
+        p = a["properties"]
+        role = roles[p["roleDefinitionId"].rsplit("/", 1)[-1]]
+        prefixes = azure_identity_fake.condition_prefixes(p["condition"]) if p.get("condition") else [""]
+        out.append(az.Assignment(role, p["principalId"], tuple(prefixes)))
+    return out
+
+
+def test_azure_jobs_get_their_own_identity_scoped_to_their_prefix(arm: FakeARM) -> None:
+    provider = azure(arm)
+    a = provider.launch(AZ_OFFER, spot=True, boot=boot("job-a", AZ), client_token="a")
+    b = provider.launch(AZ_OFFER, spot=True, boot=boot("job-b", AZ), client_token="b")
+    ids = [next(iter(arm.vm(i.instance_id)["identity"]["userAssignedIdentities"])) for i in (a, b)]
+    assert ids[0] != ids[1] and IDENTITY not in ids
+    principal_b = arm.managed_identities[ids[1].lower()]["properties"]["principalId"]
+    scopes = {x["properties"]["scope"] for x in arm.storage_assignments.values()}
+    assert scopes == {f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Storage/"
+                      "storageAccounts/acct/blobServices/default/containers/runs"}  # fmt: skip
+    policy = applied_assignments(arm)
+    assert len(policy) == 4
+    assert not az.allowed(policy, principal_b, az.WRITE, "spotrun/jobs/job-a/ckpt/step-10/manifest.json")
+    assert not az.allowed(policy, principal_b, az.DELETE, "spotrun/jobs/job-a/ckpt/step-10/manifest.json")
+    assert not az.allowed(policy, principal_b, az.WRITE, "spotrun/agent/spotrun.whl")
+    assert az.allowed(policy, principal_b, az.READ, "spotrun/agent/spotrun.whl")
+    assert az.allowed(policy, principal_b, az.WRITE, "spotrun/jobs/job-b/ckpt/x")
+
+    for inst in (a, b):
+        provider.terminate(inst)
+    provider.release_job("job-a")
+    assert {x.principal for x in applied_assignments(arm)} == {principal_b}
+    azure(arm).release_job("job-b")
+    azure(arm).release_job("job-b")
+    assert arm.managed_identities == {} and arm.storage_assignments == {}
+
+
+def test_azure_leftover_identities_are_found_by_the_sweep(arm: FakeARM) -> None:
+    azure(arm).launch(AZ_OFFER, spot=True, boot=boot("crashed-job", AZ), client_token="c")
+    found = az.leftover_identities(azure(arm))
+    assert list(found) == ["crashed-job"] and found["crashed-job"].endswith(az.job_identity_name("crashed-job"))
+
+
+def _put_assignment(arm: FakeARM, principal: str, condition: str) -> tuple[int, str]:
+    import uuid
+
+    import requests
+
+    scope = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{RESOURCE_GROUP}/providers/Microsoft.Storage/"
+             "storageAccounts/acct/blobServices/default/containers/runs")  # fmt: skip
+    body = {"properties": {"roleDefinitionId": f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.Authorization/"
+                                               f"roleDefinitions/{az.ROLE_IDS['Storage Blob Data Reader']}",
+                           "principalId": principal, "condition": condition, "conditionVersion": "2.0"}}  # fmt: skip
+    url = f"{arm.url}{scope}/providers/Microsoft.Authorization/roleAssignments/{uuid.uuid4()}?api-version=2022-04-01"
+    r = requests.put(url, json=body, headers={"Authorization": f"Bearer {arm.token}"}, timeout=10)
+    return r.status_code, r.json()["error"]["code"] if r.status_code >= 400 else ""
+
+
+def test_arm_fake_refuses_unknown_principals_and_malformed_conditions(arm: FakeARM) -> None:
+    good = az.Assignment("Storage Blob Data Reader", "x", ("agent/",)).condition()
+    assert _put_assignment(arm, "00000000-0000-0000-0000-00000000dead", good) == (400, "PrincipalNotFound")
+    principal = azure_identity_fake.principal_of(IDENTITY)
+    assert _put_assignment(arm, principal, good[:-1]) == (400, "InvalidConditionExpression")
+    assert _put_assignment(arm, principal, "rm -rf /") == (400, "InvalidConditionExpression")
+    assert _put_assignment(arm, principal, good) == (201, "")
