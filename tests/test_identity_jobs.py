@@ -217,3 +217,49 @@ def test_arm_fake_refuses_unknown_principals_and_malformed_conditions(arm: FakeA
     assert _put_assignment(arm, principal, good[:-1]) == (400, "InvalidConditionExpression")
     assert _put_assignment(arm, principal, "rm -rf /") == (400, "InvalidConditionExpression")
     assert _put_assignment(arm, principal, good) == (201, "")
+
+
+# ---------------------------------------------------------------------- a crashed controller
+
+
+def test_gc_releases_what_a_crashed_controller_left(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, gce: FakeGCE, arm: FakeARM
+) -> None:
+    """A job whose controller died before its ending path: `spotrun gc` deletes its identities."""
+    import functools
+    import json
+    import time
+
+    from typer.testing import CliRunner
+
+    from spotrun.cli.app import app
+    from spotrun.control.state import JobStatus, State
+
+    monkeypatch.setenv("SPOTRUN_HOME", str(tmp_path))
+    monkeypatch.setattr(GCPProvider, "__init__", functools.partialmethod(
+        GCPProvider.__init__, endpoint=gce.url, credentials=gce_credentials()))  # fmt: skip
+    monkeypatch.setattr(AzureProvider, "__init__", functools.partialmethod(
+        AzureProvider.__init__, endpoint=arm.url, credential=StaticToken()))  # fmt: skip
+    gcp(gce).launch(GCP_OFFER, spot=True, boot=boot("lost-1", GCS), client_token="l")
+    azure(arm).launch(AZ_OFFER, spot=True, boot=boot("lost-1", AZ), client_token="l")
+    assert gi.leftover_accounts(gcp(gce)) and az.leftover_identities(azure(arm))
+    spec = {
+        "name": "lost",
+        "run": "python t.py",
+        "store": GCS,
+        "resources": {"gpu": "T4:1", "providers": ["gcp", "azure"]},
+        "gcp": {"project": PROJECT, "service_account": SA},
+        "azure": {"subscription_id": SUBSCRIPTION, "resource_group": RESOURCE_GROUP, "identity": IDENTITY},
+    }
+    state = State.open_default()
+    state.create_job("lost-1", "lost", spec, (tmp_path / "store").as_uri(), time.time(), None)
+    for cloud, offer in (("gcp", GCP_OFFER), ("azure", AZ_OFFER)):
+        state.begin_attempt("lost-1", provider=cloud, region=offer.region, zone=offer.zone,
+                            instance_type=offer.instance_type, spot=True, offer_key=offer.key, hourly_price=0.2,
+                            ondemand_price=0.6, time_scale=1.0, now=time.time())  # fmt: skip
+    state.set_job_status("lost-1", JobStatus.FAILED, time.time(), exit_code=1)
+    out = CliRunner().invoke(app, ["gc", "--older-than", "0s", "--keep-files", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["removed"] == [{"job_id": "lost-1", "files_deleted": False}]
+    assert gi.leftover_accounts(gcp(gce)) == {} and gce.bucket_policies["bucket"]["bindings"] == []
+    assert az.leftover_identities(azure(arm)) == {} and arm.storage_assignments == {}

@@ -79,7 +79,34 @@ def _remove(state: State, j: Job, keep_files: bool) -> dict[str, Any]:
                 deleted = True
             except (StoreError, OSError) as e:
                 raise fail(f"job {j.id}: deleting its files in {url} failed ({e}); nothing removed") from None
+    released = release_clouds(state, j)
     log = home() / f"controller-{j.id}.log"
     log.unlink(missing_ok=True)
     state.delete_job(j.id)
-    return {"job_id": j.id, "files_deleted": deleted}
+    return {"job_id": j.id, "files_deleted": deleted, **({"release_errors": released} if released else {})}
+
+
+def release_clouds(state: State, j: Job) -> list[str]:
+    """What each cloud made for this job alone (its per-job IAM role, service account or managed
+    identity, with their bindings): released again, since a controller that crashed never reached
+    its ending path. `release_job` is idempotent; a cloud that cannot be reached is reported, not
+    fatal: what it keeps stays tagged with the job id (clouds/gcp/identity.py `leftover_accounts`,
+    clouds/azure/identity.py `leftover_identities` list them)."""
+    from spotrun.clouds import remote_clouds
+
+    names = sorted({a.provider for a in state.attempts(j.id)} & set(remote_clouds()))
+    if not names:
+        return []
+    from spotrun.clouds import get_provider
+    from spotrun.clouds.base import ProviderError
+    from spotrun.control.specs import planning_spec, provider_options
+
+    spec = planning_spec(j.spec)
+    problems = []
+    for name in names:
+        try:
+            get_provider(name, **provider_options(name, spec)).release_job(j.id)
+        except ProviderError as e:
+            problems.append(f"{name}: {e}")
+            say_plain(f"job {j.id}: releasing what {name} made for it failed: {e}", stderr=True)
+    return problems

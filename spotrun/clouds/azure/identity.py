@@ -9,7 +9,15 @@ a prefix on a flat-namespace account; so per-job isolation needs **one user-assi
 job** with "Storage Blob Data Contributor" conditioned on its own `jobs/<id>/` path, and "Storage
 Blob Data Reader" conditioned on the shared `agent/` and `data/` paths (read-only to every VM; they
 are also verified by sha256 before use). `job_assignments` writes those assignments; `allowed`
-evaluates them (Azurite does not enforce RBAC, so the tests check the policy with this evaluator).
+evaluates them (Azurite does not enforce RBAC, so the tests read the assignments back from the ARM
+fake and check them with this evaluator).
+
+The provider makes that identity at a job's first launch (`ensure_job_identity`: ARM PUTs of the
+identity and of the two role assignments, condition version 2.0), gives it to the job's VMs, and
+deletes all three at the job's end (`release_job_identity`). Calls go through the compute client's
+azure-core pipeline (its credential, retries and endpoint): no other dependency. The configured
+`azure.identity` stays required: it is the fallback for jobs with `${VAR}` secrets (Key Vault's
+grant names it) or a store off Blob storage.
 """
 
 from __future__ import annotations
@@ -202,8 +210,11 @@ def _assignment_path(scope: str, principal: str, role: str) -> str:
     return f"{scope}/providers/Microsoft.Authorization/roleAssignments/{name}?api-version={ROLE_API}"
 
 
-def _arm(provider: Any, method: str, path: str, what: str, action: str, body: Any = None) -> Any:
-    """One ARM call through the compute client's pipeline (its credential, retries, endpoint)."""
+def _arm(
+    provider: Any, method: str, path: str, what: str, action: str, body: Any = None, *, ok: tuple[str, ...] = ()
+) -> Any:
+    """One ARM call through the compute client's pipeline (its credential, retries, endpoint);
+    an error whose code is in `ok` is no error."""
     from azure.core.exceptions import AzureError
     from azure.core.rest import HttpRequest
 
@@ -221,6 +232,8 @@ def _arm(provider: Any, method: str, path: str, what: str, action: str, body: An
         error = response.json().get("error", {})
     except ValueError:
         error = {}
+    if error.get("code") in ok:
+        return response
     err = classify(str(error.get("code", "")), f"{what}: {error.get('message', '')}", status=response.status_code)
     if isinstance(err, AuthError):
         err = AuthError(f"{err} (spotrun's credential needs {action}; {DOC})", code="identity")
@@ -251,9 +264,25 @@ def ensure_job_identity(provider: Any, boot: Any, location: str) -> str:
                 "description": f"spotrun job {boot.job_id}",
             }
         }
-        _arm(provider, "PUT", _assignment_path(scope, principal, a.role), "granting the job's identity",
-             "Microsoft.Authorization/roleAssignments/write", assignment)  # fmt: skip
+        _assign(provider, _assignment_path(scope, principal, a.role), assignment)
     return rid
+
+
+def _assign(provider: Any, path: str, assignment: dict[str, Any], tries: int = 5) -> None:
+    """PUT one role assignment. `principalType` spares most of the wait for a new identity to
+    replicate, but ARM may still answer PrincipalNotFound for a few seconds: retried. An
+    assignment already there (a resumed job) is no error."""
+    from spotrun.clouds.base import BadRequest
+
+    for attempt in range(tries):
+        try:
+            _arm(provider, "PUT", path, "granting the job's identity", "Microsoft.Authorization/roleAssignments/write",
+                 assignment, ok=("RoleAssignmentExists",))  # fmt: skip
+            return
+        except BadRequest as e:
+            if e.code != "PrincipalNotFound" or attempt + 1 == tries:
+                raise
+            provider.clock.sleep(2.0 * (attempt + 1))
 
 
 def release_job_identity(provider: Any, job_id: str) -> bool:

@@ -9,9 +9,15 @@ write every job's prefix. Per-job isolation therefore needs **one service accoun
 bound with a condition on its own `jobs/<id>/` prefix, plus read-only (`objectViewer`) bindings on
 the shared `agent/` and `data/` prefixes; the shared objects are also verified by sha256 before
 use (vmboot checks the Agent package, `agent.fetch.fetch_verified` bundles and data). `job_bindings`
-writes that policy; `allowed` evaluates it (the storage fakes do not enforce IAM, so the tests check
-the policy with this evaluator). The default compute service account is refused: it is Editor on
-the project.
+writes that policy; `allowed` evaluates it (the storage fakes do not enforce IAM, so the tests read
+the policy back from the IAM fake and check it with this evaluator). The default compute service
+account is refused: it is Editor on the project.
+
+The provider makes that account at a job's first launch (`ensure_job_account`: IAM REST create,
+then the bucket policy rewritten on its etag), runs the job's VMs as it, and deletes both at the
+job's end (`release_job_account`). The configured `gcp.service_account` stays required: it is the
+fallback for jobs with `${VAR}` secrets (Secret Manager's grant names it) or a store off GCS.
+Calls go through google-auth's AuthorizedSession (it ships with google-cloud-compute).
 """
 
 from __future__ import annotations
@@ -235,14 +241,19 @@ def ensure_job_account(provider: Any, boot: Any) -> str:
         raise _fail(f"creating service account {email}", r, "iam.serviceAccounts.create")
     bucket, _ = _split(boot.store_url)
     member = f"serviceAccount:{email}"
-    _update_bucket_policy(session, storage, bucket, member, job_bindings(boot.store_url, boot.job_id, member))
+    bindings = job_bindings(boot.store_url, boot.job_id, member)
+    _update_bucket_policy(session, storage, bucket, member, bindings, sleep=provider.clock.sleep)
     return email
 
 
-def _update_bucket_policy(session: Any, base: str, bucket: str, member: str, bindings: list[Binding]) -> None:
-    """Replace `member`'s bindings on the bucket by `bindings` (read-modify-write on the etag)."""
+def _update_bucket_policy(
+    session: Any, base: str, bucket: str, member: str, bindings: list[Binding], *, sleep: Any = None
+) -> None:
+    """Replace `member`'s bindings on the bucket by `bindings` (read-modify-write on the etag).
+    A new account may not be visible to Cloud Storage for a few seconds (IAM is eventually
+    consistent): "does not exist" is retried with `sleep`, as a stale etag is."""
     url = f"{base}/storage/v1/b/{bucket}/iam"
-    for _ in range(ETAG_TRIES):
+    for attempt in range(ETAG_TRIES):
         r = _request(session, "GET", url, "reading the bucket's IAM policy", "storage.buckets.getIamPolicy",
                      params={"optionsRequestedPolicyVersion": "3"})  # fmt: skip
         if r.status_code != 200:
@@ -259,6 +270,9 @@ def _update_bucket_policy(session: Any, base: str, bucket: str, member: str, bin
         r = _request(session, "PUT", url, "writing the bucket's IAM policy", "storage.buckets.setIamPolicy", json=new)
         if r.status_code == 200:
             return
+        if r.status_code == 400 and "does not exist" in r.text and sleep is not None and attempt + 1 < ETAG_TRIES:
+            sleep(2.0 * (attempt + 1))  # the account was created a moment ago
+            continue
         if r.status_code not in (409, 412):  # 412: the etag is stale (someone else wrote): read again
             raise _fail(f"writing gs://{bucket}'s IAM policy", r, "storage.buckets.setIamPolicy")
     from spotrun.clouds.base import Throttled
