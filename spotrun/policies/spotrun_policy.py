@@ -12,9 +12,12 @@ running (spot or on-demand) keeps it. What the default does:
 * **Restart-aware choice between spot and on-demand.** A spot launch with less slack than its
   own overhead (in whole decision steps) would be stopped by the floor before it made progress:
   go on-demand at once instead.
-* **Back off from capacity that just returned; prefer capacity that has lasted.** A zone that
-  preempted the job in the last ``backoff_h`` is tried after every other zone; among the rest,
-  the cheapest first, then the one whose last trouble (preemption, no capacity) is oldest.
+* **Back off from capacity that just returned, where that is worth a restart; prefer capacity
+  that has lasted.** A zone that preempted the job in the last ``backoff_h`` is priced as if its
+  launch were lost and paid again with probability ``flap_loss_p`` (a markup of
+  ``flap_loss_p * R / remaining work``): it goes after zones of the same price, not after dearer
+  ones. Among the rest, the cheapest first, then the one whose last trouble (preemption, no
+  capacity) is oldest.
 * **Wait while the slack pays for it**, trying every zone once per decision, until the floor
   says on-demand; then on-demand to the end.
 
@@ -74,6 +77,8 @@ class SpotrunPolicy(BasePolicy):
         self,
         *,
         backoff_h: float = 2.0,
+        flap_loss_p: float = 0.5,
+        launch_slack: float = 1.0,
         bridge_launches: float = 0.0,
         retry_h: float = 1.0,
         return_gain: float = 3.0,
@@ -82,6 +87,8 @@ class SpotrunPolicy(BasePolicy):
         wait_backoff: bool = False,
     ) -> None:
         self.backoff_h = backoff_h
+        self.flap_loss_p = flap_loss_p
+        self.launch_slack = launch_slack
         self.wait_backoff = wait_backoff
         self.bridge_launches = bridge_launches
         self.retry_h = retry_h
@@ -100,17 +107,31 @@ class SpotrunPolicy(BasePolicy):
         return best.ondemand_price if best and best.ondemand_price is not None else INF
 
     def _candidates(self, obs: Observation, recs: dict[str, ZoneRecord]) -> list[ZoneView]:
-        """Spot zones worth a launch, best first: not known to be down, no recent trouble
-        before recent trouble, then the cheapest, then the longest since its last trouble."""
+        """Spot zones worth a launch, best first: not known to be down, by expected price, then
+        the longest since its last trouble.
+
+        A zone that preempted the job in the last ``backoff_h`` is likely to do it again soon
+        (capacity that just returned flaps): with probability ``flap_loss_p`` its launch is lost
+        and paid again, ``R`` hours at its price. Spread over the remaining work that is a
+        ``flap_loss_p * R / remaining`` markup on its price. So it goes after a zone of about
+        the same price, but not after one dearer by more than that: relaunching in a dearer zone
+        costs the price difference for every remaining hour (with ``flap_loss_p=inf``, the old
+        rule: after every other zone, whatever its price)."""
         zones = [z for z in obs.zones if z.spot_price is not None and z.available is not False and not z.in_cooldown]
         now = obs.now_h
+        markup = self.flap_loss_p * obs.restart_overhead_h / max(obs.remaining_h, obs.restart_overhead_h, 1e-9)
 
-        def key(z: ZoneView) -> tuple[bool, float, float]:
+        def key(z: ZoneView) -> tuple[float, float, float]:
             r = recs.get(z.key)
             bad = r.last_bad_h if r else -INF
             preempted = r.last_preempted_h if r else -INF
-            # capacity that just preempted the job is the likeliest to flap again
-            return (now - preempted < self.backoff_h, z.spot_price or 0.0, bad)
+            price = z.spot_price or 0.0
+            flapping = now - preempted < self.backoff_h
+            if not flapping:
+                return (0.0, price, bad)
+            if math.isinf(self.flap_loss_p):
+                return (1.0, price, bad)
+            return (0.0, price * (1.0 + markup), INF)  # after a zone of the same price
 
         return sorted(zones, key=key)
 
@@ -151,7 +172,11 @@ class SpotrunPolicy(BasePolicy):
         self._returning_at = None
         # A spot launch spends its overhead without progress: with less slack than that, the floor
         # would stop it before it made any (restart-aware: go on-demand now instead).
-        overhead_span = math.ceil(R / step - 1e-9) * step if step > 0 else R
+        # (The launch spends exactly R of slack: each decision while the overhead is paid needs only
+        # the overhead still to pay, since progress is credited once it is paid. Rounding R up to
+        # whole decision steps, as before, doubled it after a failed launch had shortened the step,
+        # and sent a job with slack for one spot launch to on-demand.)
+        overhead_span = R * self.launch_slack
         if cands and s_idle - overhead_span < -1e-9:
             self.final_ondemand = True
             return ondemand_decision(obs)
