@@ -172,24 +172,23 @@ def test_spotrun_tries_zones_without_recent_trouble_first() -> None:
     assert make_policy("spotrun").decide(fresh) == Decision.spot("b")
 
 
-def test_spotrun_backs_off_only_where_it_is_worth_a_restart() -> None:
-    """A zone that just preempted the job is likely to do it again: another zone of the same price
-    goes first. One dearer by more than the expected extra restart spread over the remaining work
-    (0.5 x 0.5 h / 8 h = 3%) does not: the difference is paid every remaining hour."""
+def test_spotrun_price_aware_back_off_when_asked_to() -> None:
+    """By default a zone that just preempted the job goes after every other zone, whatever its
+    price. With ``flap_loss_p`` (an option: it ignores the slack a lost relaunch spends) it goes
+    after zones of about the same price only: one dearer by more than the expected extra restart
+    spread over the remaining work (0.5 x 0.5 h / 8 h = 3%) goes after it."""
     hist = (Outcome("launched", "a", True, 0.0), Outcome("preempted", "a", True, 2.0))
 
-    def pick(b_price: float, policy: str = "spotrun") -> Decision:
+    def pick(b_price: float, policy: SpotrunPolicy) -> Decision:
         zones = [ZoneView("a", "r", 1.0, 3.0, None), ZoneView("b", "r", b_price, 3.0, None)]
-        return make_policy(policy).decide(obs(now_h=2.0, work_done_h=2.0, zones=zones, history=hist))
+        return policy.decide(obs(now_h=2.0, work_done_h=2.0, zones=zones, history=hist))
 
-    assert pick(1.02) == Decision.spot("b")
-    assert pick(1.05) == Decision.spot("a")
-    assert pick(1.5) == Decision.spot("a")
-    # the old rule (after every other zone, whatever its price) is still there as an option
-    zones = [ZoneView("a", "r", 1.0, 3.0, None), ZoneView("b", "r", 1.5, 3.0, None)]
-    old = SpotrunPolicy(flap_loss_p=float("inf"))
-    assert old.decide(obs(now_h=2.0, work_done_h=2.0, zones=zones, history=hist)) == Decision.spot("b")
+    assert pick(1.02, SpotrunPolicy(flap_loss_p=0.5)) == Decision.spot("b")
+    assert pick(1.05, SpotrunPolicy(flap_loss_p=0.5)) == Decision.spot("a")
+    assert pick(1.5, SpotrunPolicy(flap_loss_p=0.5)) == Decision.spot("a")
+    assert pick(1.5, SpotrunPolicy()) == Decision.spot("b")  # the default: behind every zone
     # past backoff_h the preemption is forgotten: the cheapest again
+    zones = [ZoneView("a", "r", 1.0, 3.0, None), ZoneView("b", "r", 1.5, 3.0, None)]
     late = obs(now_h=4.5, work_done_h=2.0, zones=zones, history=hist)
     assert make_policy("spotrun").decide(late) == Decision.spot("a")
 

@@ -12,12 +12,11 @@ running (spot or on-demand) keeps it. What the default does:
 * **Restart-aware choice between spot and on-demand.** A spot launch with less slack than its
   own overhead (in whole decision steps) would be stopped by the floor before it made progress:
   go on-demand at once instead.
-* **Back off from capacity that just returned, where that is worth a restart; prefer capacity
-  that has lasted.** A zone that preempted the job in the last ``backoff_h`` is priced as if its
-  launch were lost and paid again with probability ``flap_loss_p`` (a markup of
-  ``flap_loss_p * R / remaining work``): it goes after zones of the same price, not after dearer
-  ones. Among the rest, the cheapest first, then the one whose last trouble (preemption, no
-  capacity) is oldest.
+* **Back off from capacity that just returned; prefer capacity that has lasted.** A zone that
+  preempted the job in the last ``backoff_h`` is tried after every other zone; among the rest,
+  the cheapest first, then the one whose last trouble (preemption, no capacity) is oldest. A
+  price-aware variant (``flap_loss_p``: back off only behind zones of about the same price) is an
+  option, off by default: it ignores the slack a lost relaunch spends (docs/POLICIES.md).
 * **Wait while the slack pays for it**, trying every zone once per decision, until the floor
   says on-demand; then on-demand to the end.
 
@@ -77,7 +76,7 @@ class SpotrunPolicy(BasePolicy):
         self,
         *,
         backoff_h: float = 2.0,
-        flap_loss_p: float = 0.5,
+        flap_loss_p: float = INF,
         launch_slack: float = 1.0,
         bridge_launches: float = 0.0,
         retry_h: float = 1.0,
@@ -107,16 +106,14 @@ class SpotrunPolicy(BasePolicy):
         return best.ondemand_price if best and best.ondemand_price is not None else INF
 
     def _candidates(self, obs: Observation, recs: dict[str, ZoneRecord]) -> list[ZoneView]:
-        """Spot zones worth a launch, best first: not known to be down, by expected price, then
-        the longest since its last trouble.
+        """Spot zones worth a launch, best first: not known to be down, no recent trouble before
+        recent trouble, then the cheapest, then the longest since its last trouble.
 
-        A zone that preempted the job in the last ``backoff_h`` is likely to do it again soon
-        (capacity that just returned flaps): with probability ``flap_loss_p`` its launch is lost
-        and paid again, ``R`` hours at its price. Spread over the remaining work that is a
-        ``flap_loss_p * R / remaining`` markup on its price. So it goes after a zone of about
-        the same price, but not after one dearer by more than that: relaunching in a dearer zone
-        costs the price difference for every remaining hour (with ``flap_loss_p=inf``, the old
-        rule: after every other zone, whatever its price)."""
+        With a finite ``flap_loss_p``, a zone that preempted the job in the last ``backoff_h`` is
+        instead priced as if its launch were lost and paid again with that probability (a
+        ``flap_loss_p * R / remaining`` markup): after zones of about the same price, not after
+        dearer ones. That counts the money of a lost launch but not the slack it spends, which
+        can send the rest of the job to on-demand; off by default (docs/POLICIES.md)."""
         zones = [z for z in obs.zones if z.spot_price is not None and z.available is not False and not z.in_cooldown]
         now = obs.now_h
         markup = self.flap_loss_p * obs.restart_overhead_h / max(obs.remaining_h, obs.restart_overhead_h, 1e-9)

@@ -12,10 +12,8 @@ The scenario (10-minute ticks): zone A (spot 1.0) is preempted at 30 min, is bac
 flaps again at 60 min; zone B (spot 1.001: about A's price, but dearer, so every policy starts in
 A whatever order the planner lists equal zones in) is down only at 30-40 min; zone D (2.5) never
 has capacity. At 30 min both A and B answer "no capacity", so the job waits. At 40 min `spotrun`
-backs off from A, whose capacity just preempted it, and launches in B, where it finishes: a
-relaunch in A may be lost and paid again, which is worth more than B's 0.1% dearer price (it
-would not be worth 20%: see test_policies); `greedy` and `uniform-progress` relaunch in A (the
-cheapest) and are preempted again;
+backs off from A, whose capacity just preempted it, and launches in B, where it finishes;
+`greedy` and `uniform-progress` relaunch in A (the cheapest) and are preempted again;
 `failover` goes back to A's region first; `on-demand` never touches spot. The policy is re-asked
 every tick of the simulator and every `policy_interval` of the controller while an instance runs.
 
