@@ -193,6 +193,21 @@ def test_spotrun_price_aware_back_off_when_asked_to() -> None:
     assert make_policy("spotrun").decide(late) == Decision.spot("a")
 
 
+def test_spotrun_slack_aware_back_off_when_asked_to() -> None:
+    """With ``flap_slack_weight`` a lost relaunch also costs its share of the slack left, priced at
+    what running out costs (on-demand instead of spot): with 0.5 h of slack left a flapping zone
+    goes behind one 50% dearer; with 9.5 h it does not."""
+    hist = (Outcome("launched", "a", True, 0.0), Outcome("preempted", "a", True, 2.0))
+    zones = [ZoneView("a", "r", 1.0, 3.0, None), ZoneView("b", "r", 1.5, 3.0, None)]
+
+    def pick(deadline_h: float) -> Decision:
+        p = SpotrunPolicy(flap_loss_p=0.5, flap_slack_weight=1.0)
+        return p.decide(obs(now_h=2.0, work_done_h=2.0, deadline_h=deadline_h, step_h=0.25, zones=zones, history=hist))
+
+    assert pick(11.0) == Decision.spot("b")
+    assert pick(20.0) == Decision.spot("a")
+
+
 def test_spotrun_restart_aware_floor_keeps_spot_greedy_bails() -> None:
     """Slack 0.3 h, a 0.25 h restart, 0.25 h decisions: after the launch's overhead the slack
     (0.05 h) is below one decision step. Greedy's floor then leaves spot for on-demand; spotrun

@@ -77,6 +77,7 @@ class SpotrunPolicy(BasePolicy):
         *,
         backoff_h: float = 2.0,
         flap_loss_p: float = INF,
+        flap_slack_weight: float = 0.0,
         launch_slack: float = 1.0,
         bridge_launches: float = 0.0,
         retry_h: float = 1.0,
@@ -87,6 +88,7 @@ class SpotrunPolicy(BasePolicy):
     ) -> None:
         self.backoff_h = backoff_h
         self.flap_loss_p = flap_loss_p
+        self.flap_slack_weight = flap_slack_weight
         self.launch_slack = launch_slack
         self.wait_backoff = wait_backoff
         self.bridge_launches = bridge_launches
@@ -113,10 +115,18 @@ class SpotrunPolicy(BasePolicy):
         instead priced as if its launch were lost and paid again with that probability (a
         ``flap_loss_p * R / remaining`` markup): after zones of about the same price, not after
         dearer ones. That counts the money of a lost launch but not the slack it spends, which
-        can send the rest of the job to on-demand; off by default (docs/POLICIES.md)."""
+        can send the rest of the job to on-demand; off by default (docs/POLICIES.md). With
+        ``flap_slack_weight`` it also counts the slack: the share ``R / S`` of the slack left that
+        a lost relaunch spends, times the on-demand premium over the zone's spot price (measured
+        on the tuning set only; the candidate for the next default)."""
         zones = [z for z in obs.zones if z.spot_price is not None and z.available is not False and not z.in_cooldown]
         now = obs.now_h
-        markup = self.flap_loss_p * obs.restart_overhead_h / max(obs.remaining_h, obs.restart_overhead_h, 1e-9)
+        R = obs.restart_overhead_h
+        markup = self.flap_loss_p * R / max(obs.remaining_h, R, 1e-9)
+        # With flap_slack_weight, a lost relaunch also spends R of the slack S left: that share
+        # of it, times what running out costs (the rest of the job on on-demand, not spot).
+        slack_share = R / max(slack_h(obs), R, 1e-9)
+        od = self._od_price(obs)
 
         def key(z: ZoneView) -> tuple[float, float, float]:
             r = recs.get(z.key)
@@ -128,7 +138,8 @@ class SpotrunPolicy(BasePolicy):
                 return (0.0, price, bad)
             if math.isinf(self.flap_loss_p):
                 return (1.0, price, bad)
-            return (0.0, price * (1.0 + markup), INF)  # after a zone of the same price
+            slack_cost = self.flap_slack_weight * self.flap_loss_p * slack_share * max(0.0, od - price)
+            return (0.0, price * (1.0 + markup) + slack_cost, INF)  # after a zone of the same price
 
         return sorted(zones, key=key)
 
