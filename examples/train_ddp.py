@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # Bit-for-bit across relaunches: the same kernels with the same reduction order wherever a rank
+    # lands (torchrun sets 1 thread only when a node runs several ranks; a CPU's default varies).
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same initial weights on every rank
@@ -52,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     data = TensorDataset(x, y)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=42)
     loader = ResumableLoader(DataLoader(data, batch_size=args.batch, sampler=sampler))
-    model = DistributedDataParallel(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 1)))
+    # find_unused_parameters=True keeps DDP's gradient buckets in their first layout: a relaunched
+    # run would otherwise reduce its first step in the initial layout and the uninterrupted one in
+    # the rebuilt layout, and with 3+ ranks a different summation order changes the last bits.
+    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 1))
+    model = DistributedDataParallel(net, find_unused_parameters=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(1000 + rank)  # each rank's own dropout stream (saved and restored per rank)
     ck = ShardedCheckpointer(

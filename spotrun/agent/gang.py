@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spotrun.agent import jobfile
-from spotrun.agent.sync import CheckpointUploader, step_name
+from spotrun.agent.sync import CheckpointUploader, step_name, store_checkpoints
 from spotrun.checkpoint.format import FORMAT_VERSION, MANIFEST_NAME, loads_bounded
 from spotrun.clouds.store import NotFound, Store
 
@@ -160,12 +160,23 @@ class Gang:
 
 
 class GangUploader(CheckpointUploader):
-    """Uploads this node's part of each sharded checkpoint; node 0 also commits the step's
-    MANIFEST once every node's part is in (bounded wait), merging the parts' file lists."""
+    """Uploads this node's part of each sharded checkpoint. Node 0 also commits, after each sync,
+    every step whose parts are all in (the union of the parts' file lists as the MANIFEST); in the
+    final sync (after a notice) it waits, bounded, for the other nodes' parts of its newest step.
+
+    Nodes upload their newest local step and skip older ones, so a step some node skipped is never
+    committed: the next one all nodes reach is."""
 
     def __init__(self, gang: Gang, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.gang = gang
+        self.committed_step: int | None = None
+
+    def sync_once(self, *, final: bool = False) -> int | None:
+        step = super().sync_once(final=final)
+        if self.gang.rank == 0:
+            self.commit_ready(wait_for=self.uploaded_step if final else None)
+        return step
 
     def _upload(self, step: int, path: Path) -> bool:
         base = f"{jobfile.checkpoints_prefix(self.job_prefix)}{step_name(step)}/"
@@ -185,29 +196,42 @@ class GangUploader(CheckpointUploader):
                 raise ValueError(f"bad file name in manifest: {rel!r}")
             self.store.put_file(base + rel, path / rel)
         self.store.put_bytes(f"{base}parts/node-{self.gang.rank}.json", local)
-        if self.gang.rank != 0:
-            return True
-        return self._commit(step, base)
+        return True
 
-    def _commit(self, step: int, base: str) -> bool:
-        files: dict[str, object] = {}
+    def commit_ready(self, wait_for: int | None = None) -> int | None:
+        """Commit every step all nodes' parts are in for; with `wait_for`, first wait (at most
+        PARTS_WAIT) until that step's parts are all in. The newest step committed, or None."""
+        parts = {f"parts/node-{r}.json" for r in range(self.gang.nodes)}
         end = time.monotonic() + PARTS_WAIT
+        while True:
+            found = store_checkpoints(self.store, self.job_prefix)
+            if wait_for is None or wait_for not in found or parts <= found[wait_for] or time.monotonic() > end:
+                break
+            if MANIFEST_NAME in found[wait_for]:
+                break
+            time.sleep(0.2)
+        if wait_for is not None and wait_for in found and not parts <= found[wait_for]:
+            self.note(f"checkpoint {wait_for}: not every node's part arrived in {PARTS_WAIT:.0f}s: not committed")
+        newest = None
+        for step in sorted(found):
+            rels = found[step]
+            if MANIFEST_NAME in rels or not parts <= rels:
+                continue
+            if self._commit(step):
+                newest = step
+        if newest is not None:
+            self.committed_step = newest
+        return newest
+
+    def _commit(self, step: int) -> bool:
+        base = f"{jobfile.checkpoints_prefix(self.job_prefix)}{step_name(step)}/"
+        files: dict[str, object] = {}
         for r in range(self.gang.nodes):
-            key = f"{base}parts/node-{r}.json"
-            while True:
-                try:
-                    part = loads_bounded(self.store.get_bytes(key))
-                    break
-                except NotFound:
-                    if self._abort.is_set():
-                        return False  # a notice: the final sync (abort cleared) waits again
-                    if time.monotonic() > end:
-                        self._bad.add(step)
-                        self.note(f"checkpoint {step}: node {r}'s part did not arrive: not committed")
-                        return False
-                    time.sleep(0.2)
+            try:
+                part = loads_bounded(self.store.get_bytes(f"{base}parts/node-{r}.json"))
+            except (NotFound, ValueError):
+                part = None
             if not isinstance(part, dict) or not isinstance(part.get("files"), dict) or part.get("step") != step:
-                self._bad.add(step)
                 self.note(f"checkpoint {step}: node {r}'s part is malformed: not committed")
                 return False
             files.update(part["files"])

@@ -152,7 +152,8 @@ def test_gang_preempted_at_a_seeded_step_resumes_bitwise_in_another_zone(tmp_pat
     assert len(attempts[1].instance["details"]["gang"]) == nodes  # type: ignore[index]
     log2 = all_logs(store, job, 2)
     resumed = int(re.search(r"starting at step (\d+)", log2).group(1))  # type: ignore[union-attr]
-    assert resumed >= at_step  # the notice's checkpoint, taken by every rank at the same step
+    # the notice's checkpoint, taken by every rank at the same step
+    assert resumed >= at_step, all_logs(store, job, 1) + "\n=====\n" + log2
     final = store.get_bytes(f"jobs/{job}/outputs/weights.sha256").decode().strip()
     assert final == reference_hash(nodes, tmp_path)
     assert provider.list_owned(job) == []
