@@ -85,12 +85,13 @@ class GangProvider(Provider):
     def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
         started: list[Instance] = []
         began = time.monotonic()
+        place = getattr(self.inner, "gang_placement", None)  # the cloud's way to keep the nodes close
+        extra = {"placement": place(offer, boot.job_id, self.nodes)} if place is not None else {}
         try:
             for rank in range(self.nodes):
                 node_boot = self._node_boot(boot, rank)
-                started.append(
-                    self.inner.launch(offer, spot=spot, boot=node_boot, client_token=f"{client_token}-n{rank}")
-                )
+                token = f"{client_token}-n{rank}"
+                started.append(self.inner.launch(offer, spot=spot, boot=node_boot, client_token=token, **extra))
             self._wait_running(started, began)
         except BaseException:
             self._terminate_all(started)
