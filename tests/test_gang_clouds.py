@@ -10,11 +10,15 @@ from typing import Any
 import pytest
 
 from spotrun.clouds.aws.provider import TAG_JOB, AWSProvider
-from spotrun.clouds.base import InstanceStatus, NoCapacity
+from spotrun.clouds.base import InstanceStatus, NoCapacity, ProviderError
 from spotrun.control.gang import GangProvider
 from tests.fakes.aws_placement import serve_placement_groups
+from tests.fakes.gce_server import PROJECT, FakeGCE, gce_fixture, gce_server_fixture  # noqa: F401
 from tests.fakes.moto_server import MotoServer, aws, fast_session, moto_server  # noqa: F401
 from tests.test_aws_provider import BUCKET, REGION, Recorder, boot, hooks, offer, s3
+from tests.test_gcp_provider import boot as gcp_boot
+from tests.test_gcp_provider import make_provider as make_gcp
+from tests.test_gcp_provider import offer as gcp_offer
 
 
 @pytest.fixture
@@ -78,3 +82,44 @@ def test_aws_gang_with_a_refused_node_terminates_the_started_ones(aws_provider: 
     assert time.monotonic() - began < 30
     found = _instances("job-r")
     assert len(found) == 2 and {i["State"]["Name"] for i in found} <= {"shutting-down", "terminated"}
+
+
+# --------------------------------------------------------------------------- GCP (the fake GCE server)
+
+
+def test_gcp_gang_nodes_share_one_compact_placement_policy(gce: FakeGCE) -> None:
+    provider = make_gcp(gce)
+    gang = GangProvider(provider, 2, start_timeout=30, poll_every=0.05)
+    inst = gang.launch(gcp_offer(), spot=True, boot=gcp_boot("train-gang"), client_token="tok-gcp")
+    assert len(gang.members(inst)) == 2
+    policies = gce.requests_to("POST", r"/resourcePolicies$")
+    assert len(policies) == 1
+    placement = policies[0].body["groupPlacementPolicy"]
+    assert placement == {"collocation": "COLLOCATED", "vmCount": 2}
+    link = f"projects/{PROJECT}/regions/us-central1/resourcePolicies/spotrun-train-gang"
+    assert [r.body["resourcePolicies"] for r in gce.requests_to("POST", r"/instances$")] == [[link], [link]]
+    gang.terminate(inst)
+    again = gang.launch(gcp_offer(), spot=True, boot=gcp_boot("train-gang", 2), client_token="tok-gcp2")
+    assert len(gang.members(again)) == 2  # the policy made for attempt 1 serves the relaunch (409 taken)
+    gang.terminate(again)
+
+
+def test_gcp_fake_refuses_an_unknown_policy_and_a_full_one(gce: FakeGCE) -> None:
+    provider = make_gcp(gce)
+    with pytest.raises(ProviderError):
+        nope = {"resource_policy": f"projects/{PROJECT}/regions/us-central1/resourcePolicies/nope"}
+        provider.launch(gcp_offer(), spot=True, boot=gcp_boot("x"), client_token="t1", placement=nope)
+    placed = provider.gang_placement(gcp_offer(), "solo", 1)
+    provider.launch(gcp_offer(), spot=True, boot=gcp_boot("solo"), client_token="t2", placement=placed)
+    with pytest.raises(ProviderError):
+        provider.launch(gcp_offer(), spot=True, boot=gcp_boot("solo", 2), client_token="t3", placement=placed)
+
+
+def test_gcp_gang_with_an_exhausted_zone_leaves_nothing(gce: FakeGCE) -> None:
+    provider = make_gcp(gce)
+    gang = GangProvider(provider, 3, start_timeout=30, poll_every=0.05)
+    placed = provider.gang_placement(gcp_offer(), "train-full", 2)  # a policy made for 2 nodes
+    assert placed
+    with pytest.raises(ProviderError):
+        gang.launch(gcp_offer(), spot=True, boot=gcp_boot("train-full"), client_token="tok-full")
+    assert provider.list_owned("train-full") == []
