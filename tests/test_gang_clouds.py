@@ -13,9 +13,13 @@ from spotrun.clouds.aws.provider import TAG_JOB, AWSProvider
 from spotrun.clouds.base import InstanceStatus, NoCapacity, ProviderError
 from spotrun.control.gang import GangProvider
 from tests.fakes.aws_placement import serve_placement_groups
+from tests.fakes.azure_server import FakeARM, arm_fixture, arm_server_fixture  # noqa: F401
 from tests.fakes.gce_server import PROJECT, FakeGCE, gce_fixture, gce_server_fixture  # noqa: F401
 from tests.fakes.moto_server import MotoServer, aws, fast_session, moto_server  # noqa: F401
 from tests.test_aws_provider import BUCKET, REGION, Recorder, boot, hooks, offer, s3
+from tests.test_azure_provider import boot as az_boot
+from tests.test_azure_provider import make_provider as make_azure
+from tests.test_azure_provider import offer as az_offer
 from tests.test_gcp_provider import boot as gcp_boot
 from tests.test_gcp_provider import make_provider as make_gcp
 from tests.test_gcp_provider import offer as gcp_offer
@@ -123,3 +127,47 @@ def test_gcp_gang_with_an_exhausted_zone_leaves_nothing(gce: FakeGCE) -> None:
     with pytest.raises(ProviderError):
         gang.launch(gcp_offer(), spot=True, boot=gcp_boot("train-full"), client_token="tok-full")
     assert provider.list_owned("train-full") == []
+
+
+# --------------------------------------------------------------------------- Azure (the fake ARM server)
+
+
+def test_azure_gang_nodes_share_one_proximity_placement_group(arm: FakeARM) -> None:
+    provider = make_azure(arm)
+    gang = GangProvider(provider, 2, start_timeout=30, poll_every=0.05)
+    inst = gang.launch(az_offer(zone="1"), spot=True, boot=az_boot("train-gang"), client_token="tok-az")
+    assert len(gang.members(inst)) == 2
+    groups = arm.requests_to("PUT", r"/proximityPlacementGroups/")
+    assert groups and groups[0].body["properties"]["proximityPlacementGroupType"] == "Standard"
+    assert groups[0].body["location"] == "eastus" and groups[0].body["zones"] == ["1"]
+    vms = [r.body for r in arm.requests_to("PUT", r"/virtualMachines/")]
+    ids = {vm["properties"]["proximityPlacementGroup"]["id"].lower() for vm in vms}
+    assert len(vms) == 2 and len(ids) == 1 and ids.pop().endswith("/proximityplacementgroups/spotrun-train-gang")
+    gang.terminate(inst)
+
+
+def test_azure_fake_refuses_a_vm_in_an_unknown_placement_group(arm: FakeARM) -> None:
+    provider = make_azure(arm)
+    bogus = {"proximity_placement_group": "/subscriptions/x/resourceGroups/y/providers/Microsoft.Compute/"
+             "proximityPlacementGroups/nope"}  # fmt: skip
+    with pytest.raises(ProviderError):
+        provider.launch(az_offer(), spot=True, boot=az_boot("x"), client_token="t1", placement=bogus)
+
+
+def test_azure_gang_with_a_refused_node_terminates_the_started_ones(arm: FakeARM) -> None:
+    provider = make_azure(arm)
+    gang = GangProvider(provider, 2, start_timeout=30, poll_every=0.05)
+    provider.gang_placement(az_offer(), "train-r", 2)
+    original = provider.launch
+    calls: list[int] = []
+
+    def second_refused(*args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            arm.fail_next_create("SkuNotAvailable", "no capacity for this size")
+        return original(*args, **kw)
+
+    provider.launch = second_refused  # type: ignore[method-assign]
+    with pytest.raises(NoCapacity):
+        gang.launch(az_offer(), spot=True, boot=az_boot("train-r"), client_token="tok-r")
+    assert provider.list_owned("train-r") == []
