@@ -21,6 +21,12 @@ The nodes share no disk: each node's Agent uploads its node's files as one *part
 Agent commits the store's MANIFEST (all parts) only when every part is in (spotrun/agent/gang.py).
 A relaunched node downloads the whole committed checkpoint, so every rank can read every shard.
 
+Bit for bit means the same arithmetic after a relaunch: with 3+ ranks a gradient all-reduce's
+summation order follows DDP's bucket layout, which DDP rebuilds after its first step; build DDP
+with `find_unused_parameters=True` (it then keeps its first layout) and fix the CPU thread count
+(examples/train_ddp.py does both). Ranks may land on other nodes after a relaunch (c10d assigns
+them); every node downloads the whole checkpoint, so any rank reads its own state.
+
 The decision to stop is collective: `step()` all-reduces a "stop" flag (a notice file, SIGTERM or
 `request_save()` on any rank), so every rank saves the same step and exits together; a save only
 some ranks reach would hang the others in DCP's collectives.

@@ -381,7 +381,8 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
     out.print(
         f"[bold]chosen:[/] {escape(o.provider)}/{escape(o.location)} {escape(o.instance_type)} "
         f"({'spot' if best.spot else 'on-demand'}, {_money(best.hourly_price)}/h, "
-        f"interruption rate {o.interruption_rate:.3f}/h from {escape(o.interruption_source)})",
+        f"interruption rate {o.interruption_rate * best.nodes:.3f}/h from {escape(o.interruption_source)}"
+        + (f", {best.nodes} nodes)" if best.nodes > 1 else ")"),
         highlight=False,
     )
     lines = [

@@ -68,8 +68,17 @@ def make_job(tmp_path: Path, nodes: int) -> Path:
     return spec
 
 
+_REFERENCE: dict[int, str] = {}
+
+
 def reference_hash(world: int, tmp_path: Path) -> str:
-    """The same training, never interrupted, in one torchrun with the same world size."""
+    """The same training, never interrupted, in one torchrun with the same world size (once per size)."""
+    if world not in _REFERENCE:
+        _REFERENCE[world] = _reference(world, tmp_path)
+    return _REFERENCE[world]
+
+
+def _reference(world: int, tmp_path: Path) -> str:
     env = {**os.environ, "SPOTRUN_CHECKPOINT_DIR": str(tmp_path / "ref-ck"), "GLOO_SOCKET_IFNAME": "lo"}
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
