@@ -34,9 +34,9 @@ the model and optimizer live.
     preemption notice in `SPOTRUN_NOTICE_FILE`, it saves synchronously and returns True: exit then
     (`EXIT_PREEMPTED` is the conventional 143). A second SIGTERM kills at once;
   * a periodic save (every `every_steps` steps and/or `every_seconds` seconds) copies the state to
-    CPU memory and returns; writing, fsync and commit happen in background threads running at the
-    lowest CPU and I/O priority, one save in flight at a time (a save that falls due while one is
-    in flight waits for a later step);
+    CPU memory and returns; writing, fsync and commit happen in two background threads running at a
+    lower CPU and I/O priority (a few nice steps), one save in flight at a time (a save that falls
+    due while one is in flight waits for a later step);
   * it also rewrites `SPOTRUN_PROGRESS_FILE` (about once a second) with {"step", "total", "at"}.
 `ck.save(step, sync=True)` saves now, straight from the live tensors (no staging copy);
 `ck.wait()` joins a background save; `ck.close()` (or a `with` block) waits and uninstalls the
