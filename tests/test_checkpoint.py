@@ -736,16 +736,26 @@ def test_restore_reads_big_tensors_into_one_buffer_and_still_checks_every_byte(t
     """Tensors of 1 MiB and more come back as views of the read buffer, small ones (RNG states)
     own their storage; a flipped byte deep in a big shard is still caught while reading."""
     torch.manual_seed(3)
+    model = torch.nn.Linear(700, 701)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 700)).sum().backward()
+    opt.step()
     state = {"big": torch.randn(3 << 18), "odd": torch.randn(1001).double(), "flags": torch.rand(77) > 0.5}
-    ck = Checkpointer(root=tmp_path, state={"tensors": state}, handle_signals=False)
+    ck = Checkpointer(model=model, optimizer=opt, root=tmp_path, state={"tensors": state}, handle_signals=False)
     ck.save(1)
     ck.save(2)
-    back = Checkpointer(root=tmp_path, state={"tensors": None}, handle_signals=False)
+    model2 = torch.nn.Linear(700, 701)
+    opt2 = torch.optim.AdamW(model2.parameters())
+    back = Checkpointer(model=model2, optimizer=opt2, root=tmp_path, state={"tensors": None}, handle_signals=False)
     assert back.restore() == 2
+    assert state_hash(model2) == state_hash(model)
     got = back.state["tensors"]
     assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items())
-    assert got["big"].untyped_storage().nbytes() > got["big"].numel() * 4  # a view of the blob
+    assert got["big"].untyped_storage().nbytes() > got["big"].numel() * 4  # a view of the group's buffer
     assert got["odd"].untyped_storage().nbytes() == 1001 * 8  # its own storage
+    moment = opt2.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(moment, opt.state_dict()["state"][0]["exp_avg"])
+    assert moment.untyped_storage().nbytes() < 3 * 700 * 701 * 4  # the optimizer's buffer, not the model's
     shard = tmp_path / step_dirname(2) / "tensors-0000.bin"
     with open(shard, "r+b") as f:
         f.seek(2 << 20)

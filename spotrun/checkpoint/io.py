@@ -436,25 +436,56 @@ def _open_for_read(path: Path) -> tuple[int, bool]:
     return os.open(path, os.O_RDONLY), False
 
 
-def _read_shard(path: Path, size: int, dst: memoryview) -> str:
-    """Read a shard once, straight into `dst` (its page-aligned place in the blob buffer, at least
-    `size` rounded up to a page: O_DIRECT reads whole pages), hashing each chunk just read while
-    the disk is busy with the other threads' reads; return its sha256."""
+def _read_shard(path: Path, pieces: list) -> str:
+    """Read a shard once, straight into the buffers its bytes belong to, hashing each chunk just
+    read (while the other threads' reads keep the disk busy); return the shard's sha256.
+
+    pieces: [(read_lo, read_hi, hash_lo, hash_hi, dst)] in shard offsets, ascending: file bytes
+    [read_lo, read_hi) go to dst[0:] (page-aligned, page-rounded: O_DIRECT reads whole pages) and
+    [hash_lo, hash_hi) of them are hashed; the hash ranges partition the shard."""
     h = hashlib.sha256()
     fd, _ = _open_for_read(path)
     try:
-        pos = 0
-        while pos < size:
-            want = min(_CHUNK, -(-(size - pos) // _PAGE) * _PAGE)
-            n = os.preadv(fd, [dst[pos : pos + want]], pos)
-            if n <= 0:
-                raise TornCheckpointError(f"{path} is shorter than its manifest says")
-            n = min(n, size - pos)
-            h.update(dst[pos : pos + n])
-            pos += n
+        for read_lo, read_hi, hash_lo, hash_hi, dst in pieces:
+            pos = read_lo
+            while pos < read_hi:
+                want = min(_CHUNK, -(-(read_hi - pos) // _PAGE) * _PAGE)
+                n = os.preadv(fd, [dst[pos - read_lo : pos - read_lo + want]], pos)
+                if n <= 0:
+                    raise TornCheckpointError(f"{path} is shorter than its manifest says")
+                n = min(n, read_hi - pos)
+                lo, hi = max(pos, hash_lo), min(pos + n, hash_hi)
+                if lo < hi:
+                    h.update(dst[lo - read_lo : hi - read_lo])
+                pos += n
     finally:
         os.close(fd)
     return h.hexdigest()
+
+
+def _tensor_refs(obj: Any) -> list[int]:
+    if isinstance(obj, _Ref):
+        return [obj.value] if obj.kind == "tensor" else []
+    if isinstance(obj, dict):
+        return [i for k, v in obj.items() for i in _tensor_refs(k) + _tensor_refs(v)]
+    if type(obj) in (list, tuple, set, frozenset):
+        return [i for v in obj for i in _tensor_refs(v)]
+    return []
+
+
+def _group_starts(skeleton: Any, metas: list) -> list[int]:
+    """Blob offsets where each top-level entry's tensors begin (the model's, the optimizer's...):
+    each group is read into its own buffer, so that what one object keeps (an optimizer on the
+    CPU keeps the restored tensors) does not keep the others' bytes alive."""
+    starts, upto = [0], 0
+    for value in skeleton.values() if isinstance(skeleton, dict) else ():
+        new = [i for i in _tensor_refs(value) if i >= upto]
+        if new:
+            offset = metas[min(new)][0]
+            if offset > starts[-1]:
+                starts.append(offset)
+            upto = max(new) + 1
+    return starts
 
 
 def read_state(folder: Path, manifest: dict | None = None, *, threads: int | None = None) -> Any:
@@ -487,13 +518,26 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
         expected = {STATE_FILE} | {name for name, _, _ in shards}
         if set(files) != expected or any(files[name]["size"] != end - start for name, start, end in shards):
             raise TornCheckpointError(f"{folder}: the manifest does not list the files state.pkl describes")
-    blob = _aligned_empty(-(-max(total, 1) // _PAGE) * _PAGE, False)
-    view = memoryview(blob.numpy()).cast("B")
+    for offset, nbytes, dtype, shape in meta["tensors"]:
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or offset % _ALIGN or offset + nbytes > total:
+            raise ValueError(f"{folder / STATE_FILE}: bad tensor entry {(offset, nbytes, dtype, shape)}")
+    bounds = _group_starts(meta["state"], meta["tensors"]) + [total]
+    groups = []  # (lo, hi, base, buffer holding blob bytes [base, page-rounded hi))
+    for lo, hi in zip(bounds, bounds[1:]):  # noqa: B905
+        base = lo // _PAGE * _PAGE
+        groups.append((lo, hi, base, _aligned_empty(max(-(-hi // _PAGE) * _PAGE - base, _PAGE), False)))
+    views = [memoryview(buf.numpy()).cast("B") for *_, buf in groups]
+    jobs = {}
+    for name, start, end in shards:
+        pieces = []
+        for (lo, hi, base, _), view in zip(groups, views):  # noqa: B905
+            read_lo, read_hi = max(start, base), min(end, -(-hi // _PAGE) * _PAGE)
+            if read_lo < read_hi and lo < end and hi > start:
+                dst = view[read_lo - base :]
+                pieces.append((read_lo - start, read_hi - start, max(lo, start) - start, min(hi, end) - start, dst))
+        jobs[name] = pieces
     with ThreadPoolExecutor(threads or writer_threads()) as pool:
-        digests = {
-            name: pool.submit(_read_shard, folder / name, end - start, view[start : -(-end // _PAGE) * _PAGE])
-            for name, start, end in shards
-        }
+        digests = {name: pool.submit(_read_shard, folder / name, jobs[name]) for name, _, _ in shards}
         for name, future in digests.items():
             digest = future.result()
             if files is not None and digest != files[name]["sha256"]:
@@ -501,12 +545,12 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
     tensors = []
     for offset, nbytes, dtype, shape in meta["tensors"]:
         dt = getattr(torch, dtype)
-        if not isinstance(dt, torch.dtype) or offset % _ALIGN or offset + nbytes > total:
-            raise ValueError(f"{folder / STATE_FILE}: bad tensor entry {(offset, nbytes, dtype, shape)}")
+        g = max(0, bisect.bisect_right(bounds, offset) - 1) if nbytes else 0
+        lo, hi, base, buf = groups[min(g, len(groups) - 1)]
         if nbytes >= _OWN_STORAGE_BELOW:
-            t = blob[offset : offset + nbytes].view(dt).view(shape)
+            t = buf[offset - base : offset - base + nbytes].view(dt).view(shape)
         elif nbytes:  # small ones get their own storage: some torch APIs (set_rng_state) ignore offsets
-            t = blob[offset : offset + nbytes].view(dt).view(shape).clone()
+            t = buf[offset - base : offset - base + nbytes].view(dt).view(shape).clone()
         else:
             t = torch.empty(shape, dtype=dt)
         tensors.append(t)
