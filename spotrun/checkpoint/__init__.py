@@ -46,7 +46,7 @@ from save to save; `close()` frees it.
 
 On disk (see checkpoint_format): `<root>/<%012d step>/` with `MANIFEST.json` written last; root is
 `SPOTRUN_CHECKPOINT_DIR`, else `./checkpoints`. `restore()` loads the newest checkpoint whose
-bytes match its manifest's sha256 (checked as they are read: one pass) and falls back to older
+bytes match its manifest's digests (checked as they are read: one pass) and falls back to older
 ones; the last `keep` are kept. This module imports no torch until a Checkpointer is used, so the
 Agent can use `verify_checkpoint`, `complete_checkpoints`, `latest_checkpoint` and
 `MANIFEST_NAME` freely.

@@ -10,7 +10,7 @@ pickled with small references in place of the tensors (`state.pkl`).
 * A periodic save copies every tensor into one reusable, page-aligned CPU buffer (pinned when
   tensors live on CUDA) and returns; a background thread writes from it (`Stager`).
 * Writing (`write_snapshot`): shards are written by a few threads at once with O_DIRECT (no page
-  cache copy, no writeback storm) in 8 MiB chunks, each chunk hashed (sha256, for the manifest)
+  cache copy, no writeback storm) in 8 MiB chunks, each chunk hashed (CRC-32, for the manifest)
   just before it is written; live tensors go through a small page-aligned bounce buffer. Where
   O_DIRECT is refused (tmpfs, some network file systems) the writes are buffered and their
   writeback started early. A periodic save is written by BACKGROUND_THREADS threads a few nice
@@ -41,6 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from spotrun.checkpoint.format import ChunkCRC, entry_digest
 
 STATE_FILE = "state.pkl"
 SHARD_BYTES = 64 * 1024 * 1024
@@ -328,8 +330,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _write_shard(path: Path, snap: Snapshot, start: int, end: int, allow_direct: bool = True) -> tuple[int, str]:
-    """Write blob bytes [start, end) to `path`, fsynced; return (size, sha256)."""
-    h = hashlib.sha256()
+    """Write blob bytes [start, end) to `path`, fsynced; return (size, digest for the manifest)."""
+    h = ChunkCRC()
     fd, direct = _open_for_write(path, allow_direct)
     size = end - start
     staged = snap.buffer is not None
@@ -379,7 +381,9 @@ def _write_small(path: Path, data: bytes) -> tuple[int, str]:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return len(data), hashlib.sha256(data).hexdigest()
+    h = ChunkCRC()
+    h.update(data)
+    return len(data), h.hexdigest()
 
 
 def writer_threads() -> int:
@@ -394,7 +398,7 @@ def shard_name(i: int) -> str:
 def write_snapshot(
     snap: Snapshot, folder: Path, *, threads: int | None = None, background: bool = False
 ) -> dict[str, tuple[int, str]]:
-    """Write a snapshot's files into `folder` (fsynced); return {relpath: (size, sha256)}.
+    """Write a snapshot's files into `folder` (fsynced); return {relpath: (size, digest)}.
     background: BACKGROUND_THREADS writer threads at a lower CPU and I/O priority."""
     threads = threads or (BACKGROUND_THREADS if background else writer_threads())
     initializer = lower_thread_priority if background else None
@@ -436,14 +440,15 @@ def _open_for_read(path: Path) -> tuple[int, bool]:
     return os.open(path, os.O_RDONLY), False
 
 
-def _read_shard(path: Path, pieces: list) -> str:
+def _read_shard(path: Path, pieces: list, sha256: bool = False) -> str:
     """Read a shard once, straight into the buffers its bytes belong to, hashing each chunk just
-    read (while the other threads' reads keep the disk busy); return the shard's sha256.
+    read (while the other threads' reads keep the disk busy); return the shard's digest (format
+    2's chunk CRCs; sha256 for a format 1 checkpoint).
 
     pieces: [(read_lo, read_hi, hash_lo, hash_hi, dst)] in shard offsets, ascending: file bytes
     [read_lo, read_hi) go to dst[0:] (page-aligned, page-rounded: O_DIRECT reads whole pages) and
     [hash_lo, hash_hi) of them are hashed; the hash ranges partition the shard."""
-    h = hashlib.sha256()
+    h: Any = hashlib.sha256() if sha256 else ChunkCRC()
     fd, _ = _open_for_read(path)
     try:
         for read_lo, read_hi, hash_lo, hash_hi, dst in pieces:
@@ -460,6 +465,14 @@ def _read_shard(path: Path, pieces: list) -> str:
                 pos += n
     finally:
         os.close(fd)
+    return h.hexdigest()
+
+
+def _digest(data: bytes, entry: dict) -> str:
+    if "sha256" in entry:
+        return hashlib.sha256(data).hexdigest()
+    h = ChunkCRC()
+    h.update(data)
     return h.hexdigest()
 
 
@@ -490,7 +503,7 @@ def _group_starts(skeleton: Any, metas: list) -> list[int]:
 
 def read_state(folder: Path, manifest: dict | None = None, *, threads: int | None = None) -> Any:
     """Load a checkpoint written by `write_snapshot` (tensors on the CPU). With its manifest, every
-    byte is checked against the manifest's sha256 as it is read (one pass): a mismatch raises
+    byte is checked against the manifest's digest as it is read (one pass): a mismatch raises
     TornCheckpointError and nothing is returned. Without one, nothing is checked.
 
     The shards are read (O_DIRECT where the file system allows) straight into one page-aligned
@@ -503,7 +516,7 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
     raw = (folder / STATE_FILE).read_bytes()
     if files is not None:
         entry = files.get(STATE_FILE)
-        if entry is None or entry["size"] != len(raw) or entry["sha256"] != hashlib.sha256(raw).hexdigest():
+        if entry is None or entry["size"] != len(raw) or _digest(raw, entry) != entry_digest(entry):
             raise TornCheckpointError(f"{folder / STATE_FILE} does not match its manifest")
     meta = _Unpickler(io.BytesIO(raw)).load()
     if not isinstance(meta, dict) or meta.get("version") != _STATE_VERSION:
@@ -537,11 +550,14 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
                 pieces.append((read_lo - start, read_hi - start, max(lo, start) - start, min(hi, end) - start, dst))
         jobs[name] = pieces
     with ThreadPoolExecutor(threads or writer_threads()) as pool:
-        digests = {name: pool.submit(_read_shard, folder / name, jobs[name]) for name, _, _ in shards}
+        digests = {
+            name: pool.submit(_read_shard, folder / name, jobs[name], files is not None and "sha256" in files[name])
+            for name, _, _ in shards
+        }
         for name, future in digests.items():
             digest = future.result()
-            if files is not None and digest != files[name]["sha256"]:
-                raise TornCheckpointError(f"{folder / name}: sha256 differs from the manifest's")
+            if files is not None and digest != entry_digest(files[name]):
+                raise TornCheckpointError(f"{folder / name}: its bytes differ from the manifest's digest")
     tensors = []
     for offset, nbytes, dtype, shape in meta["tensors"]:
         dt = getattr(torch, dtype)
