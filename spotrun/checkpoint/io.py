@@ -174,7 +174,26 @@ def _aligned_empty(nbytes: int, pin: bool) -> Any:
 
     raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8, pin_memory=pin)
     skip = (-raw.data_ptr()) % _PAGE
+    if not pin and HUGE_PAGES:
+        _advise_huge(raw.data_ptr() + skip, nbytes)
     return raw[skip : skip + nbytes]
+
+
+HUGE_PAGES = os.environ.get("SPOTRUN_CHECKPOINT_HUGE_PAGES", "1") != "0"
+_HUGE = 2 * 1024 * 1024
+_MADV_HUGEPAGE = 14
+
+
+def _advise_huge(ptr: int, nbytes: int) -> None:
+    """Ask Linux for transparent huge pages over a fresh buffer (where THP is 'madvise'): one fault
+    per 2 MiB instead of per 4 KiB when the buffer is first filled. Best effort."""
+    start, end = -(-ptr // _HUGE) * _HUGE, (ptr + nbytes) // _HUGE * _HUGE
+    if end - start < _HUGE or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass
 
 
 class Stager:
