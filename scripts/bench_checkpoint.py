@@ -13,7 +13,8 @@ over --repeats rounds that interleave the contenders, all in one directory (one 
 * spotrun periodic save: `save(sync=False)`: the stall (the copy to memory; the first one also
   allocates the buffer) and the background write until committed;
 * spotrun restore: `restore()` into the live model from a cold cache (pages dropped with
-  posix_fadvise), checking every byte against the manifest as it reads;
+  posix_fadvise), checking every byte against the manifest as it reads; and the same files read
+  without the check (what the check costs);
 * the effective stall: steps/s of a CPU training loop (an MLP on one thread, the main thread, as
   in a training script) while a periodic save runs, against the same loop without one, rounds
   interleaved; "seconds lost" is the time the loop ran minus the time its steps would have taken;
@@ -170,6 +171,8 @@ def measure(nbytes: int, repeats: int, base: Path) -> dict[str, Any]:
     import torch
 
     from spotrun.checkpoint import Checkpointer
+    from spotrun.checkpoint.format import step_dirname
+    from spotrun.checkpoint.io import read_state
 
     torch.set_num_threads(1)  # the loop's one thread; the writers bring their own
     model, opt = make_state(nbytes)
@@ -177,7 +180,7 @@ def measure(nbytes: int, repeats: int, base: Path) -> dict[str, Any]:
     loop = Loop()
     loop.run_for(0.5)  # warm up
     keys = (
-        "dd_direct dd_streams dd_read crc sha256 preempt_save restore periodic_stall_first periodic_stall "
+        "dd_direct dd_streams dd_read crc sha256 preempt_save restore read_unchecked periodic_stall_first periodic_stall "
         "periodic_write loop_base loop_during lost torch_save"
     ).split()
     t: dict[str, list[float]] = {k: [] for k in keys}
@@ -198,6 +201,8 @@ def measure(nbytes: int, repeats: int, base: Path) -> dict[str, Any]:
         ck = Checkpointer(model=model, optimizer=opt, root=root, keep=1, handle_signals=False)
         t["restore"].append(timed(ck.restore))
         ck.close()
+        drop_cache(root)
+        t["read_unchecked"].append(timed(read_state, root / step_dirname(10 * r + 1)))  # no manifest: no hashing
         clear(base)
 
         ck = Checkpointer(model=model, optimizer=opt, root=root, keep=1, handle_signals=False)
@@ -293,6 +298,8 @@ def markdown(r: dict[str, Any], command: str) -> str:
         row("… vs one-stream direct write", ratio("periodic_write", "dd_direct")),
         row("spotrun restore (cold cache, every byte checked while reading)", gbs("restore")),
         row("… vs direct read", ratio("restore", "dd_read")),
+        row("the same read without the check (`read_state` with no manifest)", gbs("read_unchecked")),
+        row("… vs direct read", ratio("read_unchecked", "dd_read")),
         row("`torch.save` + fsync", gbs("torch_save")),
         row("periodic save: training stall, first save (allocates the buffer)", secs("periodic_stall_first")),
         row("periodic save: training stall, later saves", secs("periodic_stall")),

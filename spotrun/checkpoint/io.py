@@ -459,15 +459,15 @@ def _open_for_read(path: Path) -> tuple[int, bool]:
     return os.open(path, os.O_RDONLY), False
 
 
-def _read_shard(path: Path, pieces: list, sha256: bool = False) -> str:
+def _read_shard(path: Path, pieces: list, digest: str | None = "crc32") -> str:
     """Read a shard once, straight into the buffers its bytes belong to, hashing each chunk just
     read (while the other threads' reads keep the disk busy); return the shard's digest (format
-    2's chunk CRCs; sha256 for a format 1 checkpoint).
+    2's chunk CRCs; sha256 for a format 1 checkpoint; nothing hashed and "" when digest is None).
 
     pieces: [(read_lo, read_hi, hash_lo, hash_hi, dst)] in shard offsets, ascending: file bytes
     [read_lo, read_hi) go to dst[0:] (page-aligned, page-rounded: O_DIRECT reads whole pages) and
     [hash_lo, hash_hi) of them are hashed; the hash ranges partition the shard."""
-    h: Any = hashlib.sha256() if sha256 else ChunkCRC()
+    h: Any = hashlib.sha256() if digest == "sha256" else ChunkCRC() if digest else None
     fd, _ = _open_for_read(path)
     try:
         for read_lo, read_hi, hash_lo, hash_hi, dst in pieces:
@@ -479,12 +479,16 @@ def _read_shard(path: Path, pieces: list, sha256: bool = False) -> str:
                     raise TornCheckpointError(f"{path} is shorter than its manifest says")
                 n = min(n, read_hi - pos)
                 lo, hi = max(pos, hash_lo), min(pos + n, hash_hi)
-                if lo < hi:
+                if lo < hi and h is not None:
                     h.update(dst[lo - read_lo : hi - read_lo])
                 pos += n
     finally:
         os.close(fd)
-    return h.hexdigest()
+    return h.hexdigest() if h is not None else ""
+
+
+def _kind(entry: dict) -> str:
+    return "sha256" if "sha256" in entry else "crc32"
 
 
 def _digest(data: bytes, entry: dict) -> str:
@@ -570,7 +574,7 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
         jobs[name] = pieces
     with ThreadPoolExecutor(threads or writer_threads()) as pool:
         digests = {
-            name: pool.submit(_read_shard, folder / name, jobs[name], files is not None and "sha256" in files[name])
+            name: pool.submit(_read_shard, folder / name, jobs[name], _kind(files[name]) if files else None)
             for name, _, _ in shards
         }
         for name, future in digests.items():
