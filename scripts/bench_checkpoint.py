@@ -180,7 +180,8 @@ def measure(nbytes: int, repeats: int, base: Path) -> dict[str, Any]:
     loop = Loop()
     loop.run_for(0.5)  # warm up
     keys = (
-        "dd_direct dd_streams dd_read crc sha256 preempt_save restore read_unchecked periodic_stall_first periodic_stall "
+        "dd_direct dd_streams dd_read crc sha256 preempt_save restore read_unchecked periodic_stall_first "
+        "periodic_stall "
         "periodic_write loop_base loop_during lost torch_save"
     ).split()
     t: dict[str, list[float]] = {k: [] for k in keys}
