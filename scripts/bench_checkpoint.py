@@ -282,9 +282,9 @@ def markdown(r: dict[str, Any], command: str) -> str:
         "",
         f"`{command}` — medians of {'/'.join(map(str, r['repeats']))} interleaved rounds (per size), in "
         f"`{r['directory']}`; "
-        f"spotrun writes and reads with {r['writer_threads']} threads; load average "
-        f"{r['load_average'][0]:.1f} before, {r['load_average'][1]:.1f} after (a shared machine: "
-        "other jobs' CPU use lowers every CPU-bound line).",
+        f"spotrun writes and reads with {r['writer_threads']} threads; load average (1 min) "
+        + "; ".join(f"{a:.1f} before, {b:.1f} after" for a, b in r["loads"])
+        + " (a shared 2-core machine: other jobs' CPU use lowers every CPU-bound line).",
         "",
         f"| | {cols} |",
         "|---|" + "---:|" * len(gibs),
@@ -344,11 +344,11 @@ def markdown(r: dict[str, Any], command: str) -> str:
 
 
 def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several runs' sizes in one result; load averages: the lowest before and the highest after."""
+    """Several runs' sizes in one result, with each run's load averages."""
     out = dict(runs[0])
     out["sizes"] = {g: s for r in runs for g, s in r["sizes"].items()}
     out["repeats"] = [n for r in runs for n in r["repeats"]]
-    out["load_average"] = [min(r["load_average"][0] for r in runs), max(r["load_average"][1] for r in runs)]
+    out["loads"] = [r["load_average"] for r in runs]
     return out
 
 
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:  # runs saved with --json (e.g. the big size alone, when memory allowed): one table
         runs = [json.loads(Path(f).read_text()) for f in args.render]
         result = merge(runs)
-        command = " and ".join(r["command"] for r in runs)
+        command = "` then `".join(r["command"] for r in runs)
         print(markdown(result, command))
         return 0
     result = run(args.gib, args.repeats, args.dir, args.interval)
@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         ["--gib", *(f"{g:g}" for g in args.gib), "--repeats", *map(str, args.repeats)]
     )
     result["command"] = command
+    result["loads"] = [result["load_average"]]
     print(json.dumps(result, indent=1) if args.json else markdown(result, command))
     return 0
 
