@@ -734,8 +734,8 @@ def test_an_epoch_left_part_way_and_a_checkpoint_both_resume_exactly(workers: in
     assert got == expected
 
 
-def test_restore_reads_big_tensors_into_one_buffer_and_still_checks_every_byte(tmp_path: Path) -> None:
-    """Tensors of 1 MiB and more come back as views of the read buffer, small ones (RNG states)
+def test_restore_reads_big_tensors_into_per_object_buffers_and_still_checks_every_byte(tmp_path: Path) -> None:
+    """Tensors of 1 MiB and more come back as views of their object's read buffer, small ones (RNG states)
     own their storage; a flipped byte deep in a big shard is still caught while reading."""
     torch.manual_seed(3)
     model = torch.nn.Linear(700, 701)
