@@ -5,7 +5,8 @@ candidate setting and prints, per setting, the mean cost ÷ offline bound, the w
 missed deadlines and how many (work, slack, overhead) cells are cheaper than greedy. The
 reporting half is never loaded here.
 
-    .venv/bin/python scripts/tune_policy.py [--starts 4] [--jobs 2] 'backoff_h=0.5,retry_h=1' ...
+    .venv/bin/python scripts/tune_policy.py [--starts 4] [--jobs 2] [--price-spread 0.1] [--cells] \
+        'backoff_h=0.5,retry_h=1' ...
 """
 
 from __future__ import annotations
@@ -40,14 +41,27 @@ def parse(setting: str) -> dict[str, float]:
     return out
 
 
-def one_set(args: tuple[int, str, int, float, list[str]]) -> list[tuple]:
-    idx, data_s, starts, oh, settings = args
+def spread_prices(market: Market, spread: float) -> None:
+    """Make the zones' spot prices differ: zone i of n pays ``1 + spread * i / (n - 1)`` times its
+    own price (on-demand unchanged). The tuning traces' zones mostly share one price; this checks
+    a price-dependent rule on them without looking at the reporting set."""
+    n = len(market.zones)
+    if spread <= 0 or n < 2:
+        return
+    for i in range(n):
+        f = 1.0 + spread * i / (n - 1)
+        market.spot_price[i] = [p * f for p in market.spot_price[i]]
+
+
+def one_set(args: tuple[int, str, int, float, list[str], float]) -> list[tuple]:
+    idx, data_s, starts, oh, settings, spread = args
     ts = bp.SETS[idx]
     assert ts.era == "tuning", "never tune on the reporting set"
     data = Path(data_s)
     zones = ts.load(data)
     spot, od = bp._set_prices(ts, data, zones)
     market = Market.from_traces(zones, spot_price=spot, ondemand_price=od, gap_seconds=ts.gap_seconds)
+    spread_prices(market, spread)
     base = JobModel(work_h=1.0, restart_overhead_h=oh, checkpoint_interval_h=bp.CHECKPOINT_INTERVAL_H)
     rows = []
     for w in ts.works:
@@ -71,10 +85,12 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=bp.DEFAULT_DATA)
     ap.add_argument("--starts", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--price-spread", type=float, default=0.0, help="zone i of n: spot price x (1 + s*i/(n-1))")
+    ap.add_argument("--cells", action="store_true", help="also print every (overhead, work, slack) cell")
     a = ap.parse_args()
     gap_h = bp.median_gap_h(a.data, "tuning")
     work = [
-        (i, str(a.data), a.starts, m * gap_h, a.settings)
+        (i, str(a.data), a.starts, m * gap_h, a.settings, a.price_spread)
         for m in bp.OVERHEAD_MULTIPLES
         for i, ts in enumerate(bp.SETS)
         if ts.era == "tuning"
@@ -95,6 +111,17 @@ def main() -> int:
             f"{s or 'defaults'}: mean {statistics.fmean(vals):.4f} worst {max(vals):.3f} missed {missed} "
             f"cells cheaper than greedy {better}/{len(cells)}"
         )
+    if a.cells:
+        print("cells (overhead min, work h, slack): greedy mean | each setting's mean (worst)")
+        by: dict[tuple, list] = {}
+        for r in rows:
+            by.setdefault((r[1], r[2], r[3]), []).append(r)
+        for (oh, w, sl), rs in sorted(by.items()):
+            parts = [
+                f"{statistics.fmean(r[5][k][0] for r in rs):.3f} ({max(r[5][k][0] for r in rs):.2f})"
+                for k in range(len(a.settings))
+            ]
+            print(f"  {oh * 60:4.0f} {w:4g} {sl:4g}: {statistics.fmean(r[4] for r in rs):.3f} | " + " | ".join(parts))
     return 0
 
 

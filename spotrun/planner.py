@@ -73,6 +73,7 @@ class Candidate:
     base_hours: float = 0.0  # remaining work on this offer if nothing were preempted
     hours_lost_per_preemption: float = 0.0  # restart + redone work, for one preemption
     final_save_fits: bool = False  # whether a checkpoint can be saved within the notice
+    nodes: int = 1  # a gang of this many instances: hourly_price is the gang's, N x one instance's
 
     @property
     def key(self) -> str:
@@ -94,6 +95,7 @@ class Candidate:
             "base_hours": self.base_hours,
             "hours_lost_per_preemption": self.hours_lost_per_preemption,
             "final_save_fits": self.final_save_fits,
+            "nodes": self.nodes,
         }
 
 
@@ -173,6 +175,7 @@ class _Job:
     store: tuple[str, str | None] | None  # (provider, region) of the Store, None: next to the instance
     data_source: tuple[str, str | None] | None  # where the input data is pulled from
     own_images: frozenset[str] = frozenset()  # clouds whose boot image the spec names (its driver too)
+    nodes: int = 1  # instances run as one gang: N x the price, N x the interruption rate
 
 
 def _gpu_names(name: Any) -> frozenset[str] | None:
@@ -269,6 +272,7 @@ def _job(spec: Any, notes: list[str]) -> _Job:
         store=store,
         data_source=data_source,
         own_images=_own_images(spec),
+        nodes=_nodes(_get(spec, "resources"), notes),
     )
 
 
@@ -277,6 +281,17 @@ def _own_images(spec: Any) -> frozenset[str]:
     judge their GPUs' drivers, the user's image does."""
     keys = {"aws": "ami", "gcp": "image", "azure": "image"}
     return frozenset(cloud for cloud, key in keys.items() if _get(_get(spec, cloud), key))
+
+
+def _nodes(res: Any, notes: list[str]) -> int:
+    nodes = int(_get(res, "nodes", 1) or 1)
+    if nodes > 1:
+        notes.append(
+            f"{nodes} nodes as one gang in one zone: {nodes} x the instance price, {nodes} x its interruption "
+            f"rate (a preemption of any node restarts the gang), runtime / ({nodes} x "
+            f"{_scale(nodes) / nodes:.0%} scaling efficiency)"
+        )
+    return nodes
 
 
 def _scale(count: int) -> float:
@@ -329,12 +344,12 @@ class _Costing:
     def base_hours(self, offer: Offer) -> float:
         job = self.job
         if not job.gpu_count or offer.gpu is None:
-            return job.hours_one_a100 * self.remaining
+            return job.hours_one_a100 / _scale(job.nodes) * self.remaining
         one = job.hours_on.get(offer.gpu)
         if one is None:
             model = GPU_MODELS.get(offer.gpu)
             one = job.hours_one_a100 / (model.speed if model else 1.0)
-        return one / _scale(offer.gpu_count) * self.remaining
+        return one / _scale(offer.gpu_count * job.nodes) * self.remaining
 
     def preemption(self, provider: str) -> tuple[float, bool]:
         """(hours lost per preemption, whether a final save fits in the notice) on `provider`."""
@@ -368,7 +383,8 @@ class _Costing:
         """None when preemptions come so often that the job would never finish."""
         job = self.job
         base = self.base_hours(offer)
-        rate = offer.interruption_rate if spot else 0.0
+        rate = (offer.interruption_rate if spot else 0.0) * job.nodes  # any node's preemption stops the gang
+        price *= job.nodes  # the gang's hourly price
         per_preemption, fits = self.preemption(offer.provider)
         if rate * per_preemption >= 1.0:
             return None
@@ -400,6 +416,7 @@ class _Costing:
             base,
             per_preemption,
             fits,
+            job.nodes,
         )
 
 

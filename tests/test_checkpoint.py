@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from spotrun.checkpoint import (
     verify_checkpoint,
 )
 from spotrun.checkpoint import io as checkpoint_io
-from spotrun.checkpoint.format import TMP_PREFIX, step_dirname
+from spotrun.checkpoint.format import CRC_CHUNK, TMP_PREFIX, step_dirname
 
 
 @pytest.fixture(autouse=True)
@@ -82,12 +83,13 @@ def test_a_checkpoint_is_a_step_folder_with_a_manifest_of_sizes_and_checksums(tm
     [path] = saved(tmp_path, [7])
     assert path.name == "000000000007"
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    assert manifest["format"] == 1 and manifest["step"] == 7 and manifest["created"] <= time.time()
+    assert manifest["format"] == 2 and manifest["step"] == 7 and manifest["created"] <= time.time()
     on_disk = {p.name for p in path.iterdir()} - {MANIFEST_NAME}
     assert set(manifest["files"]) == on_disk and "state.pkl" in on_disk
     for rel, entry in manifest["files"].items():
         data = (path / rel).read_bytes()
-        assert entry == {"size": len(data), "sha256": __import__("hashlib").sha256(data).hexdigest()}
+        chunks = [data[i : i + CRC_CHUNK] for i in range(0, len(data), CRC_CHUNK)]
+        assert entry == {"size": len(data), "crc32": "".join(f"{zlib.crc32(c):08x}" for c in chunks)}
     assert verify_checkpoint(path) and verify_checkpoint(path, deep=False)
     assert complete_checkpoints(tmp_path) == [path] and latest_checkpoint(tmp_path) == path
     assert not list(tmp_path.glob(TMP_PREFIX + "*"))
@@ -658,7 +660,7 @@ def test_a_synchronous_save_writes_from_the_live_tensors_without_a_staging_buffe
     assert state_hash(back) == state_hash(model)
 
 
-def test_background_writers_run_at_the_lowest_priority(tmp_path: Path, monkeypatch) -> None:
+def test_background_writers_run_at_a_lower_priority(tmp_path: Path, monkeypatch) -> None:
     seen: list[tuple[str, int]] = []
     real = checkpoint_io._write_shard
 
@@ -672,7 +674,7 @@ def test_background_writers_run_at_the_lowest_priority(tmp_path: Path, monkeypat
     ck.save(1, sync=True)
     ck.save(2, sync=False)
     ck.wait()
-    assert [nice for _, nice in seen] == [base, 19]
+    assert [nice for _, nice in seen] == [base, max(base, min(19, base + checkpoint_io.BACKGROUND_NICE))]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller is untouched
 
 
@@ -730,3 +732,90 @@ def test_an_epoch_left_part_way_and_a_checkpoint_both_resume_exactly(workers: in
     torch.set_rng_state(rng)  # the Checkpointer restores the global RNG with the position
     take(resumed, 8, got)
     assert got == expected
+
+
+def test_restore_reads_big_tensors_into_per_object_buffers_and_still_checks_every_byte(tmp_path: Path) -> None:
+    """Tensors of 1 MiB and more come back as views of their object's read buffer, small ones (RNG states)
+    own their storage; a flipped byte deep in a big shard is still caught while reading."""
+    torch.manual_seed(3)
+    model = torch.nn.Linear(700, 701)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 700)).sum().backward()
+    opt.step()
+    state = {"big": torch.randn(3 << 18), "odd": torch.randn(1001).double(), "flags": torch.rand(77) > 0.5}
+    ck = Checkpointer(model=model, optimizer=opt, root=tmp_path, state={"tensors": state}, handle_signals=False)
+    ck.save(1)
+    ck.save(2)
+    model2 = torch.nn.Linear(700, 701)
+    opt2 = torch.optim.AdamW(model2.parameters())
+    back = Checkpointer(model=model2, optimizer=opt2, root=tmp_path, state={"tensors": None}, handle_signals=False)
+    assert back.restore() == 2
+    assert state_hash(model2) == state_hash(model)
+    got = back.state["tensors"]
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items())
+    assert got["big"].untyped_storage().nbytes() > got["big"].numel() * 4  # a view of the group's buffer
+    assert got["odd"].untyped_storage().nbytes() == 1001 * 8  # its own storage
+    moment = opt2.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(moment, opt.state_dict()["state"][0]["exp_avg"])
+    assert moment.untyped_storage().nbytes() < 3 * 700 * 701 * 4  # the optimizer's buffer, not the model's
+    shard = tmp_path / step_dirname(2) / "tensors-0000.bin"
+    with open(shard, "r+b") as f:
+        f.seek(2 << 20)
+        byte = f.read(1)
+        f.seek(2 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    again = Checkpointer(root=tmp_path, state={"tensors": None}, handle_signals=False)
+    assert again.restore() == 1 and again.restored_from == tmp_path / step_dirname(1)
+
+
+def test_format_1_checkpoints_with_sha256_still_load_and_are_still_checked(tmp_path: Path) -> None:
+    """Checkpoints written before the CRC manifest (format 1: one sha256 per file) restore, and a
+    flipped byte in one is still caught while reading."""
+    import hashlib
+
+    model = torch.nn.Linear(600, 500)
+    Checkpointer(model=model, root=tmp_path, handle_signals=False).save(3)
+    path = tmp_path / step_dirname(3)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["format"] = 1
+    manifest["files"] = {
+        rel: {"size": e["size"], "sha256": hashlib.sha256((path / rel).read_bytes()).hexdigest()}
+        for rel, e in manifest["files"].items()
+    }
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert verify_checkpoint(path)
+    back = torch.nn.Linear(600, 500)
+    assert Checkpointer(model=back, root=tmp_path, handle_signals=False).restore() == 3
+    assert state_hash(back) == state_hash(model)
+    with open(path / "tensors-0000.bin", "r+b") as f:
+        f.seek(12345)
+        byte = f.read(1)
+        f.seek(12345)
+        f.write(bytes([byte[0] ^ 0x80]))
+    assert not verify_checkpoint(path)
+    assert Checkpointer(model=torch.nn.Linear(600, 500), root=tmp_path, handle_signals=False).restore() == 0
+
+
+def test_chunk_crc_digest_does_not_depend_on_how_the_bytes_are_fed(tmp_path: Path) -> None:
+    from spotrun.checkpoint.format import ChunkCRC, crc_file, read_manifest, write_manifest
+
+    data = random.Random(5).randbytes(2 * CRC_CHUNK + 12345)
+    whole = ChunkCRC()
+    whole.update(data)
+    pieces, pos, rng = ChunkCRC(), 0, random.Random(6)
+    while pos < len(data):
+        n = rng.choice([1, 4095, 1 << 20, CRC_CHUNK - 7, 3 * CRC_CHUNK])
+        pieces.update(memoryview(data)[pos : pos + n])
+        pos += n
+    (tmp_path / "f").write_bytes(data)
+    assert whole.hexdigest() == pieces.hexdigest() == crc_file(tmp_path / "f")
+    assert len(whole.hexdigest()) == len("crc32:") + 3 * 8 and ChunkCRC().hexdigest() == "crc32:"
+    folder = tmp_path / step_dirname(1)
+    folder.mkdir()
+    (folder / "f").write_bytes(data)
+    write_manifest(folder, 1, {"f": (len(data), whole.hexdigest())})
+    assert read_manifest(folder)["format"] == 2 and verify_checkpoint(folder)
+    m = json.loads((folder / MANIFEST_NAME).read_text())
+    m["files"]["f"]["crc32"] = m["files"]["f"]["crc32"][:-8]  # a chunk's digest missing: malformed
+    (folder / MANIFEST_NAME).write_text(json.dumps(m))
+    assert read_manifest(folder) is None and not verify_checkpoint(folder)

@@ -172,6 +172,42 @@ def test_spotrun_tries_zones_without_recent_trouble_first() -> None:
     assert make_policy("spotrun").decide(fresh) == Decision.spot("b")
 
 
+def test_spotrun_price_aware_back_off_when_asked_to() -> None:
+    """By default a zone that just preempted the job goes after every other zone, whatever its
+    price. With ``flap_loss_p`` (an option: it ignores the slack a lost relaunch spends) it goes
+    after zones of about the same price only: one dearer by more than the expected extra restart
+    spread over the remaining work (0.5 x 0.5 h / 8 h = 3%) goes after it."""
+    hist = (Outcome("launched", "a", True, 0.0), Outcome("preempted", "a", True, 2.0))
+
+    def pick(b_price: float, policy: SpotrunPolicy) -> Decision:
+        zones = [ZoneView("a", "r", 1.0, 3.0, None), ZoneView("b", "r", b_price, 3.0, None)]
+        return policy.decide(obs(now_h=2.0, work_done_h=2.0, zones=zones, history=hist))
+
+    assert pick(1.02, SpotrunPolicy(flap_loss_p=0.5)) == Decision.spot("b")
+    assert pick(1.05, SpotrunPolicy(flap_loss_p=0.5)) == Decision.spot("a")
+    assert pick(1.5, SpotrunPolicy(flap_loss_p=0.5)) == Decision.spot("a")
+    assert pick(1.5, SpotrunPolicy()) == Decision.spot("b")  # the default: behind every zone
+    # past backoff_h the preemption is forgotten: the cheapest again
+    zones = [ZoneView("a", "r", 1.0, 3.0, None), ZoneView("b", "r", 1.5, 3.0, None)]
+    late = obs(now_h=4.5, work_done_h=2.0, zones=zones, history=hist)
+    assert make_policy("spotrun").decide(late) == Decision.spot("a")
+
+
+def test_spotrun_slack_aware_back_off_when_asked_to() -> None:
+    """With ``flap_slack_weight`` a lost relaunch also costs its share of the slack left, priced at
+    what running out costs (on-demand instead of spot): with 0.5 h of slack left a flapping zone
+    goes behind one 50% dearer; with 9.5 h it does not."""
+    hist = (Outcome("launched", "a", True, 0.0), Outcome("preempted", "a", True, 2.0))
+    zones = [ZoneView("a", "r", 1.0, 3.0, None), ZoneView("b", "r", 1.5, 3.0, None)]
+
+    def pick(deadline_h: float) -> Decision:
+        p = SpotrunPolicy(flap_loss_p=0.5, flap_slack_weight=1.0)
+        return p.decide(obs(now_h=2.0, work_done_h=2.0, deadline_h=deadline_h, step_h=0.25, zones=zones, history=hist))
+
+    assert pick(11.0) == Decision.spot("b")
+    assert pick(20.0) == Decision.spot("a")
+
+
 def test_spotrun_restart_aware_floor_keeps_spot_greedy_bails() -> None:
     """Slack 0.3 h, a 0.25 h restart, 0.25 h decisions: after the launch's overhead the slack
     (0.05 h) is below one decision step. Greedy's floor then leaves spot for on-demand; spotrun
@@ -197,6 +233,18 @@ def test_spotrun_goes_on_demand_rather_than_launch_spot_it_cannot_keep() -> None
     s, g = run(make_policy("spotrun"), m, job), run(make_policy("greedy"), m, job)
     assert [x.kind for x in s.timeline] == ["ondemand"] and s.deadline_met
     assert s.cost <= g.cost
+
+
+def test_spotrun_launch_after_a_failed_one_needs_one_restart_of_slack() -> None:
+    """Slack 0.3 h, a 0.25 h restart: one spot launch fits. The first zone has no capacity; the
+    failed launch takes 36 s, shortening the step to the next decision. The launch in the second
+    zone still spends only 0.25 h of slack (it used to be rounded up to two shortened steps, 0.48 h,
+    and the job went to on-demand)."""
+    m = Market.simple({"a": "0" * 30, "b": "1" * 30}, spot=1.0, ondemand=3.0, gap_h=0.25)
+    job = JobModel(4.0, 4.55, restart_overhead_h=0.25)
+    s = run(make_policy("spotrun"), m, job)
+    assert s.failed_launches == 1 and [(x.kind, x.zone) for x in s.timeline] == [("spot", "b")]
+    assert s.deadline_met and s.ondemand_hours == 0
 
 
 def test_spotrun_bridges_and_returns_when_asked_to() -> None:

@@ -21,7 +21,7 @@ TOP_KEYS = (
     "aws, azure, budget, checkpoint, data, deadline, env, gcp, image, labels, local, name, recovery, resources, run, "
     "setup, store, workdir, workload"
 )
-RESOURCE_KEYS = "cpus, disk, gpu, max_price, memory, providers, regions, spot, zones"
+RESOURCE_KEYS = "cpus, disk, gpu, max_price, memory, nodes, providers, regions, spot, zones"
 GPUS = ", ".join(sorted(GPU_NAMES))
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from spotrun.agent.jobfile import AgentJob, DataItem
 from spotrun.agent.sync import restore_latest
-from spotrun.checkpoint.format import MANIFEST_NAME, verify_checkpoint, write_manifest
+from spotrun.checkpoint.format import MANIFEST_NAME, crc_file, verify_checkpoint, write_manifest
 from spotrun.clouds.store import LocalStore, NotFound, Progress, Store, StoreError, open_store
 from spotrun.control.transfer import MoveReport, TornCheckpoint, TransferError, copy_checkpoint, move_job
 from tests.fakes.moto_server import MotoServer, aws, moto_server  # noqa: F401  (fixtures)
@@ -51,7 +51,7 @@ def put_checkpoint(store: Store, tmp: Path, step: int, files: dict[str, bytes]) 
     for rel, data in files.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
-        entries[rel] = (len(data), hashlib.sha256(data).hexdigest())
+        entries[rel] = (len(data), crc_file(folder / rel))  # format 2, as the library writes
     write_manifest(folder, step, entries)
     for rel in files:
         store.put_file(f"{CKPT}/{step:012d}/{rel}", folder / rel)

@@ -27,6 +27,7 @@ from typing import IO
 
 from spotrun.agent import jobfile
 from spotrun.agent.fetch import AgentFailure, fetch_bundle, place_data
+from spotrun.agent.gang import Gang, GangUploader
 from spotrun.agent.jobfile import AgentJob
 from spotrun.agent.notice import NoticeWatcher, make_watcher
 from spotrun.agent.sync import (
@@ -119,8 +120,16 @@ class Agent:
         self._terminated_reason: str | None = None  # "preempted" or "terminated", once asked
         self._next_notice_check = 0.0
         self._periodic: list[Periodic] = []
-        self.log = LogShipper(self.store, self.prefix, boot.attempt, echo=echo)
-        self.uploader = CheckpointUploader(self.store, self.prefix, self.paths.checkpoints, note=self.log.note)
+        # a multi-node job: node r>0 keeps its own log, heartbeat and exit record (spotrun/agent/gang.py)
+        self.gang = Gang.from_env(self.store, self.prefix, boot.job_id, boot.attempt, boot.env)
+        self.own_prefix = self.gang.own_prefix if self.gang else self.prefix
+        self.log = LogShipper(self.store, self.own_prefix, boot.attempt, echo=echo)
+        if self.gang is not None:
+            self.uploader: CheckpointUploader = GangUploader(
+                self.gang, self.store, self.prefix, self.paths.checkpoints, note=self.log.note
+            )
+        else:
+            self.uploader = CheckpointUploader(self.store, self.prefix, self.paths.checkpoints, note=self.log.note)
 
     # ----------------------------------------------------------------- entry points
 
@@ -250,8 +259,14 @@ class Agent:
         job = self.job
         assert job is not None
         if not job.image:
+            env, run = self._env(False), job.run
+            if self.gang is not None:  # node 0's rendezvous address, through the store
+                endpoint = self.gang.endpoint(self._check_notice, self.clock.sleep)
+                self.log.note(f"gang node {self.gang.rank}/{self.gang.nodes}: rendezvous at {endpoint}")
+                env.update(self.gang.env(endpoint))
+                run = self.gang.command(run)
             self.phase = "setup" if job.setup else "running"
-            return ProcessWorkload(self.paths, job.setup, job.run, self._env(False))
+            return ProcessWorkload(self.paths, job.setup, run, env)
         cli = container_cli(job.container_cli, {**os.environ, **self.boot.env})
         gpus = self._expected_gpus() or None
         try:
@@ -286,6 +301,9 @@ class Agent:
             # (treating it as preempted would lose its outputs and run it again elsewhere).
             code = workload.exit_code()
             if code is not None:
+                told = self.gang.read_notice(interval=0.0) if self.gang is not None and code != 0 else None
+                if told is not None:  # the gang stopped on another node's notice: not a failure
+                    return self._preempted(workload, *told)
                 return self._completed(workload, _shell_code(code))
             left = self._poll_notice()
             if left is not None:
@@ -295,6 +313,8 @@ class Agent:
 
     def _preempted(self, workload: Workload, seconds_left: float, reason: str) -> int:
         assert self.job is not None
+        if self.gang is not None:
+            self._post_gang_notice(seconds_left, reason)  # first: the other nodes save the same step
         start = self.clock.now()
         # Keep the upload budget, but never more than half a short notice: a workload with no time
         # to save at all would lose the work since its last periodic checkpoint.
@@ -309,7 +329,8 @@ class Agent:
             f"{reason} notice: {seconds_left:.1f}s left; SIGTERM to the workload, "
             f"{deadline - start:.1f}s to save (upload budget {budget:g}s)"
         )
-        workload.terminate()
+        if self.gang is None:  # a gang's ranks see the notice file and stop together (torchrun would
+            workload.terminate()  # forward a second SIGTERM, which kills a rank mid-save)
         while workload.alive() and self.clock.now() < deadline:
             self.clock.sleep(self.tick)
         if workload.alive():
@@ -379,7 +400,22 @@ class Agent:
         except Exception as e:
             self.log.note(f"final checkpoint upload failed: {type(e).__name__}: {e}")
 
+    def _post_gang_notice(self, seconds_left: float, reason: str) -> None:
+        assert self.gang is not None
+        try:
+            self.gang.post_notice(seconds_left, reason)
+        except Exception as e:  # the other nodes still get their own notice or lose their peer
+            self.log.note(f"could not tell the other nodes: {type(e).__name__}: {e}")
+
     def _poll_notice(self) -> tuple[float, str] | None:
+        if self.gang is not None:
+            try:
+                told = self.gang.read_notice()
+            except Exception as e:  # a flaky store is not a notice
+                self.log.note(f"gang notice check failed: {type(e).__name__}: {e}")
+                told = None
+            if told is not None:
+                return told
         if self._terminated.is_set():
             return self.terminate_grace, self._stop_reason()
         if self.watcher is None:
@@ -425,7 +461,7 @@ class Agent:
 
     def _beat(self) -> None:
         body = heartbeat(self.phase, self.paths.progress_file, self.uploader.uploaded_step, self.clock)
-        self.store.put_bytes(jobfile.heartbeat_key(self.prefix, self.boot.attempt), body)
+        self.store.put_bytes(jobfile.heartbeat_key(self.own_prefix, self.boot.attempt), body)
 
     def _start_heartbeats(self, interval: float, log_interval: float = 2.0) -> None:
         self._beat()
@@ -468,7 +504,7 @@ class Agent:
             self.log.flush(final=True)
         except Exception as e:
             self._quiet(f"last log flush failed: {e}")
-        key = jobfile.exit_key(self.prefix, self.boot.attempt)
+        key = jobfile.exit_key(self.own_prefix, self.boot.attempt)
         for attempt in range(3):  # the one record the controller must get: retry a flaky store
             try:
                 if not self.store.put_bytes(key, json.dumps(record).encode(), if_absent=True):

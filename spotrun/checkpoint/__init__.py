@@ -34,9 +34,9 @@ the model and optimizer live.
     preemption notice in `SPOTRUN_NOTICE_FILE`, it saves synchronously and returns True: exit then
     (`EXIT_PREEMPTED` is the conventional 143). A second SIGTERM kills at once;
   * a periodic save (every `every_steps` steps and/or `every_seconds` seconds) copies the state to
-    CPU memory and returns; writing, fsync and commit happen in background threads running at the
-    lowest CPU and I/O priority, one save in flight at a time (a save that falls due while one is
-    in flight waits for a later step);
+    CPU memory and returns; writing, fsync and commit happen in two background threads running at a
+    lower CPU and I/O priority (a few nice steps), one save in flight at a time (a save that falls
+    due while one is in flight waits for a later step);
   * it also rewrites `SPOTRUN_PROGRESS_FILE` (about once a second) with {"step", "total", "at"}.
 `ck.save(step, sync=True)` saves now, straight from the live tensors (no staging copy);
 `ck.wait()` joins a background save; `ck.close()` (or a `with` block) waits and uninstalls the
@@ -46,7 +46,7 @@ from save to save; `close()` frees it.
 
 On disk (see checkpoint_format): `<root>/<%012d step>/` with `MANIFEST.json` written last; root is
 `SPOTRUN_CHECKPOINT_DIR`, else `./checkpoints`. `restore()` loads the newest checkpoint whose
-bytes match its manifest's sha256 (checked as they are read: one pass) and falls back to older
+bytes match its manifest's digests (checked as they are read: one pass) and falls back to older
 ones; the last `keep` are kept. This module imports no torch until a Checkpointer is used, so the
 Agent can use `verify_checkpoint`, `complete_checkpoints`, `latest_checkpoint` and
 `MANIFEST_NAME` freely.

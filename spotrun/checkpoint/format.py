@@ -6,11 +6,21 @@ Under a checkpoint root, one folder per checkpoint, named by its zero-padded ste
         state.pkl  tensors-0000.bin  ...   whatever the writer put there
         MANIFEST.json                      written last, after every file was fsynced
 
-    MANIFEST.json = {"format": 1, "step": 120, "created": <epoch>,
-                     "files": {"<relpath>": {"size": int, "sha256": "<hex>"}}}
+    MANIFEST.json = {"format": 2, "step": 120, "created": <epoch>,
+                     "files": {"<relpath>": {"size": int, "crc32": "<8 hex digits per 8 MiB>"}}}
+
+Format 2 (what the checkpoint library writes) checks each file with zlib's CRC-32 of every 8 MiB
+chunk (`CRC_CHUNK`), the chunks' digests concatenated in order: 2.5x cheaper than sha256 on the
+CPU (4.5 vs 1.9 GB/s a core with SHA-NI), which matters because every byte a save writes and a
+restore reads is hashed, and sha256 alone was slower than the disk on a busy machine. The digest
+guards against accidents (torn writes, truncated copies, flipped bits: a CRC catches every burst of
+up to 32 bits and misses other damage with odds of 2^-32 per chunk), which is all sha256 did here
+too: the manifest is not signed, so whoever can rewrite a file can rewrite its digest. Format 1
+(`"sha256": "<hex>"` per file) is still read and verified, and written by `write_manifest` when
+given sha256 digests (other writers, older checkpoints).
 
 A checkpoint is *complete* when its manifest parses, names the folder's own step, and every file
-it lists exists with that size and sha256. Writers build the folder under a hidden temp name in
+it lists exists with that size and digest. Writers build the folder under a hidden temp name in
 the same root (`.tmp-<step>-<pid>-<hex>`), fsync the files, write and fsync the manifest, fsync the
 folder, and only then rename it into place: a reader never sees a half-written checkpoint under a
 step name, and anything torn (a crash mid-write, a truncated copy, a flipped bit) fails
@@ -26,6 +36,7 @@ import re
 import secrets
 import shutil
 import time
+import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +44,10 @@ from pathlib import Path
 from spotrun.pids import pid_alive
 
 MANIFEST_NAME = "MANIFEST.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what write_manifest writes for CRC digests; 1 (sha256) is still read
+FORMATS = (1, 2)
+CRC_CHUNK = 8 * 1024 * 1024  # format 2: one CRC-32 per this many bytes of a file
+CRC_PREFIX = "crc32:"  # a digest string naming format 2's per-chunk CRCs; a bare 64-hex one is sha256
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^\d{12}$")
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -106,6 +120,65 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class ChunkCRC:
+    """Format 2's digest of a byte stream fed in pieces of any size: the CRC-32 of each CRC_CHUNK
+    bytes. zlib releases the GIL on big buffers, so threads hash in parallel."""
+
+    __slots__ = ("_crcs", "_crc", "_fill")
+
+    def __init__(self) -> None:
+        self._crcs: list[str] = []
+        self._crc, self._fill = 0, 0
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), CRC_CHUNK - self._fill)
+            self._crc = zlib.crc32(view[:take], self._crc)
+            self._fill += take
+            view = view[take:]
+            if self._fill == CRC_CHUNK:
+                self._crcs.append(f"{self._crc:08x}")
+                self._crc, self._fill = 0, 0
+
+    def hexdigest(self) -> str:
+        """CRC_PREFIX + 8 hex digits per chunk (none for an empty stream)."""
+        tail = [f"{self._crc:08x}"] if self._fill else []
+        return CRC_PREFIX + "".join(self._crcs + tail)
+
+
+def crc_file(path: Path) -> str:
+    h = ChunkCRC()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CRC_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def entry_digest(entry: dict) -> str:
+    """A manifest file entry's digest as one string: CRC_PREFIX + chunk CRCs, or sha256 hex."""
+    return CRC_PREFIX + entry["crc32"] if "crc32" in entry else entry["sha256"]
+
+
+def file_digest(path: Path, like: str) -> str:
+    """The digest of a file computed the way `like` (a digest string) was: compare the two."""
+    return crc_file(path) if like.startswith(CRC_PREFIX) else sha256_file(path)
+
+
+def _valid_entry(entry: dict, fmt: int) -> bool:
+    size = entry.get("size")
+    if type(size) is not int or size < 0:
+        return False
+    if fmt == 1 or "sha256" in entry:
+        digest = entry.get("sha256")
+        return isinstance(digest, str) and len(digest) == 64 and "crc32" not in entry
+    crcs = entry.get("crc32")
+    chunks = -(-size // CRC_CHUNK)
+    return isinstance(crcs, str) and len(crcs) == 8 * chunks and all(c in "0123456789abcdef" for c in crcs)
+
+
 def read_manifest(path: Path) -> dict | None:
     """The manifest of a checkpoint folder if it is well formed (not checking the files); else None."""
     path = Path(path)
@@ -113,7 +186,7 @@ def read_manifest(path: Path) -> dict | None:
         manifest = loads_bounded((path / MANIFEST_NAME).read_bytes())
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
         return None
     step, files = manifest.get("step"), manifest.get("files")
     if type(step) is not int or step != step_of(path) or not isinstance(files, dict) or not files:
@@ -121,8 +194,7 @@ def read_manifest(path: Path) -> dict | None:
     for rel, entry in files.items():
         if not _safe_relpath(rel) or rel == MANIFEST_NAME or not isinstance(entry, dict):
             return None
-        size, digest = entry.get("size"), entry.get("sha256")
-        if type(size) is not int or size < 0 or not isinstance(digest, str) or len(digest) != 64:
+        if not _valid_entry(entry, manifest["format"]):
             return None
     return manifest
 
@@ -152,12 +224,13 @@ def verify_checkpoint(path: Path | str, *, deep: bool = True) -> bool:
         return True
     rels = sorted(files, key=lambda r: -files[r]["size"])  # biggest first: best spread over threads
     workers = max(1, min(4, os.cpu_count() or 1, len(rels)))
+    expected = [entry_digest(files[r]) for r in rels]
     try:
-        with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL on big buffers
-            digests = list(pool.map(lambda r: sha256_file(path / r), rels))
+        with ThreadPoolExecutor(workers) as pool:  # hashlib and zlib release the GIL on big buffers
+            digests = list(pool.map(lambda r, e: file_digest(path / r, e), rels, expected))
     except OSError:
         return False
-    return all(d == files[r]["sha256"] for r, d in zip(rels, digests))  # noqa: B905 (3.9: no strict=)
+    return digests == expected
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -187,13 +260,22 @@ def latest_checkpoint(root: Path | str) -> Path | None:
     return None
 
 
+def _entry(size: int, digest: str) -> dict:
+    if digest.startswith(CRC_PREFIX):
+        return {"size": size, "crc32": digest[len(CRC_PREFIX) :]}
+    return {"size": size, "sha256": digest}
+
+
 def write_manifest(folder: Path, step: int, files: dict[str, tuple[int, str]]) -> None:
-    """Write and fsync the manifest: the commit marker, so it must come after every file is durable."""
+    """Write and fsync the manifest: the commit marker, so it must come after every file is durable.
+    files: {relpath: (size, digest)}, a digest from ChunkCRC/crc_file (format 2) or sha256 hex;
+    format 1 when every digest is a sha256 (what older readers understand)."""
+    entries = {rel: _entry(size, digest) for rel, (size, digest) in sorted(files.items())}
     manifest = {
-        "format": FORMAT_VERSION,
+        "format": FORMAT_VERSION if any("crc32" in e for e in entries.values()) else 1,
         "step": step,
         "created": time.time(),
-        "files": {rel: {"size": size, "sha256": digest} for rel, (size, digest) in sorted(files.items())},
+        "files": entries,
     }
     data = json.dumps(manifest, indent=1).encode()
     fd = os.open(folder / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

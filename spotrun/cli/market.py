@@ -366,10 +366,10 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
             str(i),
             Text(f"{o.provider}/{o.location}"),
             Text(o.instance_type),
-            f"{o.gpu_count}× {o.gpu}" if o.gpu else "—",
+            (f"{o.gpu_count}× {o.gpu}" if o.gpu else "—") + (f" × {c.nodes} nodes" if c.nodes > 1 else ""),
             "spot" if c.spot else "on-demand",
             _money(c.hourly_price),
-            f"{o.interruption_rate:.3f}" if c.spot else "0",
+            f"{o.interruption_rate * c.nodes:.3f}" if c.spot else "0",
             f"{c.expected_hours:.2f}",
             f"{c.expected_preemptions:.2f}",
             _money(c.expected_cost, 2),
@@ -381,7 +381,8 @@ def _render_plan(result: Plan, limit: int, spec_path: Path) -> None:
     out.print(
         f"[bold]chosen:[/] {escape(o.provider)}/{escape(o.location)} {escape(o.instance_type)} "
         f"({'spot' if best.spot else 'on-demand'}, {_money(best.hourly_price)}/h, "
-        f"interruption rate {o.interruption_rate:.3f}/h from {escape(o.interruption_source)})",
+        f"interruption rate {o.interruption_rate * best.nodes:.3f}/h from {escape(o.interruption_source)}"
+        + (f", {best.nodes} nodes)" if best.nodes > 1 else ")"),
         highlight=False,
     )
     lines = [

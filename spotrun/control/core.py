@@ -72,7 +72,9 @@ class ControllerCore:
             from spotrun.clouds import get_provider
 
             self.providers[name] = get_provider(name, **provider_options(name, spec))
-        return self.providers[name]
+        from spotrun.control.gang import gang_of
+
+        return gang_of(self.providers[name], spec)  # a multi-node job drives N instances as one
 
     def _store(self, url: str) -> Store:
         if url not in self._stores:

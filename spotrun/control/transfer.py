@@ -38,7 +38,14 @@ from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
-from spotrun.checkpoint.format import MANIFEST_NAME, loads_bounded, read_manifest, sha256_file, step_dirname
+from spotrun.checkpoint.format import (
+    MANIFEST_NAME,
+    entry_digest,
+    file_digest,
+    loads_bounded,
+    read_manifest,
+    step_dirname,
+)
 from spotrun.clouds.store import NotFound, Progress, Store, StoreError, job_prefix
 
 DEFAULT_WORKERS = 4  # files in flight at once (each store also parallelizes within a big file)
@@ -232,8 +239,8 @@ class _Mover:
         got_size = path.stat().st_size
         if size is not None and got_size != size:
             raise torn(f"{got_size} bytes, expected {size}")
-        if sha256 is not None and (digest := sha256_file(path)) != sha256:
-            raise torn(f"sha256 {digest[:12]}..., expected {sha256[:12]}...")
+        if sha256 is not None and (digest := file_digest(path, sha256)) != sha256:  # or a manifest's CRCs
+            raise torn(f"digest {digest[:18]}..., expected {sha256[:18]}...")
         try:
             self.dst.put_file(key, path, progress=self._progress)
             written = self.dst.size(key)
@@ -255,7 +262,7 @@ class _Mover:
         path = self._temp_path()
         try:
             self.dst.get_file(key, path)
-            return sha256_file(path) == sha256
+            return file_digest(path, sha256) == sha256
         except NotFound:
             return False
         except Exception as e:
@@ -353,7 +360,7 @@ class _Mover:
                 return False
             except Exception as e:
                 raise TransferError(key, f"reading {key} from {self.dst.url} failed: {e}") from e
-            return not self.deep_verify or self._dst_hash_matches(key, files[rel]["sha256"])
+            return not self.deep_verify or self._dst_hash_matches(key, entry_digest(files[rel]))
 
         return all(self._map(same, sorted(files)))
 
@@ -389,7 +396,7 @@ class _Mover:
             def torn(why: str) -> Exception:
                 return TornCheckpoint(key, step, why)
 
-            self._stream(key, size=entry["size"], sha256=entry["sha256"], torn=torn)
+            self._stream(key, size=entry["size"], sha256=entry_digest(entry), torn=torn)
 
         try:
             self.dst.delete(manifest_key)  # un-commit whatever dst had at this step before touching files

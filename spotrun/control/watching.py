@@ -17,6 +17,7 @@ from spotrun.clouds.base import (
 from spotrun.clouds.store import job_prefix
 from spotrun.control.core import ControllerCore
 from spotrun.control.decide import job_history, make_job_policy, observation
+from spotrun.control.gang import gang_exit
 from spotrun.control.outcome import (
     EXIT_AGENT_ERROR,
     EXIT_BUDGET,
@@ -50,7 +51,7 @@ class WatchingMixin(ControllerCore):
             self.state.add_event(job.id, self.clock.now(), "poll_error", f"poll failed: {type(e).__name__}: {e}")
             st = InstanceState(InstanceStatus.RUNNING)
         store = self._store(attempt.store_url or job.store_url)
-        exit_rec = read_exit(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit")
+        exit_rec = gang_exit(read_exit(store, f"{job_prefix(job.id)}/attempts/{attempt.n}/exit"), st)
         now = self.clock.now()
 
         # "terminated": the Agent itself was told to stop (the VM shutting down): like a preemption.

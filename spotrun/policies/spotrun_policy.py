@@ -14,7 +14,9 @@ running (spot or on-demand) keeps it. What the default does:
   go on-demand at once instead.
 * **Back off from capacity that just returned; prefer capacity that has lasted.** A zone that
   preempted the job in the last ``backoff_h`` is tried after every other zone; among the rest,
-  the cheapest first, then the one whose last trouble (preemption, no capacity) is oldest.
+  the cheapest first, then the one whose last trouble (preemption, no capacity) is oldest. A
+  price-aware variant (``flap_loss_p``: back off only behind zones of about the same price) is an
+  option, off by default: it ignores the slack a lost relaunch spends (docs/POLICIES.md).
 * **Wait while the slack pays for it**, trying every zone once per decision, until the floor
   says on-demand; then on-demand to the end.
 
@@ -74,6 +76,9 @@ class SpotrunPolicy(BasePolicy):
         self,
         *,
         backoff_h: float = 2.0,
+        flap_loss_p: float = INF,
+        flap_slack_weight: float = 0.0,
+        launch_slack: float = 1.0,
         bridge_launches: float = 0.0,
         retry_h: float = 1.0,
         return_gain: float = 3.0,
@@ -82,6 +87,9 @@ class SpotrunPolicy(BasePolicy):
         wait_backoff: bool = False,
     ) -> None:
         self.backoff_h = backoff_h
+        self.flap_loss_p = flap_loss_p
+        self.flap_slack_weight = flap_slack_weight
+        self.launch_slack = launch_slack
         self.wait_backoff = wait_backoff
         self.bridge_launches = bridge_launches
         self.retry_h = retry_h
@@ -100,17 +108,38 @@ class SpotrunPolicy(BasePolicy):
         return best.ondemand_price if best and best.ondemand_price is not None else INF
 
     def _candidates(self, obs: Observation, recs: dict[str, ZoneRecord]) -> list[ZoneView]:
-        """Spot zones worth a launch, best first: not known to be down, no recent trouble
-        before recent trouble, then the cheapest, then the longest since its last trouble."""
+        """Spot zones worth a launch, best first: not known to be down, no recent trouble before
+        recent trouble, then the cheapest, then the longest since its last trouble.
+
+        With a finite ``flap_loss_p``, a zone that preempted the job in the last ``backoff_h`` is
+        instead priced as if its launch were lost and paid again with that probability (a
+        ``flap_loss_p * R / remaining`` markup): after zones of about the same price, not after
+        dearer ones. That counts the money of a lost launch but not the slack it spends, which
+        can send the rest of the job to on-demand; off by default (docs/POLICIES.md). With
+        ``flap_slack_weight`` it also counts the slack: the share ``R / S`` of the slack left that
+        a lost relaunch spends, times the on-demand premium over the zone's spot price (measured
+        on the tuning set only; the candidate for the next default)."""
         zones = [z for z in obs.zones if z.spot_price is not None and z.available is not False and not z.in_cooldown]
         now = obs.now_h
+        R = obs.restart_overhead_h
+        markup = self.flap_loss_p * R / max(obs.remaining_h, R, 1e-9)
+        # With flap_slack_weight, a lost relaunch also spends R of the slack S left: that share
+        # of it, times what running out costs (the rest of the job on on-demand, not spot).
+        slack_share = R / max(slack_h(obs), R, 1e-9)
+        od = self._od_price(obs)
 
-        def key(z: ZoneView) -> tuple[bool, float, float]:
+        def key(z: ZoneView) -> tuple[float, float, float]:
             r = recs.get(z.key)
             bad = r.last_bad_h if r else -INF
             preempted = r.last_preempted_h if r else -INF
-            # capacity that just preempted the job is the likeliest to flap again
-            return (now - preempted < self.backoff_h, z.spot_price or 0.0, bad)
+            price = z.spot_price or 0.0
+            flapping = now - preempted < self.backoff_h
+            if not flapping:
+                return (0.0, price, bad)
+            if math.isinf(self.flap_loss_p):
+                return (1.0, price, bad)
+            slack_cost = self.flap_slack_weight * self.flap_loss_p * slack_share * max(0.0, od - price)
+            return (0.0, price * (1.0 + markup) + slack_cost, INF)  # after a zone of the same price
 
         return sorted(zones, key=key)
 
@@ -151,7 +180,11 @@ class SpotrunPolicy(BasePolicy):
         self._returning_at = None
         # A spot launch spends its overhead without progress: with less slack than that, the floor
         # would stop it before it made any (restart-aware: go on-demand now instead).
-        overhead_span = math.ceil(R / step - 1e-9) * step if step > 0 else R
+        # (The launch spends exactly R of slack: each decision while the overhead is paid needs only
+        # the overhead still to pay, since progress is credited once it is paid. Rounding R up to
+        # whole decision steps, as before, doubled it after a failed launch had shortened the step,
+        # and sent a job with slack for one spot launch to on-demand.)
+        overhead_span = R * self.launch_slack
         if cands and s_idle - overhead_span < -1e-9:
             self.final_ondemand = True
             return ondemand_decision(obs)

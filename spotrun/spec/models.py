@@ -181,9 +181,11 @@ class Resources(_Model):
     zones: list[str] | None = None  # fnmatch globs
     spot: bool | Literal["auto"] = True
     max_price: USDPerHour | None = None  # USD per instance-hour
+    nodes: int = 1  # instances run as one gang (multi-node training): all start together, one zone
 
     _gpu = field_validator("gpu", mode="before")(_gpu_request)
     _cpus = field_validator("cpus", mode="before")(lambda v: None if v is None else _whole(1)(v))
+    _nodes = field_validator("nodes", mode="before")(lambda v: 1 if v is None else _whole(1)(v))
 
     @field_validator("providers", mode="before")
     @classmethod

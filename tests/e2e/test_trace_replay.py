@@ -9,10 +9,11 @@ same zones) and land within 5% of the simulator's cost. Swapping the policy in t
 must break the match: the test can tell policies apart.
 
 The scenario (10-minute ticks): zone A (spot 1.0) is preempted at 30 min, is back at 40 min and
-flaps again at 60 min; zone B (spot 1.2) is down only at 30-40 min; zone D (2.5) never has
-capacity. At 30 min both A and B answer "no capacity", so the job waits. At 40 min
-`spotrun` backs off from A, whose capacity just preempted it, and launches in B, where it
-finishes; `greedy` and `uniform-progress` relaunch in A (the cheapest) and are preempted again;
+flaps again at 60 min; zone B (spot 1.001: about A's price, but dearer, so every policy starts in
+A whatever order the planner lists equal zones in) is down only at 30-40 min; zone D (2.5) never
+has capacity. At 30 min both A and B answer "no capacity", so the job waits. At 40 min `spotrun`
+backs off from A, whose capacity just preempted it, and launches in B, where it finishes;
+`greedy` and `uniform-progress` relaunch in A (the cheapest) and are preempted again;
 `failover` goes back to A's region first; `on-demand` never touches spot. The policy is re-asked
 every tick of the simulator and every `policy_interval` of the controller while an instance runs.
 
@@ -50,7 +51,7 @@ GAP = 600.0  # trace tick: 10 simulated minutes = 2 real seconds
 TICKS = 40
 A_UP = [1, 1, 1, 0, 1, 1] + [0] * (TICKS - 6)  # preempted at 30 min, back at 40, gone at 60
 B_UP = [1, 1, 1, 0] + [1] * (TICKS - 4)
-A_SPOT, B_SPOT, D_SPOT, ONDEMAND = 1.0, 1.2, 2.5, 4.0
+A_SPOT, B_SPOT, D_SPOT, ONDEMAND = 1.0, 1.001, 2.5, 4.0
 DEADLINE_H = 3.0
 STEPS = 180
 

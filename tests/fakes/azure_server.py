@@ -51,6 +51,7 @@ S = r"/subscriptions/(?P<sub>[^/]+)"
 RG = S + r"/resource[gG]roups/(?P<rg>[^/]+)"
 KINDS = {
     "Microsoft.Compute/virtualMachines": "vm",
+    "Microsoft.Compute/proximityPlacementGroups": "ppg",
     "Microsoft.Network/virtualNetworks": "vnet",
     "Microsoft.Network/networkSecurityGroups": "nsg",
     "Microsoft.Network/networkInterfaces": "nic",
@@ -370,6 +371,8 @@ class FakeARM(RestFake):
             props = resource.setdefault("properties", {})
             if kind == "vm":
                 return self._put_vm(rid, resource, props)
+            if kind == "ppg" and props.get("proximityPlacementGroupType", "Standard") not in ("Standard", "Ultra"):
+                return _error(400, "InvalidParameter", "proximityPlacementGroupType must be Standard or Ultra")
             if kind == "vnet":
                 for sub in props.get("subnets", []):
                     sub["id"] = f"{rid}/subnets/{sub['name']}"
@@ -403,6 +406,18 @@ class FakeARM(RestFake):
         bad = self._vm_error(vm, props)
         if bad:
             return bad
+        location = vm["location"]
+        ppg_ref = props.get("proximityPlacementGroup")
+        if ppg_ref is not None:  # as ARM: the group must exist, in the VM's location (and zone)
+            ppg = self.resources.get(str(ppg_ref.get("id", "")).lower())
+            if ppg is None:
+                return _error(
+                    400, "InvalidResourceReference", f"Resource {ppg_ref.get('id')} referenced by {rid} not found"
+                )
+            if ppg["location"] != location or (ppg.get("zones") and vm.get("zones") and ppg["zones"] != vm["zones"]):
+                return _error(
+                    400, "ProximityPlacementGroupLocationMismatch", "The VM and its proximity placement group differ"
+                )
         custom = props.get("osProfile", {}).get("customData", "")
         try:
             base64.b64decode(custom, validate=True)

@@ -105,6 +105,8 @@ class FakeGCE(RestFake):
         self.token = GOOD_TOKEN
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}
         self.operations: dict[tuple[str, str], dict[str, Any]] = {}
+        self.policies: dict[tuple[str, str], dict[str, Any]] = {}  # (region, name) -> resource policy
+        self.region_operations: dict[tuple[str, str], dict[str, Any]] = {}
         self.request_ids: dict[str, tuple[str, str]] = {}
         self.preempted: set[str] = set()  # instance names whose metadata says TRUE
         self.serial_sources: dict[str, Any] = {}  # name -> () -> str: its serial console (emulated VMs)
@@ -214,6 +216,8 @@ class FakeGCE(RestFake):
             self._timers.clear()
             self.instances.clear()
             self.operations.clear()
+            self.policies.clear()
+            self.region_operations.clear()
             self.request_ids.clear()
             self.preempted.clear()
             self.exhausted.clear()
@@ -248,6 +252,11 @@ class FakeGCE(RestFake):
         r("GET", Z + r"/operations", self._op_list)
         r("GET", Z + r"/acceleratorTypes/(?P<acc>[^/]+)", self._acc_get)
         r("GET", Z + r"/acceleratorTypes", self._acc_list)
+        R = P + r"/regions/(?P<region>[^/]+)"  # noqa: N806
+        r("POST", R + r"/resourcePolicies", self._policy_insert)
+        r("GET", R + r"/resourcePolicies/(?P<name>[^/]+)", self._policy_get)
+        r("GET", R + r"/operations/(?P<op>[^/]+)", self._region_op)
+        r("POST", R + r"/operations/(?P<op>[^/]+)/wait", self._region_op)
         r("GET", r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/(?P<key>[a-z-]+)", self._metadata)
         r(
             "GET",
@@ -328,12 +337,95 @@ class FakeGCE(RestFake):
     def _public(obj: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in obj.items() if not k.startswith("_")}
 
+    # ------------------------------------------------------------------ resource policies (placement)
+
+    def _policy_insert(self, req: Request) -> Response:
+        """A compact placement policy, as GCE checks it: a valid name, collocation COLLOCATED (or
+        unspecified), vmCount 1-22 with COLLOCATED; a second one of the same name is a conflict."""
+        denied = self._guard(req)
+        if denied:
+            return denied
+        region, body = req.params["region"], req.body or {}
+        name = body.get("name", "")
+        if not NAME_RX.match(name):
+            return _error(400, "invalid", f"Invalid value for field 'resource.name': '{name}'")
+        placement = body.get("groupPlacementPolicy")
+        if not isinstance(placement, dict):
+            return _error(400, "invalid", "Exactly one policy type must be specified.")
+        collocation = placement.get("collocation", "UNSPECIFIED_COLLOCATION")
+        if collocation not in ("COLLOCATED", "UNSPECIFIED_COLLOCATION"):
+            return _error(
+                400, "invalid", f"Invalid value for field 'resource.groupPlacementPolicy.collocation': '{collocation}'"
+            )
+        count = int(placement.get("vmCount", 0) or 0)
+        if collocation == "COLLOCATED" and not 1 <= count <= 22:
+            field = "resource.groupPlacementPolicy.vmCount"
+            return _error(400, "invalid", f"Invalid value for field '{field}': '{count}'")
+        with self.lock:
+            if (region, name) in self.policies:
+                return _error(409, "alreadyExists", f"The resource '{name}' already exists")
+            policy = {**body, "kind": "compute#resourcePolicy", "region": self._link("regions", region)}
+            policy.update(selfLink=self._link("regions", region, "resourcePolicies", name), status="READY")
+            self.policies[(region, name)] = policy
+            op = self._new_op(region, "insert", {"name": name}, status="DONE")
+            op.pop("zone", None)
+            op.update(region=self._link("regions", region), targetLink=policy["selfLink"])
+            self.region_operations[(region, op["name"])] = op
+            return Response(200, self._public(op))
+
+    def _policy_get(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            policy = self.policies.get((req.params["region"], req.params["name"]))
+        if policy is None:
+            return _error(404, "notFound", f"The resource 'resourcePolicies/{req.params['name']}' was not found")
+        return Response(200, policy)
+
+    def _region_op(self, req: Request) -> Response:
+        denied = self._guard(req)
+        if denied:
+            return denied
+        with self.lock:
+            op = self.region_operations.get((req.params["region"], req.params["op"]))
+        if op is None:
+            return _error(404, "notFound", f"The resource 'operations/{req.params['op']}' was not found")
+        return Response(200, self._public(op))
+
+    def _check_policies(self, zone: str, body: dict[str, Any]) -> Response | None:
+        """Each resourcePolicies link must name a policy in the zone's region; a compact one holds at
+        most vmCount instances."""
+        region = zone.rsplit("-", 1)[0]
+        for link in body.get("resourcePolicies", []):
+            parts = str(link).split("/")
+            if "regions" not in parts or "resourcePolicies" not in parts:
+                return _error(400, "invalid", f"Invalid value for field 'resource.resourcePolicies[0]': '{link}'")
+            where, name = parts[parts.index("regions") + 1], parts[-1]
+            policy = self.policies.get((where, name))
+            if policy is None:
+                return _error(404, "notFound", f"The resource '{link}' was not found")
+            if where != region:
+                return _error(400, "invalid", f"Resource policy {name} is in {where}, the instance in {region}")
+            count = int(policy.get("groupPlacementPolicy", {}).get("vmCount", 0) or 0)
+            members = [
+                i
+                for i in self.instances.values()
+                if any(str(p).endswith(f"/{name}") for p in i.get("resourcePolicies", []))
+            ]
+            if count and len(members) >= count:
+                return _error(400, "invalid", f"Resource policy {name} already has {count} instances (vmCount)")
+        return None
+
     def _validate(self, zone: str, body: dict[str, Any]) -> Response | None:
         """What Compute Engine refuses in an insert, with its HTTP status and `errors[].reason`:
         the schema (google-cloud-compute's own `Instance` message), then each referenced resource."""
         schema = _schema_error(body)
         if schema:
             return _error(400, "invalid", schema)
+        bad = self._check_policies(zone, body)
+        if bad is not None:
+            return bad
         name = body.get("name", "")
         if not NAME_RX.match(name):
             return _error(400, "invalid", f"Invalid value for field 'resource.name': '{name}'")

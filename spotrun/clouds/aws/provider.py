@@ -172,6 +172,7 @@ class AWSProvider(Provider):
         subnet_id: str | None,
         security_group_id: str,
         instance_profile: dict[str, str] | None,
+        placement_group: str | None = None,
     ) -> dict[str, Any]:
         """The RunInstances parameters (pure: no AWS call)."""
         user_data = render_bootstrap_script(boot)
@@ -210,6 +211,8 @@ class AWSProvider(Provider):
             request["SubnetId"] = subnet_id
         if offer.zone:
             request["Placement"] = {"AvailabilityZone": offer.zone}
+        if placement_group:  # a multi-node gang: its nodes close together (spotrun/control/gang.py)
+            request.setdefault("Placement", {})["GroupName"] = placement_group
         if instance_profile:
             request["IamInstanceProfile"] = instance_profile
         if spot:
@@ -257,7 +260,20 @@ class AWSProvider(Provider):
 
     # ------------------------------------------------------------------ Provider
 
-    def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
+    def gang_placement(self, offer: Offer, job_id: str, nodes: int) -> dict[str, str]:
+        """A cluster placement group for a multi-node job's nodes (created once per job and region)."""
+        ec2 = self.api.client("ec2", offer.region)
+        name = f"spotrun-{job_id}"[:255]
+        try:
+            self.api.call(ec2.create_placement_group, GroupName=name, Strategy="cluster")
+        except ProviderError as exc:
+            if exc.code != "InvalidPlacementGroup.Duplicate":
+                raise
+        return {"placement_group": name}
+
+    def launch(
+        self, offer: Offer, *, spot: bool, boot: Boot, client_token: str, placement: dict[str, str] | None = None
+    ) -> Instance:
         region = offer.region
         token = _ec2_token(client_token)
         with self._lock:
@@ -284,6 +300,7 @@ class AWSProvider(Provider):
             subnet_id=subnet_id,
             security_group_id=group_id,
             instance_profile=profile,
+            placement_group=(placement or {}).get("placement_group"),
         )
         configured = bool(self.resources.subnet_id) and region == self.resources._home_region()
         request = with_public_ip(request, subnet_id=subnet_id, configured=configured, nat=self.resources.subnet_nat)

@@ -331,7 +331,26 @@ class AzureProvider(Provider):
 
     # -------------------------------------------------------------- launch
 
-    def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
+    def gang_placement(self, offer: Offer, job_id: str, nodes: int) -> dict[str, str]:
+        """A proximity placement group for a multi-node job's nodes (one per job and location; PUT is
+        idempotent), named in each node's VM body."""
+        name = f"spotrun-{job_id}"[:80]
+        body: dict[str, Any] = {
+            "location": offer.region,
+            "tags": {TAG_JOB: job_id},
+            "properties": {"proximityPlacementGroupType": "Standard"},
+        }
+        zones = zones_for(offer)
+        if zones:
+            body["zones"] = zones
+        group = self._call(
+            lambda: self.compute.proximity_placement_groups.create_or_update(self.resource_group, name, body)
+        )
+        return {"proximity_placement_group": str(_wire(group)["id"])}
+
+    def launch(
+        self, offer: Offer, *, spot: bool, boot: Boot, client_token: str, placement: dict[str, str] | None = None
+    ) -> Instance:
         from spotrun.clouds.azure import identity
 
         identity.require(self.identity)  # no identity: the VM could not read the store
@@ -357,6 +376,8 @@ class AzureProvider(Provider):
             body = self.vm_body(
                 offer, spot=spot, boot=boot, name=name, nic_id=nic_id, token=client_token, identity=vm_identity
             )
+            if placement and placement.get("proximity_placement_group"):  # a multi-node gang's nodes, close
+                body["properties"]["proximityPlacementGroup"] = {"id": placement["proximity_placement_group"]}
             created = self._call(
                 lambda: self.compute.virtual_machines.begin_create_or_update(self.resource_group, name, body).result()
             )

@@ -248,6 +248,8 @@ class GCPProvider(Provider):
                     "projects": compute_v1.ProjectsClient,
                     "firewalls": compute_v1.FirewallsClient,
                     "routers": compute_v1.RoutersClient,
+                    "resource_policies": compute_v1.ResourcePoliciesClient,
+                    "region_operations": compute_v1.RegionOperationsClient,
                 }[kind]
                 options = {"api_endpoint": self.endpoint} if self.endpoint else None
                 try:
@@ -283,7 +285,35 @@ class GCPProvider(Provider):
 
     # -------------------------------------------------------------- launch
 
-    def launch(self, offer: Offer, *, spot: bool, boot: Boot, client_token: str) -> Instance:
+    def gang_placement(self, offer: Offer, job_id: str, nodes: int) -> dict[str, str]:
+        """A compact placement policy (COLLOCATED, vmCount N) for a multi-node job's nodes, created
+        once per job and region; each node's insert names it in `resourcePolicies`."""
+        from google.api_core import exceptions as gexc
+        from google.cloud import compute_v1
+
+        region = offer.region
+        name = f"spotrun-{label_value(job_id)}"[:63].rstrip("-")
+        policy = compute_v1.ResourcePolicy(
+            name=name,
+            group_placement_policy=compute_v1.ResourcePolicyGroupPlacementPolicy(
+                collocation="COLLOCATED", vm_count=nodes
+            ),
+        )
+        policies = self._client("resource_policies")
+        try:
+            op = self._call(
+                lambda: policies.insert(project=self.project, region=region, resource_policy_resource=policy)
+            )
+            ops = self._client("region_operations")
+            self._call(lambda: ops.wait(project=self.project, region=region, operation=op.name, timeout=150))
+        except ProviderError as e:
+            if not isinstance(e.__cause__, gexc.Conflict):  # already there: made for an earlier attempt
+                raise
+        return {"resource_policy": f"projects/{self.project}/regions/{region}/resourcePolicies/{name}"}
+
+    def launch(
+        self, offer: Offer, *, spot: bool, boot: Boot, client_token: str, placement: dict[str, str] | None = None
+    ) -> Instance:
         from spotrun.clouds.gcp import identity
 
         identity.require(self.service_account)  # no identity: the VM could not read the store
@@ -306,6 +336,8 @@ class GCPProvider(Provider):
             service_account=account,
         )
         ensure_deny_ingress(self)  # before any VM of this network gets an external IP
+        if placement and placement.get("resource_policy"):  # a multi-node gang: its nodes close together
+            body.resource_policies = [placement["resource_policy"]]
         instances = self._client("instances")
         from google.api_core import exceptions as gexc
         from google.cloud import compute_v1
