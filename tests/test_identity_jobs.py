@@ -263,3 +263,30 @@ def test_gc_releases_what_a_crashed_controller_left(
     assert json.loads(out.stdout)["removed"] == [{"job_id": "lost-1", "files_deleted": False}]
     assert gi.leftover_accounts(gcp(gce)) == {} and gce.bucket_policies["bucket"]["bindings"] == []
     assert az.leftover_identities(azure(arm)) == {} and arm.storage_assignments == {}
+
+
+# ---------------------------------------------------------------------- the fallback
+
+
+def test_a_job_with_secrets_keeps_the_configured_identity(gce: FakeGCE, arm: FakeARM) -> None:
+    """Secret Manager / Key Vault grant the configured identity, so a `${VAR}` job runs as it."""
+    import dataclasses
+
+    from spotrun.clouds.base import BadRequest
+    from spotrun.clouds.secrets import SECRETS_REF_ENV
+
+    def with_secrets(job: str, store: str) -> Boot:
+        return dataclasses.replace(boot(job, store), env={SECRETS_REF_ENV: "{}"})
+
+    g = gcp(gce).launch(GCP_OFFER, spot=True, boot=with_secrets("sec-1", GCS), client_token="s")
+    assert gce.instance(g.instance_id)["serviceAccounts"][0]["email"] == SA and gce.account_records == {}
+    a = azure(arm).launch(AZ_OFFER, spot=True, boot=with_secrets("sec-1", AZ), client_token="s")
+    assert list(arm.vm(a.instance_id)["identity"]["userAssignedIdentities"]) == [IDENTITY]
+    assert arm.managed_identities == {} and arm.storage_assignments == {}
+    # ARM resolves a VM's user-assigned identity: one that does not exist is refused
+    gone = IDENTITY.replace("spotrun-runner", "not-there")
+    missing = AzureProvider(SUBSCRIPTION, RESOURCE_GROUP, endpoint=arm.url, credential=StaticToken(),
+                            poll_interval=0.01, identity=gone, imds_endpoint=arm.metadata_endpoint)  # fmt: skip
+    with pytest.raises(BadRequest) as refused:
+        missing.launch(AZ_OFFER, spot=True, boot=with_secrets("sec-2", AZ), client_token="t")
+    assert refused.value.code == "FailedIdentityOperation"

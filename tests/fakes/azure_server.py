@@ -5,7 +5,9 @@ The real `azure-mgmt-compute` / `azure-mgmt-network` clients talk to it over HTT
     Microsoft.Compute: virtualMachines PUT/GET(?$expand=instanceView)/DELETE/list, skus list,
                        async operations;
     Microsoft.Network: virtualNetworks, networkSecurityGroups, networkInterfaces, publicIPAddresses
-                       PUT/GET/DELETE, subnets GET (tests/fakes/azure_network.py), async operations.
+                       PUT/GET/DELETE, subnets GET (tests/fakes/azure_network.py), async operations;
+    Microsoft.ManagedIdentity identities and Microsoft.Authorization role assignments on storage
+                       scopes (tests/fakes/azure_identity_fake.py).
 
 Modelled on ARM's behaviour where the provider depends on it:
 
@@ -562,6 +564,14 @@ class FakeARM(RestFake):
                         400,
                         "InvalidParameter",
                         f"The identity id '{ident}' is not a valid user assigned identity resource id.",
+                        "identity",
+                    )
+                if ident.rsplit("/", 1)[-1] not in self.identities:  # ARM resolves it before anything else
+                    return _error(
+                        400,
+                        "FailedIdentityOperation",
+                        f"Identity operation for resource '{vm.get('id', '')}' failed with error 'Failed to perform "
+                        f"resource identity operation. Status: 'NotFound'. Response: identity '{ident}' not found'.",
                         "identity",
                     )
         return None

@@ -3,7 +3,8 @@
 The real `google-cloud-compute` client talks to it over HTTP (`client_options={"api_endpoint": url}`):
 
     projects.get; instances insert/get/delete/list/aggregatedList (with `labels.K="v"` filters);
-    zone operations get/wait/list (with `operationType="..."` filters); acceleratorTypes get/list.
+    zone operations get/wait/list (with `operationType="..."` filters); acceleratorTypes get/list;
+    IAM service accounts and bucket IAM policies (tests/fakes/gcp_iam_fake.py).
 
 Behaviour that matters to the provider, modelled on the real API:
 
