@@ -278,7 +278,16 @@ class FakeKeyVault(RestFake):
 
             return serve
 
-        arm.route("GET", identity, guarded(self._identity))
+        serve_identity = guarded(self._identity)
+        arm.route("GET", identity, serve_identity)
+
+        def known(rid: str, req: Request | None) -> Response | None:
+            """FakeARM answers identity GETs (its own route comes first): it asks here about ours."""
+            if rid.lower() not in self.identities:
+                return None
+            return serve_identity(req) if req is not None else Response(200)
+
+        arm.identity_sources.append(known)
         arm.route("PUT", assignment, guarded(self._assign))
         arm.route("GET", assignment, guarded(self._assignment))
         arm.route("DELETE", assignment, guarded(self._unassign))

@@ -150,6 +150,8 @@ class FakeARM(RestFake):
         self.zone_restricted: dict[tuple[str, str], set[str]] = {}  # (location, size) -> zones not offered
         self.sizes = set(SKUS) | _catalog_sizes()
         self.identities = set(IDENTITIES)  # user-assigned identity names in the resource groups
+        # (resource id, the GET request or None) -> Response | None: identities other fakes hold
+        self.identity_sources: list[Any] = []
         self.images = set(IMAGES)
         self._incarnation = itertools.count(1)
         self._fail_next: list[dict[str, Any]] = []
@@ -566,7 +568,10 @@ class FakeARM(RestFake):
                         f"The identity id '{ident}' is not a valid user assigned identity resource id.",
                         "identity",
                     )
-                if ident.rsplit("/", 1)[-1] not in self.identities:  # ARM resolves it before anything else
+                known = ident.rsplit("/", 1)[-1] in self.identities or any(
+                    f(ident, None) for f in self.identity_sources
+                )
+                if not known:  # ARM resolves the identity before anything else
                     return _error(
                         400,
                         "FailedIdentityOperation",
@@ -702,6 +707,10 @@ class FakeARM(RestFake):
         if denied:
             return denied
         name = req.params["identity"]
+        for source in self.identity_sources:  # identities another fake holds (azure_keyvault_fake.attach_arm)
+            found = source(req.path, req)
+            if found is not None:
+                return found
         if name not in self.identities:
             return _error(
                 404,
