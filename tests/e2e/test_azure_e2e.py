@@ -116,6 +116,9 @@ def test_azure_evicted_then_finished_in_another_zone_bit_for_bit(
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never evicted
     assert [r["name"] for r in arm.of_kind("vm") + arm.of_kind("nic")] == []  # nothing left behind
+    # the job ran as its own identity, which its end deleted with its role assignments
+    assert len(arm.requests_to("PUT", r"/userAssignedIdentities/")) == 1
+    assert arm.managed_identities == {} and arm.storage_assignments == {}
 
 
 @pytest.mark.parametrize("failure", sorted(BOOT_FAILURES))

@@ -108,6 +108,9 @@ def test_gcp_preempted_then_finished_in_another_zone_bit_for_bit(
     assert (result.exit_code, result.preemptions) == (0, 1), result
     assert output_digest(store, job) == reference.digest()  # bit for bit, as if never interrupted
     assert gce.instances == {}  # nothing left running (or billed)
+    # the job ran as its own service account, which its end deleted with its bucket bindings
+    assert len(gce.requests_to("POST", r"/serviceAccounts$")) == 1
+    assert gce.account_records == {} and gce.bucket_policies[bucket]["bindings"] == []
 
 
 @pytest.mark.parametrize("failure", [*sorted(BOOT_FAILURES), "no-identity"])
