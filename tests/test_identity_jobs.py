@@ -290,3 +290,19 @@ def test_a_job_with_secrets_keeps_the_configured_identity(gce: FakeGCE, arm: Fak
     with pytest.raises(BadRequest) as refused:
         missing.launch(AZ_OFFER, spot=True, boot=with_secrets("sec-2", AZ), client_token="t")
     assert refused.value.code == "FailedIdentityOperation"
+
+
+def test_a_gcp_account_not_yet_visible_to_compute_is_a_passing_fault(gce: FakeGCE) -> None:
+    """IAM is eventually consistent: Compute Engine may not see a just-made account for a few
+    seconds. The insert's 404 then reads as retryable (Throttled), not as a bad offer."""
+    from spotrun.clouds.base import BadRequest, Throttled
+
+    provider = gcp(gce)
+    email = provider._job_account(boot("fresh-1", GCS))  # made: IAM and the bucket policy have it
+    gce.service_accounts.discard(email)  # ... Compute Engine does not see it yet
+    with pytest.raises(Throttled) as lag:
+        provider.launch(GCP_OFFER, spot=True, boot=boot("fresh-1", GCS), client_token="f")
+    assert email in str(lag.value) and not isinstance(lag.value, BadRequest)
+    gce.service_accounts.add(email)  # now visible: the retried launch goes through
+    inst = provider.launch(GCP_OFFER, spot=True, boot=boot("fresh-1", GCS), client_token="f")
+    assert gce.instance(inst.instance_id)["serviceAccounts"][0]["email"] == email

@@ -270,7 +270,11 @@ def _update_bucket_policy(
         r = _request(session, "PUT", url, "writing the bucket's IAM policy", "storage.buckets.setIamPolicy", json=new)
         if r.status_code == 200:
             return
-        if r.status_code == 400 and "does not exist" in r.text and sleep is not None and attempt + 1 < ETAG_TRIES:
+        if r.status_code == 400 and "does not exist" in r.text and sleep is not None:
+            if attempt + 1 == ETAG_TRIES:  # still not visible: a passing fault, the launch is retried
+                from spotrun.clouds.base import Throttled
+
+                raise Throttled(f"gs://{bucket}: the job's new service account is not visible yet", code="400")
             sleep(2.0 * (attempt + 1))  # the account was created a moment ago
             continue
         if r.status_code not in (409, 412):  # 412: the etag is stale (someone else wrote): read again

@@ -354,6 +354,11 @@ class GCPProvider(Provider):
         except ProviderError as e:
             if isinstance(e.__cause__, gexc.Conflict):  # the same name: an earlier try of this launch
                 return self._adopt(zone, name, client_token, spot)
+            if account and isinstance(e, BadRequest) and account in str(e):
+                # IAM is eventually consistent: a service account made seconds ago may not be visible to
+                # Compute Engine yet. A passing fault (retried), not a bad offer.
+                self._failed_inserts[client_token] = tries + 1
+                raise Throttled(f"the job's new service account is not visible yet: {e}", code="iamPropagation") from e
             raise
         done = self._wait(zone, op.name)
         failure = from_operation_error(done)
