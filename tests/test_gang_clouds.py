@@ -54,6 +54,9 @@ def test_aws_gang_nodes_go_into_one_cluster_placement_group(aws_provider: AWSPro
     assert len(_instances("job-g")) == 2
     gang.terminate(inst)
     assert {i["State"]["Name"] for i in _instances("job-g")} <= {"shutting-down", "terminated"}
+    aws_provider.release_job("job-g")  # the job's end deletes its placement group
+    assert [g["GroupName"] for g in ec2.describe_placement_groups()["PlacementGroups"]] == []
+    aws_provider.release_job("job-g")  # and a second release finds nothing to do
 
 
 def test_aws_gang_with_a_refused_node_terminates_the_started_ones(aws_provider: AWSProvider) -> None:

@@ -456,8 +456,18 @@ class AWSProvider(Provider):
         return owned
 
     def release_job(self, job_id: str) -> None:
-        """Delete what was created for the job alone (its instance profile and role)."""
+        """Delete what was created for the job alone (its instance profile and role, and a gang's
+        cluster placement groups in the regions this provider launched in)."""
         self.resources.release_job(job_id)
+        with self._lock:
+            regions = sorted(self._launched_regions)
+        for region in regions:
+            name = f"spotrun-{job_id}"[:255]
+            try:
+                self.api.call(self.api.client("ec2", region).delete_placement_group, GroupName=name)
+            except ProviderError as exc:  # none made (a one-node job), or still in use: log, never fail the end
+                if exc.code not in ("InvalidPlacementGroup.Unknown", "InvalidPlacementGroup.NotFound"):
+                    log.warning("cannot delete placement group %s in %s: %s", name, region, exc)
 
     def check(self) -> dict[str, Any]:
         region = self.region or self.api.default_region()
