@@ -147,6 +147,7 @@ class AWSProvider(Provider):
         )
         self._regions: set[str] = {r for r in [region, *(regions or [])] if r}
         self._launched_regions: set[str] = set()
+        self._placement_groups: set[tuple[str, str]] = set()  # (region, name) made for a gang
         self._discover_regions = regions is None  # sweep every enabled region once, on the first list_owned
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()
@@ -269,6 +270,8 @@ class AWSProvider(Provider):
         except ProviderError as exc:
             if exc.code != "InvalidPlacementGroup.Duplicate":
                 raise
+        with self._lock:
+            self._placement_groups.add((offer.region, name))
         return {"placement_group": name}
 
     def launch(
@@ -456,16 +459,17 @@ class AWSProvider(Provider):
         return owned
 
     def release_job(self, job_id: str) -> None:
-        """Delete what was created for the job alone (its instance profile and role, and a gang's
-        cluster placement groups in the regions this provider launched in)."""
+        """Delete what was created for the job alone: its instance profile and role, and the
+        cluster placement groups this provider made for its gang (free on AWS, but clutter; a
+        controller restarted mid-job does not know the earlier ones and leaves them)."""
         self.resources.release_job(job_id)
         with self._lock:
-            regions = sorted(self._launched_regions)
-        for region in regions:
-            name = f"spotrun-{job_id}"[:255]
+            groups = sorted(g for g in self._placement_groups if g[1] == f"spotrun-{job_id}"[:255])
+            self._placement_groups.difference_update(groups)
+        for region, name in groups:
             try:
                 self.api.call(self.api.client("ec2", region).delete_placement_group, GroupName=name)
-            except ProviderError as exc:  # none made (a one-node job), or still in use: log, never fail the end
+            except ProviderError as exc:  # still in use by a node shutting down: log, never fail the end
                 if exc.code not in ("InvalidPlacementGroup.Unknown", "InvalidPlacementGroup.NotFound"):
                     log.warning("cannot delete placement group %s in %s: %s", name, region, exc)
 
