@@ -65,8 +65,13 @@ def delete_own_instance(store: Store) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spotrun.control.durable.serve")
     parser.add_argument("--store", required=True)
-    parser.add_argument("--holder", default=None, help="the lease holder id the launching CLI reserved")
-    parser.add_argument("--idle", type=float, default=1800.0)
+    # a cloud host gets these two through its boot record's env (clouds/vmboot.py runs `serve`)
+    parser.add_argument(
+        "--holder",
+        default=os.environ.get("SPOTRUN_CONTROLLER_HOLDER") or None,
+        help="the lease holder id the launching CLI reserved",
+    )
+    parser.add_argument("--idle", type=float, default=float(os.environ.get("SPOTRUN_CONTROLLER_IDLE") or 1800.0))
     parser.add_argument("--poll", type=float, default=1.0)
     parser.add_argument("--local-root", default="", help="the local cloud this host runs in (its own jobs too)")
     args = parser.parse_args(argv)
