@@ -488,6 +488,7 @@ def start_controller(python, src, deps, boot, boot_b64):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([src, deps])
     env["SPOTRUN_BOOT_B64"] = boot_b64
+    env["SPOTRUN_CONTROLLER_PYTHON"] = python  # what the host starts its job controllers with
     work = os.path.join(os.path.dirname(src), "run")
     os.makedirs(work, exist_ok=True)
     command = [python, "-m", "spotrun.control.durable.serve", "--store", boot["store_url"]]

@@ -36,18 +36,40 @@ def serve(store: Store, lease: Lease, *, idle: float, poll: float, home: Path) -
             record = read_record(store, job_id)
             if record is not None and JobStatus(record["job"]["status"]).terminal:
                 store.delete(key)
+                done = children.pop(job_id, None)
+                if done is not None:
+                    done.wait()
+                    report_exit(job_id, done, home / f"controller-{job_id}.log")
                 continue
             active = True
             child = children.get(job_id)
             if record is None or (child is not None and child.poll() is None):
                 continue
+            if child is not None:
+                report_exit(job_id, child, home / f"controller-{job_id}.log")
+                del children[job_id]
             if not lease_live(read_lease(store, job_id), time.time()):
-                children[job_id] = spawn(job_id, store.url, home / f"controller-{job_id}.log")
+                print(f"driving job {job_id}", flush=True)
+                # on a cloud host, the interpreter vmboot found (it may be a wrapper around sys.executable)
+                python = os.environ.get("SPOTRUN_CONTROLLER_PYTHON") or None
+                children[job_id] = spawn(job_id, store.url, home / f"controller-{job_id}.log", python)
         if active or any(c.poll() is None for c in children.values()):
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since >= idle:
             return "idle"
         time.sleep(poll)
+
+
+def report_exit(job_id: str, child: subprocess.Popen[bytes], log: Path) -> None:
+    """A job's controller ended: say so, with its log's tail (a cloud host's console and boot log
+    are where anyone can read what happened on it)."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+    except OSError:
+        tail = []
+    print(f"job {job_id}: its controller exited with {child.returncode}", flush=True)
+    for line in tail:
+        print(f"  {line}", flush=True)
 
 
 def delete_own_instance(store: Store) -> None:
