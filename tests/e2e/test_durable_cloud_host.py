@@ -94,6 +94,12 @@ def test_controller_host_boots_on_an_ec2_vm_drives_the_job_and_deletes_itself(
             [sys.executable, "-m", "spotrun", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
         )
 
+    planned = cli("a", "plan", str(spec), "--json")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    estimate = json.loads(planned.stdout)["controller_host"]
+    assert (estimate["provider"], estimate["instance_type"], estimate["hourly_usd"]) == ("aws", "t3.small", 0.0208)
+    assert estimate["monthly_usd_if_always_on"] == 15.18
+
     with AWSEmulator(tmp_path / "instances", regions=[REGION], env=aws.env()) as emu:
         launched = cli("a", "launch", str(spec), "--detach", "--store", store_url, "--yes", "--json")
         assert launched.returncode == 0, launched.stderr[-3000:]
