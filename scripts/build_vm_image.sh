@@ -12,7 +12,8 @@
 #                           that tree's own dynamic loader, so nothing of it leaks into the system
 #                           Python 3.9 (bullseye's glibc 2.31 could not run bookworm's python3.11).
 #   <cache>/wheels          a cp39 wheelhouse of the VM-side dependencies (the cloud store SDKs),
-#                           served to the VMs as "the package index" in tests.
+#                           served to the VMs as "the package index" in tests, and the cp311
+#                           wheels of the controller host's control plane (`controller: cloud`).
 #
 # Cached and idempotent: a stamp keyed by this script's own hash; a second run returns at once.
 # Never fails the caller: where it cannot build (not root, no network), it says so and the tests
@@ -83,6 +84,21 @@ chroot "$work/rootfs" env -i PATH=/usr/bin:/bin HOME=/root python3 -m pip downlo
   "boto3>=1.34" "google-cloud-storage>=2.16" "azure-storage-blob>=12.20" "azure-identity>=1.16" \
   >>"$work/build.log" 2>&1 || fail "pip download of the cp39 wheels failed"
 mv "$work/rootfs/tmp/wheels" "$work/wheels"
+
+say "cp311 wheelhouse of the controller host's dependencies ..."
+# `controller: cloud` (spotrun/control/durable/host.py) runs spotrun's whole control plane on the
+# image's Python >= 3.11 (here /opt/pytorch/bin/python): spotrun's own requirements + each cloud's
+# extra, plus a pip wheel (that python has no pip: vmboot runs pip from the wheel). Downloaded by
+# this machine's pip for CPython 3.11 on manylinux (the PyTorch environment is bookworm, glibc 2.36).
+"$PY" -m pip download -q --isolated --dest "$work/wheels" --only-binary=:all: \
+  --cert /etc/ssl/certs/ca-certificates.crt --index-url https://pypi.org/simple \
+  --python-version 3.11 --implementation cp --abi cp311 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  "typer>=0.12" "rich>=13" "pyyaml>=6" "pydantic>=2.6" "platformdirs>=4" "pathspec>=0.12" "pip" \
+  "boto3>=1.34" "google-cloud-compute>=1.20" "google-cloud-storage>=2.16" "google-cloud-secret-manager>=2.20" \
+  "azure-mgmt-compute>=33" "azure-mgmt-network>=25" "azure-identity>=1.16" "azure-storage-blob>=12.20" \
+  "azure-keyvault-secrets>=4.8" \
+  >>"$work/build.log" 2>&1 || fail "pip download of the cp311 controller wheels failed"
 rm -f "$work/rootfs/tmp/host-ca.crt"
 rm -rf "$work/rootfs/root/.cache"
 

@@ -59,11 +59,17 @@ def test_the_package_declares_python_39_and_each_clouds_vm_requirements() -> Non
         pyproject = tar.extractfile("pyproject.toml").read().decode()  # type: ignore[union-attr]
         vm = json.loads(tar.extractfile("vm-requirements.json").read())  # type: ignore[union-attr]
     assert 'requires-python = ">=3.9"' in pyproject
-    assert vm == {
+    agent = {k: v for k, v in vm.items() if not k.startswith("controller-")}
+    assert agent == {
         "aws": ["boto3>=1.34"],
         "gcp": ["google-cloud-storage>=2.16"],
         "azure": ["azure-identity>=1.16", "azure-storage-blob>=12.20"],
-    }  # the store SDKs only: a VM never installs the compute SDKs, the CLI's deps or torch
+    }  # the store SDKs only: an Agent's VM never installs the compute SDKs, the CLI's deps or torch
+    # a controller host (`controller: cloud`, its own boot role) installs the control plane + its cloud's SDKs
+    control = ["pathspec>=0.12", "platformdirs>=4", "pydantic>=2.6", "pyyaml>=6", "rich>=13", "typer>=0.12"]
+    assert vm["controller-aws"] == sorted(["boto3>=1.34", *control])
+    assert "google-cloud-compute>=1.20" in vm["controller-gcp"] and "azure-mgmt-compute>=33" in vm["controller-azure"]
+    assert not any("torch" in r for reqs in vm.values() for r in reqs)
 
 
 def test_the_bootstrap_carries_no_credential_and_fits_aws_user_data(monkeypatch: pytest.MonkeyPatch) -> None:

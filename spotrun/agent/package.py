@@ -31,11 +31,27 @@ VM_PACKAGES = {"aws": ("boto3",), "gcp": ("google-cloud-storage",), "azure": ("a
 VM_PYTHON = ">=3.9"
 
 
+def _declared() -> list[str]:
+    """spotrun's Requires-Dist: from its installed metadata, else (a controller host runs the
+    unpacked package from PYTHONPATH, uninstalled) from the package's generated pyproject.toml."""
+    try:
+        return list(metadata.requires("spotrun") or [])
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        project = tomllib.loads(pyproject.read_text())["project"]
+        out = list(project.get("dependencies", []))
+        for extra, deps in project.get("optional-dependencies", {}).items():
+            out += [f'{dep}; extra == "{extra}"' for dep in deps]
+        return out
+
+
 def _requirements() -> tuple[list[str], dict[str, list[str]]]:
     """(core dependencies, {extra: dependencies}) of the installed spotrun."""
     core: list[str] = []
     extras: dict[str, list[str]] = {name: [] for name in EXTRAS}
-    for req in metadata.requires("spotrun") or []:
+    for req in _declared():
         spec, _, marker = req.partition(";")
         found = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
         if not found:
@@ -82,7 +98,14 @@ def vm_requirements() -> dict[str, list[str]]:
     for cloud, names in VM_PACKAGES.items():
         wanted = [r for r in extras.get(cloud, []) if re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() in names]
         out[cloud] = sorted(wanted)
-    return out
+    return {**out, **controller_requirements()}
+
+
+def controller_requirements() -> dict[str, list[str]]:
+    """{"controller-<cloud>": requirements} of a controller host (`controller: cloud`): spotrun's
+    whole control plane (its core dependencies) and that cloud's extra, for a Python >= 3.11."""
+    core, extras = _requirements()
+    return {f"controller-{cloud}": sorted(core + extras.get(cloud, [])) for cloud in VM_PACKAGES}
 
 
 def build(dest: Path | None = None):  # -> spotrun.bundle.Packed

@@ -192,7 +192,7 @@ def hand_to_controller_host(state: Any, job_id: str, json_out: bool) -> dict[str
     from spotrun.clouds import get_provider
     from spotrun.clouds.base import ProviderError
     from spotrun.clouds.store import open_store
-    from spotrun.control.durable.host import enqueue, ensure_host, host_cost
+    from spotrun.control.durable.host import enqueue, ensure_host, host_cloud, host_cost, host_offers, job_cloud_offers
     from spotrun.control.durable.record import publish
     from spotrun.control.specs import allowed_providers, planning_spec, provider_options
     from spotrun.control.state import JobStatus
@@ -201,12 +201,12 @@ def hand_to_controller_host(state: Any, job_id: str, json_out: bool) -> dict[str
     store = open_store(job.store_url)
     spec = planning_spec(job.spec)
     try:
-        if "local" not in allowed_providers(spec):
-            raise NotImplementedError("the controller host runs on the local provider only, so far")
-        provider = get_provider("local", **provider_options("local", spec))
+        cloud = host_cloud(allowed_providers(spec))
+        provider = get_provider(cloud, **provider_options(cloud, spec))
+        job_offers = [] if cloud == "local" else job_cloud_offers(cloud, spec.resources.regions)
         publish(state, store, job_id)
         enqueue(store, job_id)
-        info = ensure_host(store, provider)
+        info = ensure_host(store, provider, offers=host_offers(cloud, job_offers, provider))
     except (NotImplementedError, ValueError, ProviderError) as e:
         store.delete(f"controller/jobs/{job_id}")
         why = f"controller: cloud: {e}"
@@ -234,12 +234,14 @@ def controller_host_estimate(spec: Any, offers: list[Any]) -> dict[str, Any] | N
     and the job's share (the job's hours, when the spec gives them, plus the idle tail)."""
     if controller_mode() != "cloud":
         return None
-    from spotrun.control.durable.host import idle_limit, pick_offer
+    from spotrun.control.durable.host import host_cloud, host_offers, idle_limit, pick_offer
+    from spotrun.control.specs import allowed_providers
 
+    cloud = host_cloud(allowed_providers(spec))
     try:
-        offer = pick_offer([o for o in offers if o.provider == "local"])
+        offer = pick_offer(host_offers(cloud, offers))
     except ValueError:
-        return {"error": "no on-demand local offer for the controller host"}
+        return {"error": f"no on-demand {cloud} offer for the controller host"}
     price = float(offer.ondemand_price or 0.0)
     hours = getattr(getattr(spec, "workload", None), "hours", None)
     idle_h = idle_limit() / 3600

@@ -136,6 +136,9 @@ class Boot:
     extra: str = ""  # the pip extra the VM needs for its cloud's store: "aws", "gcp" or "azure"
     labels: dict[str, str] = field(default_factory=dict)  # the spec's `labels:`, put on the cloud resources
     spotrun_sha256: str = ""  # of the Agent package: the VM refuses a package that does not match
+    # "" boots the Agent; "controller" boots the controller host of `controller: cloud` instead
+    # (control/durable/host.py): spotrun's control plane on the image's Python >= 3.11
+    role: str = ""
 
     def to_b64(self) -> str:
         return base64.b64encode(json.dumps(asdict(self), sort_keys=True).encode()).decode()

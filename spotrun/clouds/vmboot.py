@@ -20,6 +20,16 @@ anything spotrun installs, since it is what installs them.
    boot log. If anything fails before the Agent starts its workload, the boot log is written to
    the store at `<job>/attempts/<n>/boot.log` (what the controller shows as the boot failure),
    and the script exits non-zero: the VM powers off.
+
+A boot record with `role: "controller"` boots the controller host of `controller: cloud`
+(spotrun/control/durable/host.py) instead: the same package, fetched and verified the same way,
+runs spotrun's whole control plane, which needs Python >= 3.11. So that branch picks a Python >= 3.11
+on the image (python3 itself, python3.13/3.12/3.11 on PATH, /opt/conda/bin/python, a Deep Learning
+image's /opt/pytorch/bin/python), else fails the boot with "needs python >= 3.11"; pip-installs the
+package's `controller-<cloud>` requirements (spotrun's own + the cloud's SDKs) for that Python into
+/opt/spotrun/<sha16>-controller/deps (with its own pip, else pip's wheel fetched by the image's
+python3 pip and run from the wheel, as a distribution's python3.11 may lack pip and ensurepip);
+and runs `python -m spotrun.control.durable.serve --store URL`.
 """
 
 import base64
@@ -301,25 +311,8 @@ def install(boot, store, prefix):
     if sha and os.path.exists(done):
         log(f"the Agent {sha[:16]} is already installed at {home}")
         return src, deps
-    url = boot.get("spotrun_package") or ""
-    if not url:
-        raise BootError("the boot record names no Agent package")
-    key = urllib.parse.urlsplit(url).path.strip("/")
-    key = key[len(prefix) :].strip("/") if prefix and key.startswith(prefix) else key
-    log(f"fetching the Agent package {url}")
-    status, data = store.request("GET", join(prefix, key))
-    if status != 200:
-        raise BootError(
-            "could not read the Agent package {}: HTTP {} {}".format(url, status, data[:300].decode(errors="replace"))
-        )
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha:
-        raise BootError(
-            "corrupt Agent package {}: sha256 {}, the controller recorded {}".format(url, got, sha or "none")
-        )
-    log(f"sha256 verified ({sha[:16]}, {len(data)} bytes)")
     os.makedirs(home, exist_ok=True)
-    unpack(data, src)
+    fetch(boot, store, prefix, src)
     with open(os.path.join(src, "vm-requirements.json")) as f:
         requirements = json.load(f).get(boot.get("extra") or "", [])
     if requirements:
@@ -339,6 +332,29 @@ def install(boot, store, prefix):
         )
     open(done, "w").close()
     return src, deps
+
+
+def fetch(boot, store, prefix, src):
+    """The Agent package from the store, its sha256 checked against the boot record, unpacked to src."""
+    sha = boot.get("spotrun_sha256") or ""
+    url = boot.get("spotrun_package") or ""
+    if not url:
+        raise BootError("the boot record names no Agent package")
+    key = urllib.parse.urlsplit(url).path.strip("/")
+    key = key[len(prefix) :].strip("/") if prefix and key.startswith(prefix) else key
+    log(f"fetching the Agent package {url}")
+    status, data = store.request("GET", join(prefix, key))
+    if status != 200:
+        raise BootError(
+            "could not read the Agent package {}: HTTP {} {}".format(url, status, data[:300].decode(errors="replace"))
+        )
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha:
+        raise BootError(
+            "corrupt Agent package {}: sha256 {}, the controller recorded {}".format(url, got, sha or "none")
+        )
+    log(f"sha256 verified ({sha[:16]}, {len(data)} bytes)")
+    unpack(data, src)
 
 
 def start_agent(src, deps, boot_b64):
@@ -381,9 +397,139 @@ def ship_log(store, prefix, boot):
         print(f"[spotrun-boot] could not ship the boot log: {e!r}", flush=True)
 
 
+# --------------------------------------------------------------------------- the controller host
+
+CONTROLLER_PYTHONS = ("python3.13", "python3.12", "python3.11", "/opt/conda/bin/python", "/opt/pytorch/bin/python")
+
+
+def python_version(python):
+    """(major, minor) of an interpreter, or None where it does not run."""
+    try:
+        done = subprocess.run(
+            [python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        major, minor = done.stdout.split()
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def controller_python():
+    """(path, (major, minor)) of a Python >= 3.11 on this image: spotrun's control plane needs one."""
+    import shutil
+
+    seen = []
+    for name in (sys.executable, *CONTROLLER_PYTHONS):
+        path = shutil.which(name) if "/" not in name else (name if os.path.exists(name) else None)
+        if not path or path in seen:
+            continue
+        seen.append(path)
+        version = python_version(path)
+        log("found {} (python {})".format(path, "{}.{}".format(*version) if version else "that does not run"))
+        if version and version >= (3, 11):
+            return path, version
+    raise BootError(
+        "the controller host needs python >= 3.11 and this image has none (looked for python3, {}); "
+        "use an image with one (a Deep Learning image has it)".format(", ".join(CONTROLLER_PYTHONS))
+    )
+
+
+def controller_pip(python, version, home):
+    """A pip for `python`: its own, else pip's wheel (fetched by the image's python3 pip) run from the wheel."""
+    if subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+        return [python, "-m", "pip"]
+    wheels = os.path.join(home, "pip-wheel")
+    system_pip = pip_command(home)
+    target = "{}.{}".format(*version)
+    run(
+        [*system_pip, "download", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:"]
+        + ["--python-version", target, "--dest", wheels, "pip"],
+        f"download of pip for {python}",
+    )
+    found = sorted(f for f in os.listdir(wheels) if f.startswith("pip-") and f.endswith(".whl"))
+    if not found:
+        raise BootError(f"no pip wheel for {python} came from the package index")
+    return [python, os.path.join(wheels, found[-1], "pip")]
+
+
+def install_controller(boot, store, prefix, python, version):
+    """The controller host's import path: (the package's tree, its control-plane dependencies)."""
+    sha = boot.get("spotrun_sha256") or ""
+    home = os.path.join(INSTALL_ROOT, (sha[:16] or "unversioned") + "-controller")
+    src, deps, done = os.path.join(home, "src"), os.path.join(home, "deps"), os.path.join(home, ".installed")
+    if sha and os.path.exists(done):
+        log(f"the controller {sha[:16]} is already installed at {home}")
+        return src, deps
+    os.makedirs(home, exist_ok=True)
+    fetch(boot, store, prefix, src)
+    key = "controller-" + (boot.get("extra") or "")
+    with open(os.path.join(src, "vm-requirements.json")) as f:
+        requirements = json.load(f).get(key, [])
+    if not requirements:
+        raise BootError(f"the package lists no {key} requirements: was it built by an older spotrun?")
+    pip = controller_pip(python, version, home)
+    run(
+        [*pip, "install", "--disable-pip-version-check", "--no-warn-script-location", "--no-compile"]
+        + ["--retries", "2", "--timeout", "20", "--target", deps, *requirements],
+        "pip install of the controller's dependencies ({})".format(" ".join(requirements)),
+    )
+    open(done, "w").close()
+    return src, deps
+
+
+def start_controller(python, src, deps, boot, boot_b64):
+    """Run `python -m spotrun.control.durable.serve` until it stops; its output goes to the boot log."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([src, deps])
+    env["SPOTRUN_BOOT_B64"] = boot_b64
+    env["SPOTRUN_CONTROLLER_PYTHON"] = python  # what the host starts its job controllers with
+    work = os.path.join(os.path.dirname(src), "run")
+    os.makedirs(work, exist_ok=True)
+    command = [python, "-m", "spotrun.control.durable.serve", "--store", boot["store_url"]]
+    log("starting the controller host: " + " ".join(command))
+    host = subprocess.Popen(command, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert host.stdout is not None
+    for line in iter(host.stdout.readline, b""):
+        text = line.decode(errors="replace")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        _append(text)
+    return host.wait()
+
+
+def controller_main(boot, boot_b64):
+    store = prefix = None
+    try:
+        store, prefix = open_store(boot["store_url"], boot.get("notice"))
+        python, version = controller_python()
+        src, deps = install_controller(boot, store, prefix, python, version)
+        code = start_controller(python, src, deps, boot, boot_b64)
+        log(f"the controller host stopped (exit {code})")
+        if code == 0:
+            return 0
+        log(f"BOOT FAILED: the controller host exited with {code}; its output is above")
+    except BootError as e:
+        log(f"BOOT FAILED: {e}")
+    except Exception as e:  # noqa: BLE001 -- anything else is a failed boot too, explained
+        log(f"BOOT FAILED: {e!r}")
+    if store is not None:
+        ship_log(store, prefix, boot)
+    return 1
+
+
 def main():
     boot_b64 = os.environ["SPOTRUN_BOOT_B64"]
     boot = json.loads(base64.b64decode(boot_b64))
+    if boot.get("role") == "controller":
+        log("spotrun bootstrap: the controller host of {}".format(boot["store_url"]))
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        return controller_main(boot, boot_b64)
     log(
         "spotrun bootstrap: job {} attempt {}, python {}".format(
             boot["job_id"], boot["attempt"], sys.version.split()[0]

@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
 
-def spawn(job_id: str, store_url: str | None, log: Path) -> subprocess.Popen[bytes]:
-    """Start a detached durable controller for the job (it outlives the calling process)."""
-    command = [sys.executable, "-m", "spotrun.control.durable", job_id]
+def spawn(job_id: str, store_url: str | None, log: Path, python: str | None = None) -> subprocess.Popen[bytes]:
+    """Start a detached durable controller for the job (it outlives the calling process), with
+    `python` (the interpreter to run, where sys.executable is not how it is started), else this one."""
+    command = [python or sys.executable, "-m", "spotrun.control.durable", job_id]
     if store_url:
         command += ["--store", store_url]
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -36,18 +36,40 @@ def serve(store: Store, lease: Lease, *, idle: float, poll: float, home: Path) -
             record = read_record(store, job_id)
             if record is not None and JobStatus(record["job"]["status"]).terminal:
                 store.delete(key)
+                done = children.pop(job_id, None)
+                if done is not None:
+                    done.wait()
+                    report_exit(job_id, done, home / f"controller-{job_id}.log")
                 continue
             active = True
             child = children.get(job_id)
             if record is None or (child is not None and child.poll() is None):
                 continue
+            if child is not None:
+                report_exit(job_id, child, home / f"controller-{job_id}.log")
+                del children[job_id]
             if not lease_live(read_lease(store, job_id), time.time()):
-                children[job_id] = spawn(job_id, store.url, home / f"controller-{job_id}.log")
+                print(f"driving job {job_id}", flush=True)
+                # on a cloud host, the interpreter vmboot found (it may be a wrapper around sys.executable)
+                python = os.environ.get("SPOTRUN_CONTROLLER_PYTHON") or None
+                children[job_id] = spawn(job_id, store.url, home / f"controller-{job_id}.log", python)
         if active or any(c.poll() is None for c in children.values()):
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since >= idle:
             return "idle"
         time.sleep(poll)
+
+
+def report_exit(job_id: str, child: subprocess.Popen[bytes], log: Path) -> None:
+    """A job's controller ended: say so, with its log's tail (a cloud host's console and boot log
+    are where anyone can read what happened on it)."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+    except OSError:
+        tail = []
+    print(f"job {job_id}: its controller exited with {child.returncode}", flush=True)
+    for line in tail:
+        print(f"  {line}", flush=True)
 
 
 def delete_own_instance(store: Store) -> None:
@@ -65,8 +87,13 @@ def delete_own_instance(store: Store) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spotrun.control.durable.serve")
     parser.add_argument("--store", required=True)
-    parser.add_argument("--holder", default=None, help="the lease holder id the launching CLI reserved")
-    parser.add_argument("--idle", type=float, default=1800.0)
+    # a cloud host gets these two through its boot record's env (clouds/vmboot.py runs `serve`)
+    parser.add_argument(
+        "--holder",
+        default=os.environ.get("SPOTRUN_CONTROLLER_HOLDER") or None,
+        help="the lease holder id the launching CLI reserved",
+    )
+    parser.add_argument("--idle", type=float, default=float(os.environ.get("SPOTRUN_CONTROLLER_IDLE") or 1800.0))
     parser.add_argument("--poll", type=float, default=1.0)
     parser.add_argument("--local-root", default="", help="the local cloud this host runs in (its own jobs too)")
     args = parser.parse_args(argv)
