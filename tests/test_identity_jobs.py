@@ -17,6 +17,7 @@ from spotrun.clouds.base import Boot
 from spotrun.clouds.gcp import identity as gi
 from spotrun.clouds.gcp.provider import GCPProvider
 from tests.fakes import azure_identity_fake, gcp_iam_fake
+from tests.fakes.azure_keyvault_fake import FakeKeyVault, keyvault  # noqa: F401  (fixture)
 from tests.fakes.azure_server import (  # noqa: F401  (fixtures)
     RESOURCE_GROUP,
     SUBSCRIPTION,
@@ -26,6 +27,7 @@ from tests.fakes.azure_server import (  # noqa: F401  (fixtures)
     arm_server_fixture,
 )
 from tests.fakes.gce_server import PROJECT, FakeGCE, gce_credentials, gce_fixture, gce_server_fixture  # noqa: F401
+from tests.fakes.gcp_secret_fake import FakeSecretManager, secret_manager  # noqa: F401  (fixture)
 
 SA = "spotrun-runner@spotrun-test.iam.gserviceaccount.com"
 IDENTITY = (
@@ -268,27 +270,96 @@ def test_gc_releases_what_a_crashed_controller_left(
 # ---------------------------------------------------------------------- the fallback
 
 
-def test_a_job_with_secrets_keeps_the_configured_identity(gce: FakeGCE, arm: FakeARM) -> None:
-    """Secret Manager / Key Vault grant the configured identity, so a `${VAR}` job runs as it."""
+def test_a_gcp_secrets_job_runs_as_its_own_account_which_alone_reads_its_secret(
+    gce: FakeGCE,
+    secret_manager: FakeSecretManager,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The secret store makes the job's account before granting it (so the grant is not the
+    shared account's), and the launch runs the VM as that same account."""
     import dataclasses
 
-    from spotrun.clouds.base import BadRequest
-    from spotrun.clouds.secrets import SECRETS_REF_ENV
+    from spotrun.clouds.gcp.secrets import GCPSecrets
+    from spotrun.clouds.secrets import SECRETS_REF_ENV, SecretsError, encode_ref
+    from tests.fakes.gcp_secret_fake import CONTROLLER, VM_TOKEN
 
-    def with_secrets(job: str, store: str) -> Boot:
-        return dataclasses.replace(boot(job, store), env={SECRETS_REF_ENV: "{}"})
+    for k, v in secret_manager.env().items():
+        monkeypatch.setenv(k, v)
+    secret_manager.tokens[gce_credentials().token] = CONTROLLER  # the controller's one credential
+    provider = gcp(gce)
+    refs = {}
+    for job in ("sec-1", "sec-2"):
+        refs[job] = GCPSecrets.from_provider(provider).put(job, {"HF_TOKEN": f"v-{job}"}, store_url=GCS)
+    sec = dataclasses.replace(boot("sec-1", GCS), env={SECRETS_REF_ENV: encode_ref(refs["sec-1"])})
+    inst = provider.launch(GCP_OFFER, spot=True, boot=sec, client_token="s")
+    vm_account = gce.instance(inst.instance_id)["serviceAccounts"][0]["email"]
+    assert vm_account == gi.job_service_account("sec-1", PROJECT) != SA
 
-    g = gcp(gce).launch(GCP_OFFER, spot=True, boot=with_secrets("sec-1", GCS), client_token="s")
-    assert gce.instance(g.instance_id)["serviceAccounts"][0]["email"] == SA and gce.account_records == {}
-    a = azure(arm).launch(AZ_OFFER, spot=True, boot=with_secrets("sec-1", AZ), client_token="s")
-    assert list(arm.vm(a.instance_id)["identity"]["userAssignedIdentities"]) == [IDENTITY]
+    def read_as(account: str, job: str) -> dict[str, str]:
+        secret_manager.tokens[VM_TOKEN] = f"serviceAccount:{account}"  # the VM's metadata token
+        return GCPSecrets.fetch(refs[job], tries=1)
+
+    assert read_as(vm_account, "sec-1") == {"HF_TOKEN": "v-sec-1"}
+    for account, job in ((SA, "sec-1"), (vm_account, "sec-2"), (gi.job_service_account("sec-2", PROJECT), "sec-1")):
+        with pytest.raises(SecretsError, match="HTTP 403"):  # the shared account, the other job's
+            read_as(account, job)
+    # and it writes only its own prefix, as any job's account
+    policy = applied_bindings(gce, "bucket")
+    assert gi.allowed(policy, f"serviceAccount:{vm_account}", "storage.objects.create", "spotrun/jobs/sec-1/x")
+    assert not gi.allowed(policy, f"serviceAccount:{vm_account}", "storage.objects.create", "spotrun/jobs/sec-2/x")
+    # a store off GCS keeps the configured account (there is no bucket policy to scope)
+    s3_ref = GCPSecrets.from_provider(provider).put("sec-3", {"HF_TOKEN": "x"}, store_url="s3://b/p")
+    refs["sec-3"] = s3_ref
+    assert read_as(SA, "sec-3") == {"HF_TOKEN": "x"}
+
+
+def test_an_azure_secrets_job_runs_as_its_own_identity_which_alone_reads_its_secret(
+    arm: FakeARM,
+    keyvault: FakeKeyVault,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataclasses
+
+    from spotrun.clouds.azure.secrets import AzureSecrets
+    from spotrun.clouds.secrets import SECRETS_REF_ENV, SecretsError, encode_ref
+
+    keyvault.attach_arm(arm)
+    keyvault.tokens[arm.token] = "controller"  # the controller's one credential, for ARM and the vault
+    keyvault.add_identity(IDENTITY)
+    for k, v in {**keyvault.controller_env(), **keyvault.vm_env()}.items():
+        monkeypatch.setenv(k, v)
+    provider = azure(arm)
+    refs = {}
+    for job in ("sec-1", "sec-2"):
+        store = AzureSecrets.from_provider(provider)
+        refs[job] = store.put(job, {"API_KEY": f"v-{job}"}, store_url=AZ, region=AZ_OFFER.region)
+    sec = dataclasses.replace(boot("sec-1", AZ), env={SECRETS_REF_ENV: encode_ref(refs["sec-1"])})
+    inst = provider.launch(AZ_OFFER, spot=True, boot=sec, client_token="s")
+    (vm_identity,) = arm.vm(inst.instance_id)["identity"]["userAssignedIdentities"]
+    assert vm_identity == refs["sec-1"]["identity"] != IDENTITY
+    assert vm_identity.endswith(az.job_identity_name("sec-1"))
+    assert AzureSecrets.fetch(refs["sec-1"], tries=1) == {"API_KEY": "v-sec-1"}
+    for identity, job in ((IDENTITY, "sec-1"), (vm_identity, "sec-2"), (refs["sec-2"]["identity"], "sec-1")):
+        with pytest.raises(SecretsError, match="HTTP 403"):  # the shared identity, the other job's
+            AzureSecrets.fetch({**refs[job], "identity": identity}, tries=1)
+    assert AzureSecrets.from_provider(provider).delete("sec-1") is True
+    principal = arm.managed_identities[vm_identity.lower()]["properties"]["principalId"]
+    assert all(a["properties"]["principalId"] != principal for a in keyvault.assignments.values())
+    provider.terminate(inst)
+    for job in ("sec-1", "sec-2"):
+        provider.release_job(job)
     assert arm.managed_identities == {} and arm.storage_assignments == {}
-    # ARM resolves a VM's user-assigned identity: one that does not exist is refused
+
+
+def test_an_azure_identity_that_does_not_exist_is_refused(arm: FakeARM) -> None:
+    """ARM resolves a VM's user-assigned identity: one that does not exist is refused."""
+    from spotrun.clouds.base import BadRequest
+
     gone = IDENTITY.replace("spotrun-runner", "not-there")
     missing = AzureProvider(SUBSCRIPTION, RESOURCE_GROUP, endpoint=arm.url, credential=StaticToken(),
                             poll_interval=0.01, identity=gone, imds_endpoint=arm.metadata_endpoint)  # fmt: skip
     with pytest.raises(BadRequest) as refused:
-        missing.launch(AZ_OFFER, spot=True, boot=with_secrets("sec-2", AZ), client_token="t")
+        missing.launch(AZ_OFFER, spot=True, boot=boot("sec-2", "s3://bucket/p"), client_token="t")
     assert refused.value.code == "FailedIdentityOperation"
 
 

@@ -65,6 +65,8 @@ def test_put_grants_the_vm_identity_on_the_one_secret_then_the_vm_reads_it(
     assert len(keyvault.secrets["spotrun-job-1"]) == 2 and len(keyvault.assignments) == 1
     assert AzureSecrets.fetch(ref) == {"OPENAI_API_KEY": "rotated"}
     assert s.find("job-1") == ref
+    keyvault.assignments.clear()  # a resume reusing the stored secret grants the VM identity again
+    assert s.grant("job-1") == ref and len(keyvault.assignments) == 1
 
     assert s.delete("job-1") is True
     assert keyvault.secrets == {} and keyvault.deleted == {} and keyvault.assignments == {}  # purged, ungranted

@@ -46,6 +46,8 @@ def test_put_grants_the_vm_account_only_then_the_vm_reads_it(
     assert [v["name"].rsplit("/", 1)[-1] for v in entry["versions"]] == ["1", "2"]
     assert GCPSecrets.fetch(ref) == {"HF_TOKEN": "rotated"}
     assert s.find("job-1") == ref
+    entry["policy"] = {"bindings": []}  # a resume reusing the stored secret grants the VM account again
+    assert s.grant("job-1") == ref and GCPSecrets.fetch(ref) == {"HF_TOKEN": "rotated"}
 
     assert s.delete("job-1") is True
     assert s.delete("job-1") is False

@@ -140,7 +140,7 @@ class LaunchingMixin(ControllerCore):
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"store move: {e}")
             return ProviderError(str(e))
         cloud = offer.provider in remote_clouds()
-        secrets_env = self._secrets_env(job, spec, attempt, offer.provider, provider) if cloud else {}
+        secrets_env = self._secrets_env(job, spec, attempt, offer, provider, store_url) if cloud else {}
         if secrets_env is None:
             return ProviderError("the job's secrets could not be stored")
         boot = Boot(
@@ -178,7 +178,7 @@ class LaunchingMixin(ControllerCore):
         return True
 
     def _secrets_env(
-        self, job: Job, spec: JobSpec, attempt: Attempt, cloud: str, provider: Any
+        self, job: Job, spec: JobSpec, attempt: Attempt, offer: Offer, provider: Any, store_url: str
     ) -> dict[str, str] | None:
         """The job's `${VAR}` values into the cloud's secret store (spotrun/control/secrets.py): the
         boot env holding the reference; None (attempt ended) when the store failed for now."""
@@ -186,7 +186,7 @@ class LaunchingMixin(ControllerCore):
         from spotrun.control.secrets import boot_env
 
         try:
-            return boot_env(cloud, provider, job.id, spec, job.spec)
+            return boot_env(offer.provider, provider, job.id, spec, job.spec, store_url=store_url, region=offer.region)
         except SecretsError as e:
             self.state.end_attempt(job.id, attempt.n, "launch_failed", self.clock.now(), detail=f"secrets: {e}")
             if e.permanent:

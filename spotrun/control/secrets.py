@@ -3,7 +3,9 @@
 * `boot_env`: before a launch on a cloud, the values go into that cloud's secret store (a new
   version each launch, so a resumed job with a rotated value passes it on) and the boot record gets
   the reference. A shell that lacks a value may still launch when the store already holds the
-  job's secret from an earlier launch: the VM reads what the job was started with.
+  job's secret from an earlier launch: the VM reads what the job was started with. Either way the
+  store grants the identity the job's VM will run as (the job's own, which the store makes first
+  when the job's store is on that cloud: clouds/{gcp,azure}/identity.py) and no other.
 * `delete_secrets`: when the job ends, every cloud it ran on forgets the job's secret.
 * `resume_refusal`: `spotrun launch --resume` from a shell that lacks a `${VAR}` is refused (exit 2)
   unless every cloud the job may launch on already holds the job's secret.
@@ -46,14 +48,23 @@ def store_for(cloud: str, provider: Provider) -> Any:
     return load_class(target).from_provider(provider) if target else None
 
 
-def boot_env(cloud: str, provider: Provider, job_id: str, spec: JobSpec, stored: dict[str, Any]) -> dict[str, str]:
-    """The boot record's env for a launch on `cloud`: the reference to the job's secret (empty for
-    a job without `${VAR}` env). Raises SecretsError; a missing value with no stored secret is a
-    permanent one naming the variables."""
+def boot_env(
+    cloud: str,
+    provider: Provider,
+    job_id: str,
+    spec: JobSpec,
+    stored: dict[str, Any],
+    *,
+    store_url: str = "",
+    region: str = "",
+) -> dict[str, str]:
+    """The boot record's env for a launch on `cloud` in `region` with the job's store at
+    `store_url`: the reference to the job's secret (empty for a job without `${VAR}` env). Raises
+    SecretsError; a missing value with no stored secret is a permanent one naming the variables."""
     if not spec.secret_env_keys:
         return {}
     try:
-        return _boot_env(cloud, provider, job_id, spec, stored)
+        return _boot_env(cloud, provider, job_id, spec, stored, store_url, region)
     except SecretsError:
         raise
     except ImportError as e:  # a cloud extra installed without its secret-store client
@@ -62,7 +73,9 @@ def boot_env(cloud: str, provider: Provider, job_id: str, spec: JobSpec, stored:
         raise SecretsError(f"{cloud}: the secret store failed: {type(e).__name__}") from None
 
 
-def _boot_env(cloud: str, provider: Provider, job_id: str, spec: JobSpec, stored: dict[str, Any]) -> dict[str, str]:
+def _boot_env(
+    cloud: str, provider: Provider, job_id: str, spec: JobSpec, stored: dict[str, Any], store_url: str, region: str
+) -> dict[str, str]:
     store = store_for(cloud, provider)
     if store is None:
         raise SecretsError(f"{cloud}: no secret store: ${{VAR}} env cannot reach its instances", permanent=True)
@@ -72,8 +85,14 @@ def _boot_env(cloud: str, provider: Provider, job_id: str, spec: JobSpec, stored
         if ref is None:
             names = ", ".join(missing)
             raise SecretsError(f"{names} not set in the controller's environment and no stored copy", permanent=True)
+    # A store with `grant` (GCP, Azure) grants the VM's identity on the secret itself; AWS's
+    # per-job role is granted in its own policy (clouds/aws/resources.py).
+    where = {"store_url": store_url, "region": region} if hasattr(store, "grant") else None
+    if missing:
+        ref = store.grant(job_id, **where) if where is not None else ref
     else:
-        ref = store.put(job_id, {k: spec.env[k] for k in sorted(spec.secret_env_keys)})
+        values = {k: spec.env[k] for k in sorted(spec.secret_env_keys)}
+        ref = store.put(job_id, values, **(where or {}))
     return {SECRETS_REF_ENV: encode_ref(ref)}
 
 

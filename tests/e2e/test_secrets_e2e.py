@@ -189,6 +189,11 @@ def test_gcp_secret_reaches_the_workload_only(
     make_gcs_bucket(gcs_emulator, bucket)
     store_url = f"gs://{bucket}/spotrun"
     secret_manager.tokens[GOOD_TOKEN] = CONTROLLER  # the controller's one Google credential
+
+    def vm_account() -> str:  # the metadata server's token is for the account the VM runs as
+        return gce.requests_to("POST", r"/instances$")[-1].body["serviceAccounts"][0]["email"]
+
+    secret_manager.vm_account = vm_account
     monkeypatch.setenv("SECRET_MANAGER_EMULATOR_HOST", secret_manager.url)
     provider = GCPProvider(
         PROJECT,
@@ -211,6 +216,7 @@ def test_gcp_secret_reaches_the_workload_only(
     )
     inserted = gce.requests_to("POST", r"/instances$")[0].body
     assert inserted["serviceAccounts"][0]["scopes"][-1] == "https://www.googleapis.com/auth/cloud-platform"
+    assert inserted["serviceAccounts"][0]["email"] != VM_SERVICE_ACCOUNT  # the job's own account
     assert secret_manager.secrets == {}  # deleted with the job
 
 
@@ -264,6 +270,8 @@ def test_azure_secret_reaches_the_workload_only(
             emulator=AzureEmulator(arm, tmp_path / "vms", env=env),
             cloud_requests=lambda: [json.dumps(r.body).encode() for r in arm.requests],
         )
+        vms = [r.body for r in arm.requests if r.method == "PUT" and "/virtualMachines/" in r.path]
+        assert vms and all(identity not in vm["identity"]["userAssignedIdentities"] for vm in vms)  # the job's own
     finally:
         arm.stop()
     assert keyvault.secrets == {} and keyvault.deleted == {} and keyvault.assignments == {}  # purged, ungranted

@@ -55,6 +55,7 @@ class FakeKeyVault(RestFake):
         group = f"/subscriptions/{subscription}/resourceGroups/{resource_group}"
         self.vault_id = f"{group}/providers/Microsoft.KeyVault/vaults/{vault_name}"
         self.identities: dict[str, str] = {}  # identity resource id (lower) -> principal id
+        self._arm: Any = None  # the attached FakeARM: the per-job identities it made exist too
         self.tokens: dict[str, str] = {CONTROLLER_TOKEN: "controller"}  # token -> principal id
         self.admins = {"controller"}
         self.secrets: dict[str, list[dict[str, Any]]] = {}  # name -> versions (newest last)
@@ -252,16 +253,23 @@ class FakeKeyVault(RestFake):
             return _error(400, "invalid_request", "Required metadata header not specified")
         if not req.query.get("resource"):
             return _error(400, "invalid_request", "Required audience parameter not specified")
-        principal = self.identities.get(req.query.get("msi_res_id", "").lower())
+        principal = self._principals().get(req.query.get("msi_res_id", "").lower())
         if principal is None:
             return _error(400, "invalid_request", "Identity not found")
         token = f"imds-token-{principal}"
+        self.tokens[token] = principal
         return Response(200, {"access_token": token, "expires_in": "86399", "resource": req.query["resource"]})
 
     # ------------------------------------------------------------------ ARM
 
+    def _principals(self) -> dict[str, str]:
+        """Every identity Entra ID knows: ours, and the per-job ones the attached ARM made."""
+        made = getattr(self._arm, "managed_identities", {}) or {}
+        return {**self.identities, **{k: v["properties"]["principalId"] for k, v in dict(made).items()}}
+
     def attach_arm(self, arm: Any) -> None:
         """Serve the identity and role-assignment calls on the fake ARM server `arm`."""
+        self._arm = arm
         assignment = r"(?P<scope>/subscriptions/.+)/providers/Microsoft\.Authorization/roleAssignments/(?P<id>[^/]+)"
         group = r"/subscriptions/[^/]+/resourceGroups/[^/]+"
         identity = group + r"/providers/Microsoft\.ManagedIdentity/userAssignedIdentities/[^/]+"
@@ -303,7 +311,7 @@ class FakeKeyVault(RestFake):
         props = (req.body or {}).get("properties") if isinstance(req.body, dict) else None
         if not isinstance(props, dict) or not props.get("roleDefinitionId") or not props.get("principalId"):
             return _error(400, "InvalidRoleAssignmentRequest", "roleDefinitionId and principalId are required.")
-        if props["principalId"] not in self.identities.values():
+        if props["principalId"] not in self._principals().values():
             return _error(
                 400, "PrincipalNotFound", f"Principal {props['principalId']} does not exist in the directory."
             )

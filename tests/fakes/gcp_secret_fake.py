@@ -13,7 +13,9 @@ the Agent's plain-HTTP reader talk to it. Strict where the service is:
   is the newest enabled one; a missing secret or version is 404 NOT_FOUND; delete removes the
   secret with its versions and policy.
 * `GET /computeMetadata/v1/instance/service-accounts/default/token` needs `Metadata-Flavor:
-  Google` (403 otherwise) and hands out the VM service account's token (`GCE_METADATA_HOST`).
+  Google` (403 otherwise) and hands out the VM service account's token (`GCE_METADATA_HOST`):
+  `VM_SERVICE_ACCOUNT`'s, or, where `vm_account` is set (a callable naming the account the VM
+  runs as, e.g. read from the GCE fake), a token for that account.
 
 Every request is logged (`requests`) with its body, so a test can check where a value went.
 """
@@ -51,6 +53,7 @@ class FakeSecretManager(RestFake):
         self.project = project
         self.tokens = {CONTROLLER_TOKEN: CONTROLLER, VM_TOKEN: f"serviceAccount:{VM_SERVICE_ACCOUNT}"}
         self.admins = {CONTROLLER}
+        self.vm_account: Any = None  # () -> the email the VM runs as; None: VM_SERVICE_ACCOUNT
         self.secrets: dict[str, dict[str, Any]] = {}  # full name -> {"secret", "versions", "policy"}
         r = self.route
         r("POST", P, self._create)
@@ -207,7 +210,13 @@ class FakeSecretManager(RestFake):
     def _metadata_token(self, req: Request) -> Response:
         if req.header("metadata-flavor") != "Google":
             return Response(403, "Missing Metadata-Flavor:Google header.")
-        return Response(200, {"access_token": VM_TOKEN, "expires_in": 3599, "token_type": "Bearer"})
+        token = VM_TOKEN
+        if self.vm_account is not None:
+            account = self.vm_account()
+            token = f"vm-token-{account}"
+            with self.lock:
+                self.tokens[token] = f"serviceAccount:{account}"
+        return Response(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
 
     # ------------------------------------------------------------------ test side
 

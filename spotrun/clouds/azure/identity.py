@@ -15,9 +15,11 @@ fake and check them with this evaluator).
 The provider makes that identity at a job's first launch (`ensure_job_identity`: ARM PUTs of the
 identity and of the two role assignments, condition version 2.0), gives it to the job's VMs, and
 deletes all three at the job's end (`release_job_identity`). Calls go through the compute client's
-azure-core pipeline (its credential, retries and endpoint): no other dependency. The configured
-`azure.identity` stays required: it is the fallback for jobs with `${VAR}` secrets (Key Vault's
-grant names it) or a store off Blob storage.
+azure-core pipeline (its credential, retries and endpoint): no other dependency. A job with
+`${VAR}` secrets runs as its own identity too: the secret store makes it first
+(`ensure_job_identity` again, from clouds/azure/secrets.py) and grants that identity alone on the
+job's Key Vault secret. The configured `azure.identity` stays required: it is the fallback for a
+store off Blob storage (no container to scope).
 """
 
 from __future__ import annotations
@@ -150,12 +152,13 @@ TAG_SCOPE = "spotrun-scope"
 
 
 def uses_job_identity(boot: Any) -> bool:
-    """Does this launch run its VM as a per-job identity? Only for a store on Blob storage, and a
-    job without `${VAR}` secrets (Key Vault's grant is made for the configured `azure.identity`,
-    clouds/azure/secrets.py, which such a job keeps)."""
-    from spotrun.clouds.secrets import SECRETS_REF_ENV
+    """Does this launch run its VM as a per-job identity? Only for a store on Blob storage (there
+    is a container to scope); a job with `${VAR}` secrets too (its secret is granted to it)."""
+    return on_blob(boot.store_url)
 
-    return boot.store_url.startswith("az://") and SECRETS_REF_ENV not in boot.env
+
+def on_blob(store_url: str) -> bool:
+    return store_url.startswith("az://")
 
 
 def job_identity_name(job_id: str) -> str:

@@ -8,11 +8,14 @@ clouds), default `https://<name>.vault.azure.net`.
 Controller side (azure-keyvault-secrets, the provider's credential; ARM over HTTPS for the grant):
 
 * `put`: set the secret (a new version, tagged `spotrun-job`) and assign the built-in role *Key
-  Vault Secrets User* to the VM's user-assigned identity (`azure.identity`) **on that one secret**
-  (scope `<vault id>/secrets/<name>`), with a role-assignment name derived from job and identity so
-  a retried put makes no second one.
-* `delete`: remove that role assignment, delete the secret and purge it (soft-delete would keep
-  it for 7-90 days); a vault with purge protection keeps it soft-deleted, unreadable, until then.
+  Vault Secrets User* to the VM's user-assigned identity **on that one secret** (scope
+  `<vault id>/secrets/<name>`), with a role-assignment name derived from job and identity so a
+  retried put makes no second one. The VM's identity is the job's own (clouds/azure/identity.py,
+  made here first if the launch has not yet: the grant needs its principal) when the store is on
+  Blob storage, else the configured `azure.identity`; so another job's VM cannot read the secret.
+* `delete`: remove that role assignment (for either identity), delete the secret and purge it
+  (soft-delete would keep it for 7-90 days); a vault with purge protection keeps it soft-deleted,
+  unreadable, until then.
 
 VM side (`fetch`, standard library only, Python 3.9): a token for `https://vault.azure.net` from
 IMDS for the VM's identity (`msi_res_id`), then `GET <vault>/secrets/<name>`.
@@ -76,10 +79,11 @@ class AzureSecrets:
         self._verify_resource = not url
         self.arm = (arm_endpoint or ARM).rstrip("/")
         self._client: Any = None
+        self.provider: Any = None  # set by from_provider: it can make the job's own identity
 
     @classmethod
     def from_provider(cls, provider: Any) -> AzureSecrets:
-        return cls(
+        store = cls(
             provider.subscription_id,
             provider.resource_group,
             identity=provider.identity,
@@ -87,6 +91,30 @@ class AzureSecrets:
             vault=getattr(provider, "key_vault", None),
             arm_endpoint=provider.endpoint,
         )
+        store.provider = provider
+        return store
+
+    def grantee(self, job_id: str, store_url: str = "", region: str = "") -> str:
+        """The identity the job's VM runs as, which alone may read its secret: the job's own (made
+        now in `region` if absent; idempotent) for a store on Blob storage, else the configured one."""
+        from spotrun.clouds.azure import identity
+
+        if self.provider is not None and identity.on_blob(store_url) and region:
+            from spotrun.clouds.base import AuthError, BadRequest, ProviderError
+
+            boot = _JobStore(job_id, store_url)
+            try:
+                return identity.ensure_job_identity(self.provider, boot, region)
+            except (AuthError, BadRequest) as e:
+                raise SecretsError(f"azure: making the job's identity: {e}", permanent=True) from None
+            except ProviderError as e:
+                raise SecretsError(f"azure: making the job's identity: {e}") from None
+        if not self.identity:
+            raise SecretsError(
+                "azure: a job with ${VAR} secrets needs azure.identity: the VM reads them as that identity",
+                permanent=True,
+            )
+        return self.identity
 
     # -------------------------------------------------------------- controller side
 
@@ -113,16 +141,13 @@ class AzureSecrets:
                 f"azure: a job with ${{VAR}} secrets needs a Key Vault: set {VAULT_ENV} (see docs/providers/azure.md)",
                 permanent=True,
             )
-        if not self.identity:
-            raise SecretsError(
-                "azure: a job with ${VAR} secrets needs azure.identity: the VM reads them as that identity",
-                permanent=True,
-            )
 
-    def put(self, job_id: str, values: dict[str, str]) -> dict[str, str]:
+    def put(self, job_id: str, values: dict[str, str], *, store_url: str = "", region: str = "") -> dict[str, str]:
+        """Store the values as a new version and grant the job's VM identity on the secret."""
         from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 
         self._check_config()
+        vm_identity = self.grantee(job_id, store_url, region)
         name = secret_name(job_id, limit=127)
         try:
             self.client().set_secret(name, encode_values(values), tags={"spotrun-job": job_id})
@@ -131,7 +156,16 @@ class AzureSecrets:
         except HttpResponseError as e:
             permanent = e.status_code in (400, 401, 403)
             raise SecretsError(f"azure: storing the job's secret: {_message(e)}", permanent=permanent) from None
-        principal = self._arm("GET", f"{self.identity}?api-version={IDENTITY_API}", "reading the VM identity")
+        return self._grant(job_id, vm_identity)
+
+    def grant(self, job_id: str, *, store_url: str = "", region: str = "") -> dict[str, str]:
+        """(Re)grant the job's VM identity on a secret stored by an earlier launch; its reference."""
+        self._check_config()
+        return self._grant(job_id, self.grantee(job_id, store_url, region))
+
+    def _grant(self, job_id: str, vm_identity: str) -> dict[str, str]:
+        name = secret_name(job_id, limit=127)
+        principal = self._arm("GET", f"{vm_identity}?api-version={IDENTITY_API}", "reading the VM identity")
         body = {
             "properties": {
                 "roleDefinitionId": f"/subscriptions/{self.subscription_id}/providers/Microsoft.Authorization"
@@ -141,11 +175,20 @@ class AzureSecrets:
             }
         }
         # 409 RoleAssignmentExists: the identity already holds the role on this secret (another name)
-        self._arm("PUT", self._assignment(job_id), "granting the VM identity", body, ok=(409,))
-        return {"cloud": self.cloud, "vault": self.vault_url, "name": name, "identity": self.identity}
+        self._arm("PUT", self._assignment(job_id, vm_identity), "granting the VM identity", body, ok=(409,))
+        return {"cloud": self.cloud, "vault": self.vault_url, "name": name, "identity": vm_identity}
 
-    def _assignment(self, job_id: str) -> str:
-        name = uuid.uuid5(uuid.NAMESPACE_URL, f"spotrun:{self.vault_id}:{job_id}:{self.identity}")
+    def _identities(self, job_id: str) -> list[str]:
+        """Every identity a grant on the job's secret may name: the job's own, the configured one."""
+        found = [self.identity] if self.identity else []
+        if self.provider is not None:
+            from spotrun.clouds.azure import identity
+
+            found.insert(0, identity._identity_id(self.provider, job_id))
+        return found
+
+    def _assignment(self, job_id: str, vm_identity: str) -> str:
+        name = uuid.uuid5(uuid.NAMESPACE_URL, f"spotrun:{self.vault_id}:{job_id}:{vm_identity}")
         scope = f"{self.vault_id}/secrets/{secret_name(job_id, limit=127)}"
         return f"{scope}/providers/Microsoft.Authorization/roleAssignments/{name}?api-version={ROLE_API}"
 
@@ -193,7 +236,8 @@ class AzureSecrets:
 
         if not self.vault_id:
             return False
-        self._arm("DELETE", self._assignment(job_id), "removing the VM identity's grant", ok=(404,))
+        for vm_identity in self._identities(job_id):
+            self._arm("DELETE", self._assignment(job_id, vm_identity), "removing the VM identity's grant", ok=(404,))
         name, client = secret_name(job_id, limit=127), self.client()
         try:
             client.begin_delete_secret(name).wait(timeout=60)
@@ -228,6 +272,14 @@ class AzureSecrets:
                     raise SecretsError(f"azure: reading the job's secret failed ({describe_error(e)})") from None
                 time.sleep(wait * (2**attempt))
         raise AssertionError("unreachable")
+
+
+class _JobStore:
+    """What `identity.ensure_job_identity` reads of a launch's boot record."""
+
+    def __init__(self, job_id: str, store_url: str) -> None:
+        self.job_id = job_id
+        self.store_url = store_url
 
 
 def _message(error: Any) -> str:

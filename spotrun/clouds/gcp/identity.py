@@ -15,8 +15,10 @@ account is refused: it is Editor on the project.
 
 The provider makes that account at a job's first launch (`ensure_job_account`: IAM REST create,
 then the bucket policy rewritten on its etag), runs the job's VMs as it, and deletes both at the
-job's end (`release_job_account`). The configured `gcp.service_account` stays required: it is the
-fallback for jobs with `${VAR}` secrets (Secret Manager's grant names it) or a store off GCS.
+job's end (`release_job_account`). A job with `${VAR}` secrets runs as its own account too: the
+secret store makes the account first (`ensure_job_account` again, from clouds/gcp/secrets.py) and
+grants that account alone on the job's secret. The configured `gcp.service_account` stays
+required: it is the fallback for a store off GCS (no bucket policy to scope).
 Calls go through google-auth's AuthorizedSession (it ships with google-cloud-compute).
 """
 
@@ -163,11 +165,12 @@ ETAG_TRIES = 5  # read-modify-write of the bucket policy, retried on 412 (anothe
 
 def uses_job_account(boot: Any) -> bool:
     """Does this launch run its VM as a per-job account? Only for a store on GCS (there is a bucket
-    policy to scope) and a job without `${VAR}` secrets: Secret Manager's accessor binding is made
-    for the configured `gcp.service_account` (clouds/gcp/secrets.py), which such a job keeps."""
-    from spotrun.clouds.secrets import SECRETS_REF_ENV
+    policy to scope); a job with `${VAR}` secrets too (its secret is granted to that account)."""
+    return on_gcs(boot.store_url)
 
-    return boot.store_url.startswith("gs://") and SECRETS_REF_ENV not in boot.env
+
+def on_gcs(store_url: str) -> bool:
+    return store_url.startswith("gs://")
 
 
 def _session(provider: Any) -> Any:

@@ -4,8 +4,10 @@ Controller side (google-cloud-secret-manager over REST, the provider's credentia
 
 * `put`: create the secret (automatic replication, label `spotrun-job`) if it is not there, add a
   version holding the values as one JSON object, and set the secret's IAM policy to exactly one
-  binding: `roles/secretmanager.secretAccessor` for the VM's service account (`gcp.service_account`).
-  Project-level roles aside, nobody else is granted anything on it.
+  binding: `roles/secretmanager.secretAccessor` for the VM's service account. That is the job's own
+  account (clouds/gcp/identity.py, made here first if the launch has not yet: the grant needs it)
+  when the store is on GCS, else the configured `gcp.service_account`. Project-level roles aside,
+  nobody else is granted anything on it, so another job's VM cannot read it.
 * `delete`: delete the secret with all its versions; a missing one is fine.
 
 VM side (`fetch`, standard library only, Python 3.9): an access token for the VM's service account
@@ -33,6 +35,14 @@ ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
 SECRETS_SCOPE = "https://www.googleapis.com/auth/cloud-platform"  # the only scope Secret Manager takes
 
 
+class _JobStore:
+    """What `identity.ensure_job_account` reads of a launch's boot record."""
+
+    def __init__(self, job_id: str, store_url: str) -> None:
+        self.job_id = job_id
+        self.store_url = store_url
+
+
 def label_value(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.lower())[:63]
 
@@ -48,11 +58,36 @@ class GCPSecrets:
         self.credentials = credentials
         self.endpoint = endpoint or os.environ.get(EMULATOR_ENV) or None
         self._client: Any = None
+        self.provider: Any = None  # set by from_provider: it can make the job's own account
 
     @classmethod
     def from_provider(cls, provider: Any) -> GCPSecrets:
         project = provider.project  # resolves default credentials when none were given
-        return cls(project, service_account=provider.service_account, credentials=provider._credentials)
+        store = cls(project, service_account=provider.service_account, credentials=provider._credentials)
+        store.provider = provider
+        return store
+
+    def grantee(self, job_id: str, store_url: str = "") -> str:
+        """The account the job's VM runs as, which alone may read its secret: the job's own (made
+        now if absent; idempotent) for a store on GCS, else the configured one."""
+        from spotrun.clouds.gcp import identity
+
+        if self.provider is not None and identity.on_gcs(store_url):
+            from spotrun.clouds.base import AuthError, BadRequest, ProviderError
+
+            boot = _JobStore(job_id, store_url)
+            try:
+                return identity.ensure_job_account(self.provider, boot)
+            except (AuthError, BadRequest) as e:
+                raise SecretsError(f"gcp: making the job's service account: {e}", permanent=True) from None
+            except ProviderError as e:
+                raise SecretsError(f"gcp: making the job's service account: {e}") from None
+        if not self.service_account:
+            raise SecretsError(
+                "gcp: a job with ${VAR} secrets needs gcp.service_account: the VM reads them as that account",
+                permanent=True,
+            )
+        return self.service_account
 
     # -------------------------------------------------------------- controller side
 
@@ -91,12 +126,9 @@ class GCPSecrets:
         except auth_exc.GoogleAuthError as e:  # a 401 the credentials could not refresh past
             raise SecretsError(f"gcp: {what}: credentials rejected ({type(e).__name__})", permanent=True) from None
 
-    def put(self, job_id: str, values: dict[str, str]) -> dict[str, str]:
-        if not self.service_account:
-            raise SecretsError(
-                "gcp: a job with ${VAR} secrets needs gcp.service_account: the VM reads them as that account",
-                permanent=True,
-            )
+    def put(self, job_id: str, values: dict[str, str], *, store_url: str = "", region: str = "") -> dict[str, str]:
+        """Store the values as a new version and grant the job's VM account on the secret."""
+        account = self.grantee(job_id, store_url)
         client, name = self.client(), self.path(job_id)
         secret = {"replication": {"automatic": {}}, "labels": {"spotrun-job": label_value(job_id)}}
         secret_id = name.rsplit("/", 1)[-1]
@@ -107,11 +139,22 @@ class GCPSecrets:
         )
         payload = {"data": encode_values(values).encode()}
         self._call("adding the secret's version", client.add_secret_version, parent=name, payload=payload)
-        policy = {"bindings": [{"role": ACCESSOR_ROLE, "members": [f"serviceAccount:{self.service_account}"]}]}
-        self._call(
-            "granting the VM's service account", client.set_iam_policy, request={"resource": name, "policy": policy}
-        )
+        self._grant(name, account)
         return {"cloud": self.cloud, "name": name}
+
+    def grant(self, job_id: str, *, store_url: str = "", region: str = "") -> dict[str, str]:
+        """(Re)grant the job's VM account on a secret stored by an earlier launch; its reference."""
+        account = self.grantee(job_id, store_url)
+        self._grant(self.path(job_id), account)
+        return {"cloud": self.cloud, "name": self.path(job_id)}
+
+    def _grant(self, name: str, account: str) -> None:
+        policy = {"bindings": [{"role": ACCESSOR_ROLE, "members": [f"serviceAccount:{account}"]}]}
+        self._call(
+            "granting the VM's service account",
+            self.client().set_iam_policy,
+            request={"resource": name, "policy": policy},
+        )
 
     def find(self, job_id: str) -> dict[str, str] | None:
         """The reference to the job's secret if the store holds one (its value is not read)."""
