@@ -311,8 +311,8 @@ def install(boot, store, prefix):
     if sha and os.path.exists(done):
         log(f"the Agent {sha[:16]} is already installed at {home}")
         return src, deps
+    fetch(boot, store, prefix, src)  # verified before anything is written (unpack makes the folders)
     os.makedirs(home, exist_ok=True)
-    fetch(boot, store, prefix, src)
     with open(os.path.join(src, "vm-requirements.json")) as f:
         requirements = json.load(f).get(boot.get("extra") or "", [])
     if requirements:
@@ -466,8 +466,8 @@ def install_controller(boot, store, prefix, python, version):
     if sha and os.path.exists(done):
         log(f"the controller {sha[:16]} is already installed at {home}")
         return src, deps
+    fetch(boot, store, prefix, src)  # verified before anything is written (unpack makes the folders)
     os.makedirs(home, exist_ok=True)
-    fetch(boot, store, prefix, src)
     key = "controller-" + (boot.get("extra") or "")
     with open(os.path.join(src, "vm-requirements.json")) as f:
         requirements = json.load(f).get(key, [])
