@@ -93,6 +93,21 @@ def choose(offer: Offer) -> ImageRow:
     return row
 
 
+def image_for(offer: Offer, configured: str, default: str) -> str:
+    """The image to boot `offer` with: the configured one when the user chose their own (anything
+    but the cloud's `default`), else the offer's row. An excluded offer raises BadRequest with the
+    reason."""
+    from spotrun.clouds.base import BadRequest
+
+    if configured != default:
+        return configured
+    try:
+        row = choose(offer)
+    except ValueError as exc:
+        raise BadRequest(f"{offer.instance_type}: {exc}", code="NoImageForGpu") from None
+    return row.image or default
+
+
 def markdown_table(provider: str) -> str:
     """The cloud's table as docs/providers/<cloud>.md shows it (tests/test_images.py keeps the two
     the same: regenerate with `python -c "from spotrun.clouds.images import markdown_table as t;

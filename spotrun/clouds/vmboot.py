@@ -364,16 +364,19 @@ def start_agent(src, deps, boot_b64):
     env["SPOTRUN_CHECKPOINT_PYTHONPATH"] = src  # what the workload gets: spotrun.checkpoint only
     env["SPOTRUN_BOOT_B64"] = boot_b64
     log(f"starting the Agent: {sys.executable} -m spotrun.agent")
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "spotrun.agent"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    assert agent.stdout is not None
-    for line in iter(agent.stdout.readline, b""):
+    return run_teed([sys.executable, "-m", "spotrun.agent"], env)
+
+
+def run_teed(command, env, cwd=None):
+    """Run `command` until it exits, its output on the console and appended to the boot log."""
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, b""):
         text = line.decode(errors="replace")
         sys.stdout.write(text)
         sys.stdout.flush()
         _append(text)
-    return agent.wait()
+    return proc.wait()
 
 
 def agent_started(store, prefix, boot):
@@ -493,14 +496,7 @@ def start_controller(python, src, deps, boot, boot_b64):
     os.makedirs(work, exist_ok=True)
     command = [python, "-m", "spotrun.control.durable.serve", "--store", boot["store_url"]]
     log("starting the controller host: " + " ".join(command))
-    host = subprocess.Popen(command, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert host.stdout is not None
-    for line in iter(host.stdout.readline, b""):
-        text = line.decode(errors="replace")
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        _append(text)
-    return host.wait()
+    return run_teed(command, env, cwd=work)
 
 
 def controller_main(boot, boot_b64):

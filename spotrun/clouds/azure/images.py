@@ -95,15 +95,7 @@ ROWS: tuple[ImageRow, ...] = (
 
 
 def image_for(offer: Offer, configured: str) -> str:
-    """The image to boot `offer` with: the configured one when the user chose their own (anything
-    but the default), else the offer's row. An excluded offer raises BadRequest with the reason."""
-    from spotrun.clouds.base import BadRequest
-    from spotrun.clouds.images import choose
+    """This cloud's image for `offer` (see spotrun.clouds.images.image_for)."""
+    from spotrun.clouds import images
 
-    if configured != DEFAULT:
-        return configured
-    try:
-        row = choose(offer)
-    except ValueError as exc:
-        raise BadRequest(f"{offer.instance_type}: {exc}", code="NoImageForGpu") from None
-    return row.image or DEFAULT
+    return images.image_for(offer, configured, DEFAULT)
