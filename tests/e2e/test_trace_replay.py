@@ -10,9 +10,11 @@ must break the match: the test can tell policies apart.
 
 The scenario (10-minute ticks): zone A (spot 1.0) is preempted at 30 min, is back at 40 min and
 flaps again at 60 min; zone B (spot 1.001: about A's price, but dearer, so every policy starts in
-A whatever order the planner lists equal zones in) is down only at 30-40 min; zone D (2.5) never
-has capacity. At 30 min both A and B answer "no capacity", so the job waits. At 40 min `spotrun`
-backs off from A, whose capacity just preempted it, and launches in B, where it finishes;
+A whatever order the planner lists equal zones in) is down only at 30-35 min; zone D (2.5) never
+has capacity. At 30 min both A and B answer "no capacity", so the job waits. The simulator next
+looks at 40 min, finds A and B both back, and `spotrun` backs off from A, whose capacity just
+preempted it, and launches in B, where it finishes (the launch, retrying all the time, finds B
+back first, at 35 min: the same decisions, and waiting costs nothing);
 `greedy` and `uniform-progress` relaunch in A (the cheapest) and are preempted again;
 `failover` goes back to A's region first; `on-demand` never touches spot. The policy is re-asked
 every tick of the simulator and every `policy_interval` of the controller while an instance runs.
@@ -50,7 +52,13 @@ TIME_SCALE = 300.0  # one real second is five simulated minutes
 GAP = 600.0  # trace tick: 10 simulated minutes = 2 real seconds
 TICKS = 40
 A_UP = [1, 1, 1, 0, 1, 1] + [0] * (TICKS - 6)  # preempted at 30 min, back at 40, gone at 60
-B_UP = [1, 1, 1, 0] + [1] * (TICKS - 4)
+# Zone B on half ticks: down only at 30-35 min. The simulator, deciding once a tick, sees it down at
+# 30 and up at 40 (with A); the launch, which retries every zone every round, finds it back at 35,
+# before A. Were both back at the same instant, a round that asked B just before 40 min and A just
+# after would launch A: the simulator sees all zones at one instant, the controller asks them one
+# after another (a race of a few milliseconds that CI's loaded machine once lost).
+B_GAP = GAP / 2
+B_UP = [1] * 6 + [0] + [1] * (2 * TICKS - 7)
 A_SPOT, B_SPOT, D_SPOT, ONDEMAND = 1.0, 1.001, 2.5, 4.0
 DEADLINE_H = 3.0
 STEPS = 180
@@ -72,7 +80,7 @@ MARKET = (
     + "    trace: {path: z-a_trace.json}\n"
     + ZONE.format(zone="z-b", od=ONDEMAND)
     + f"    spot_price: {B_SPOT}\n"
-    + f"    trace: {{available: {[bool(x) for x in B_UP]}, gap_seconds: {GAP}}}\n"
+    + f"    trace: {{available: {[bool(x) for x in B_UP]}, gap_seconds: {B_GAP}}}\n"
     + ZONE.format(zone="z-d", od=ONDEMAND)
     + f"    spot_price: {D_SPOT}\n"
     + f"    trace: {{available: {[False] * TICKS}, gap_seconds: {GAP}}}\n"
@@ -102,7 +110,7 @@ def traces(tmp: Path) -> list[ZoneTrace]:
     b = [bool(x) for x in B_UP]
     return [
         a,
-        ZoneTrace(key("z-b"), "inline", GAP, b, prices=[B_SPOT] * TICKS, ondemand_price=ONDEMAND),
+        ZoneTrace(key("z-b"), "inline", B_GAP, b, prices=[B_SPOT] * len(b), ondemand_price=ONDEMAND),
         ZoneTrace(key("z-d"), "inline", GAP, [False] * TICKS, prices=[D_SPOT] * TICKS, ondemand_price=ONDEMAND),
     ]
 
