@@ -220,3 +220,29 @@ def test_twenty_seeded_controller_claims_on_two_machines_one_drives(
     seeds = 20 if make_store().url.startswith("file:") else 6  # the store-level races above run 20 on S3
     for seed in range(seeds):
         _claim_race(make_store, tmp_path, seed)
+
+
+def test_a_busy_owner_keeps_its_lease_through_its_keeper_and_a_stuck_one_loses_it(tmp_path: Path) -> None:
+    """The owner does not check in for several TTLs (a long launch or upload on a loaded machine):
+    its LeaseKeeper renews, so another machine cannot take the job. An owner stuck past
+    `max_stall` gets no renewals: the lease lapses and the other machine takes it; the owner's
+    next renewal says so."""
+    import time
+
+    from spotrun.control.durable.lease import LeaseKeeper
+
+    store = open_store((tmp_path / "s").as_uri())
+    owner = Lease(store, "j", holder=Holder("owner", "host-a", 1), ttl=0.6)
+    assert owner.acquire()
+    keeper = LeaseKeeper(owner, max_stall=2.0).start()
+    other = Lease(open_store(store.url), "j", holder=Holder("other", "host-b", 1), ttl=0.6)
+    end = time.monotonic() + 1.8  # three TTLs without a check-in
+    while time.monotonic() < end:
+        assert not other.acquire()
+        time.sleep(0.1)
+    assert owner.renew(force=True)
+    keeper.beat()
+    time.sleep(2.0 + 0.6 + 0.5)  # stuck past max_stall: renewals stop, then the lease expires
+    assert other.acquire()
+    assert not owner.renew(force=True)
+    keeper.stop()

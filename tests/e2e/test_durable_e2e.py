@@ -182,6 +182,9 @@ def test_detached_job_through_a_preemption_seen_from_another_machine(tmp_path: P
 
 def test_cancel_from_another_machine(tmp_path: Path) -> None:
     world = World(tmp_path)
+    # 20 s of work, not 2: the cancel (a CLI start-up, then the controller's next look at the store)
+    # must land before the job ends, also on a loaded machine
+    world.spec.write_text(world.spec.read_text().replace("--step-time 0.05", "--step-time 0.5"))
     job = world.launch_detached()
     view = world.view(job)
     try:

@@ -5,6 +5,7 @@ job of the store, and deletes itself once idle. The launching machine's processe
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,17 @@ SMALL = """
   - {zone: z-c, region: r-1, instance_type: sim.small, vcpus: 2, memory_gb: 4,
      spot_price: 0.006, ondemand_price: 0.02, interruption_rate: 0.0}
 """
+
+
+def controller_logs(tmp: Path) -> str:
+    """Every controller's and controller host's log under the test's folder (their tails), for a
+    failure message: which process drove what, and why each one stopped."""
+    parts = []
+    for log in sorted(tmp.rglob("*.log")):
+        if log.name.startswith("controller-") or log.name == "host.log":
+            text = log.read_text(errors="replace")[-1500:]
+            parts.append(f"--- {log.relative_to(tmp)}\n{text}")
+    return "\n".join(parts)
 
 
 def test_controller_host_serves_detached_jobs_and_deletes_itself_when_idle(tmp_path: Path) -> None:
@@ -83,6 +95,10 @@ def test_a_dead_controller_host_is_replaced_and_its_job_adopted(tmp_path: Path) 
     view.refresh()
     assert [a.n for a in view.attempts() if a.started_at is not None] == [1]  # adopted, not relaunched
     again = world.launch_detached()  # the dead host's lease is noticed: a new host serves this job
-    assert world.cli("b", "wait", again, "--store", world.store_url).returncode == 0
+    try:
+        waited = world.cli("b", "wait", again, "--store", world.store_url, timeout=150)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"wait did not end: {e.stderr!r}\n{controller_logs(tmp_path)}") from None
+    assert waited.returncode == 0, f"{waited.stderr[-2000:]}\n{controller_logs(tmp_path)}"
     assert len(provider.list_owned(HOST_JOB)) >= 1
     assert _wait(lambda: not any(provider.poll(i).alive for i in provider.list_owned(HOST_JOB)), 30)

@@ -9,6 +9,8 @@ exactly one write win (S3 `If-Match`/`If-None-Match`, GCS generations, Azure ETa
 
 Expiry compares wall clocks of different machines: keep them NTP-synced; the TTL (60 s by default,
 `SPOTRUN_LEASE_TTL`) must exceed the longest skew plus the longest pause between two renewals.
+A `LeaseKeeper` renews from a background thread, so a controller busy in a long launch, upload or
+capacity back-off keeps its lease; only one stuck past `MAX_STALL` (or dead) lets it lapse.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from spotrun.control.durable import control_key
 from spotrun.pids import pid_alive
 
 DEFAULT_TTL = 60.0
+MAX_STALL = 1800.0  # seconds a busy owner keeps its lease without checking in (LeaseKeeper)
 
 
 def lease_ttl() -> float:
@@ -88,6 +92,7 @@ class Lease:
         self.etag: str | None = None
         self.expires_at = 0.0
         self._renewed = 0.0
+        self._lock = threading.RLock()  # the owner's loop and its LeaseKeeper renew the same etag
 
     @property
     def held(self) -> bool:
@@ -101,6 +106,10 @@ class Lease:
 
     def acquire(self) -> bool:
         """Take the lease if nobody live holds it; True when this controller now holds it."""
+        with self._lock:
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         now = self.clock()
         try:
             data, etag = self.store.get_versioned(self.key)
@@ -118,6 +127,10 @@ class Lease:
         """Extend the lease (at most every ttl/3 unless forced). False: another controller took it
         (this one must stop driving the job). A store that fails transiently is tolerated until
         the lease would have expired."""
+        with self._lock:
+            return self._renew(force)
+
+    def _renew(self, force: bool) -> bool:
         if self.etag is None:
             return False
         now = self.clock()
@@ -129,13 +142,14 @@ class Lease:
             return now < self.expires_at
 
     def release(self) -> None:
-        if self.etag is None:
-            return
-        try:
-            self.store.put_versioned(self.key, self._body(self.clock(), 0.0), if_match=self.etag)
-        except StoreError:
-            pass  # taken over, or the store is down: it expires on its own
-        self.etag = None
+        with self._lock:
+            if self.etag is None:
+                return
+            try:
+                self.store.put_versioned(self.key, self._body(self.clock(), 0.0), if_match=self.etag)
+            except StoreError:
+                pass  # taken over, or the store is down: it expires on its own
+            self.etag = None
 
     def _write(self, now: float, *, if_absent: bool = False, if_match: str | None = None) -> bool:
         expires = now + self.ttl
@@ -149,3 +163,36 @@ class Lease:
         self.expires_at = expires
         self._renewed = now
         return True
+
+
+class LeaseKeeper:
+    """Renews a held lease from a daemon thread (at most every ttl/3, at least every 7/12 of the
+    TTL) while its owner checks in (`beat`) at least every `max_stall` seconds. Without it a
+    controller busy for longer than the TTL (a slow launch, a big upload, a capacity back-off, a
+    loaded machine) would look dead, and another machine's `wait` would adopt the job from under
+    it: two controllers displacing each other in turn, neither making progress. A lost renewal
+    (someone else wrote) leaves the lease unheld, which the owner's next `renew` reports."""
+
+    def __init__(self, lease: Lease, *, max_stall: float = MAX_STALL) -> None:
+        self.lease = lease
+        self.max_stall = max_stall
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{lease.job_id}", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        self._beat = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        period = max(0.05, self.lease.ttl / 4)
+        while not self._stop.wait(period):
+            if not self.lease.held or time.monotonic() - self._beat > self.max_stall:
+                return  # lost, released, or its owner is stuck: let it lapse
+            self.lease.renew()

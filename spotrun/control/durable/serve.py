@@ -17,7 +17,7 @@ from pathlib import Path
 
 from spotrun.clouds.store import NotFound, Store, open_store
 from spotrun.control.durable.host import HOST_JOB, HOST_KEY, INSTANCE_KEY, QUEUE, host_info
-from spotrun.control.durable.lease import Holder, Lease, lease_live, read_lease
+from spotrun.control.durable.lease import Holder, Lease, LeaseKeeper, lease_live, read_lease
 from spotrun.control.durable.record import read_record
 from spotrun.control.durable.run import spawn
 from spotrun.control.state import JobStatus
@@ -25,9 +25,26 @@ from spotrun.control.state import JobStatus
 
 def serve(store: Store, lease: Lease, *, idle: float, poll: float, home: Path) -> str:
     """Drive queued jobs until idle; return why it stopped ("idle" or "lease lost")."""
+    keeper = LeaseKeeper(lease).start()  # a slow round (many jobs, a loaded host) keeps the lease
+    try:
+        return _serve_rounds(store, lease, keeper, idle=idle, poll=poll, home=home)
+    finally:
+        keeper.stop()
+
+
+def _serve_rounds(
+    store: Store,
+    lease: Lease,
+    keeper: LeaseKeeper,
+    *,
+    idle: float,
+    poll: float,
+    home: Path,
+) -> str:
     children: dict[str, subprocess.Popen[bytes]] = {}
     idle_since = time.monotonic()
     while True:
+        keeper.beat()
         if not lease.renew():
             return "lease lost"
         active = False

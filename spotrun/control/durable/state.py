@@ -18,7 +18,7 @@ from pathlib import Path
 
 from spotrun.clouds.store import Store, StoreError, open_store
 from spotrun.control.durable import control_key
-from spotrun.control.durable.lease import Holder, Lease
+from spotrun.control.durable.lease import Holder, Lease, LeaseKeeper
 from spotrun.control.durable.record import publish
 from spotrun.control.state import State
 
@@ -33,8 +33,14 @@ class DurableState(State):
         holder: Holder | None = None,
         ttl: float | None = None,
         clock: Callable[[], float] = time.time,
+        keep_alive: bool = False,
     ) -> None:
+        """`keep_alive`: renew each held lease from a background thread too (LeaseKeeper), so a
+        controller busy longer than the TTL keeps its job; the controllers' own processes use it,
+        tests that play with a fake clock do not."""
         super().__init__(path)
+        self._keep_alive = keep_alive
+        self._keepers: dict[str, LeaseKeeper] = {}
         self.holder = holder or Holder.me()
         self._ttl = ttl
         self._clock = clock
@@ -46,7 +52,7 @@ class DurableState(State):
     def open_default(cls) -> DurableState:
         from spotrun.paths import state_db
 
-        return cls(state_db())
+        return cls(state_db(), keep_alive=True)
 
     def store_of(self, job_id: str) -> Store:
         url = self.job(job_id).store_url
@@ -67,6 +73,8 @@ class DurableState(State):
             super().release_controller(job_id, pid)
             return False
         self._leases[job_id] = lease
+        if self._keep_alive:
+            self._keepers[job_id] = LeaseKeeper(lease).start()
         self.publish(job_id)
         return True
 
@@ -76,13 +84,18 @@ class DurableState(State):
         lease = self._leases.get(job_id)
         if lease is None:
             return True
+        keeper = self._keepers.get(job_id)
+        if keeper is not None:
+            keeper.beat()
         if not lease.renew():
             self._leases.pop(job_id, None)
+            self._stop_keeper(job_id)
             return False
         self._pick_up_cancel(job_id, now)
         return True
 
     def release_controller(self, job_id: str, pid: int) -> None:
+        self._stop_keeper(job_id)
         lease = self._leases.pop(job_id, None)
         if lease is not None and lease.held:
             try:
@@ -97,7 +110,17 @@ class DurableState(State):
         if job_id in self._leases:
             self.publish(job_id)
 
+    def close(self) -> None:
+        for job_id in list(self._keepers):
+            self._stop_keeper(job_id)
+        super().close()
+
     # ------------------------------------------------------------------ helpers
+
+    def _stop_keeper(self, job_id: str) -> None:
+        keeper = self._keepers.pop(job_id, None)
+        if keeper is not None:
+            keeper.stop()
 
     def publish(self, job_id: str) -> None:
         lease = self._leases.get(job_id)
