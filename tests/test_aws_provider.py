@@ -20,7 +20,13 @@ from spotrun.catalog.model import Offer
 from spotrun.clock import FakeClock
 from spotrun.clouds.aws.api import AWSApi, translate_error
 from spotrun.clouds.aws.provider import AWSProvider
-from spotrun.clouds.aws.resources import SECURITY_GROUP_NAME, profile_name, store_policy
+from spotrun.clouds.aws.resources import (
+    SECURITY_GROUP_NAME,
+    controller_policy,
+    controller_profile_name,
+    profile_name,
+    store_policy,
+)
 from spotrun.clouds.base import (
     AuthError,
     BadRequest,
@@ -356,6 +362,32 @@ def test_instance_profile_reaches_only_the_job_prefix(provider: AWSProvider, ses
     provider.release_job("job-1")
     assert iam.list_instance_profiles()["InstanceProfiles"] == []
     assert [r for r in iam.list_roles()["Roles"] if r["RoleName"] == name] == []
+
+
+def test_the_controller_host_gets_the_store_wide_controller_role(provider: AWSProvider, session: Any) -> None:
+    """A controller host (boot role "controller") must launch and end its jobs' instances and make
+    their per-job roles: its role is the store's controller role (what the CLI's identity may do,
+    over the whole store), not a job's prefix-only role; one per store, reused by the next host."""
+    host = boot("spotrun-controller", role="controller")
+    inst = provider.launch(offer(), spot=False, boot=host, client_token="t-host")
+    name = controller_profile_name(STORE)
+    assert name.startswith("spotrun-controller-") and inst.details["instance_profile"] == name
+    iam = session.client("iam")
+    policy = iam.get_role_policy(RoleName=name, PolicyName="spotrun-store")["PolicyDocument"]
+    policy = json.loads(policy) if isinstance(policy, str) else policy
+    assert policy == controller_policy(STORE)
+    by_sid = {st["Sid"]: st for st in policy["Statement"]}
+    assert "ec2:RunInstances" in by_sid["Ec2"]["Action"] and "iam:PassRole" in by_sid["JobRoles"]["Action"]
+    assert by_sid["Store"]["Resource"] == f"arn:aws:s3:::{BUCKET}/runs/*"  # every job, the queue, the lease
+    assert by_sid["StoreList"]["Condition"]["StringLike"]["s3:prefix"] == ["runs", "runs/*"]
+    assert "secretsmanager:GetSecretValue" not in json.dumps(policy)  # it never reads a job's secret
+    provider.launch(offer(), spot=False, boot=host, client_token="t-host-2")  # the next host reuses it
+    assert [p["InstanceProfileName"] for p in iam.list_instance_profiles()["InstanceProfiles"]] == [name]
+    other = controller_profile_name("s3://another-bucket/x")
+    assert other != name
+    provider.release_controller(STORE)
+    assert iam.list_instance_profiles()["InstanceProfiles"] == []
+    provider.release_controller(STORE)  # idempotent
 
 
 def test_a_just_created_profile_is_waited_for(provider: AWSProvider, clock: SleepRecorder) -> None:

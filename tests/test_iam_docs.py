@@ -284,3 +284,32 @@ def test_azure_permissions_in_docs_cover_every_call_at_the_right_scope(arm: Fake
     assert missing == [], f"docs/providers/azure.md lacks: {missing}"
     # SKUs are listed per subscription: a role on the resource group does not cover it (#12)
     assert "Microsoft.Compute/skus/read" in on_sub and "Microsoft.Compute/skus/read" not in on_rg
+
+
+def test_aws_controller_host_role_allows_what_the_documented_user_policy_allows() -> None:
+    """The controller host does on its own what `spotrun` does for the user: its role
+    (`controller_policy`) grants, statement by statement, the actions of the user policy in
+    docs/providers/aws.md, and so every call the AWS provider makes."""
+    from spotrun.clouds.aws.resources import controller_policy
+
+    text = (DOCS / "aws.md").read_text()
+    user = json.loads(re.findall(r"```json\n(.*?)```", section(text, "IAM permissions"), re.S)[0])
+    host = controller_policy("s3://bucket/prefix")
+
+    def actions(policy: dict) -> dict[str, set[str]]:  # type: ignore[type-arg]
+        out = {}
+        for st in policy["Statement"]:
+            action = st["Action"]
+            out[st["Sid"]] = {action} if isinstance(action, str) else set(action)
+        return out
+
+    assert actions(host) == actions(user)
+    allowed = [a for acts in actions(host).values() for a in acts]
+    for name, calls in aws_calls().items():
+        for action in calls:
+            service, op = action.split(":")
+            if service == "s3":
+                action = f"s3:{S3_ACTIONS.get(op, op)}"
+            if action == "secretsmanager:GetSecretValue":
+                continue  # the job's own role reads its secret (secrets.py); no controller does
+            assert any(fnmatch.fnmatchcase(action, p) for p in allowed), (name, action)

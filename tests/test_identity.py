@@ -200,3 +200,16 @@ def test_azure_job_identity_cannot_overwrite_another_job_or_agent() -> None:
     assert not azure_identity.allowed(policy, "principal-b", write, agent)
     assert azure_identity.allowed(policy, "principal-b", read, agent)
     assert "StringStartsWith 'runs/jobs/job-a/'" in a[0].condition()
+
+
+def test_the_controller_host_runs_as_the_configured_identity_not_a_store_scoped_one() -> None:
+    """A per-job identity is scoped to the store: the controller host (`controller: cloud`) must
+    launch and delete instances, so it runs as the configured gcp.service_account / azure.identity."""
+    from spotrun.clouds.azure import identity as azure_identity
+    from spotrun.clouds.base import Boot
+    from spotrun.clouds.gcp import identity as gcp_identity
+
+    for store, uses in (("gs://b/p", gcp_identity.uses_job_account), ("az://c/p", azure_identity.uses_job_identity)):
+        job = Boot(job_id="j-1", attempt=1, store_url=store, job_prefix="jobs/j-1")
+        host = Boot(job_id="spotrun-controller", attempt=1, store_url=store, job_prefix="jobs/x", role="controller")
+        assert uses(job) and not uses(host)

@@ -57,13 +57,16 @@ def gc(
         if dry_run
         else [_remove(state, j, keep_files) for j in old]
     )
+    roles = [] if dry_run else release_idle_controller_roles(state)
     if json_out:
-        print_json({"dry_run": dry_run, "removed": removed})
+        print_json({"dry_run": dry_run, "removed": removed, "controller_roles_released": roles})
         return
     verb = "would remove" if dry_run else "removed"
     say_plain(
         f"{verb} {len(removed)} finished job(s)" + (": " + ", ".join(r["job_id"] for r in removed) if removed else "")
     )
+    for url in roles:
+        say_plain(f"deleted the controller-host role of {url} (no host of that store runs)")
 
 
 def _remove(state: State, j: Job, keep_files: bool) -> dict[str, Any]:
@@ -110,3 +113,35 @@ def release_clouds(state: State, j: Job) -> list[str]:
             problems.append(f"{name}: {e}")
             say_plain(f"job {j.id}: releasing what {name} made for it failed: {e}", stderr=True)
     return problems
+
+
+def release_idle_controller_roles(state: State) -> list[str]:
+    """The AWS controller-host role of each S3 store this machine's jobs used (`controller: cloud`,
+    clouds/aws/resources.py `controller_profile_name`), deleted when that store had a host, none is
+    alive now (its lease expired or released) and no job is queued for one: the next host makes
+    it again. A store or cloud that cannot be reached is skipped (the role costs nothing)."""
+    from spotrun.clouds import get_provider
+    from spotrun.clouds.base import ProviderError
+    from spotrun.clouds.store import StoreError, open_store
+    from spotrun.control.durable.host import QUEUE, host_info
+    from spotrun.control.durable.lease import lease_live
+    from spotrun.control.specs import planning_spec, provider_options
+
+    stores: dict[str, Job] = {}
+    for j in state.jobs(None):
+        if j.store_url.startswith("s3://"):
+            stores.setdefault(j.store_url, j)
+    released = []
+    for url, j in sorted(stores.items()):
+        try:
+            store = open_store(url)
+            info = host_info(store)
+            if info is None or lease_live(info, time.time()) or store.list(QUEUE):
+                continue
+            spec = planning_spec(j.spec)
+            get_provider("aws", **provider_options("aws", spec)).release_controller(url)  # type: ignore[attr-defined]
+        except (StoreError, ProviderError, OSError) as e:
+            say_plain(f"the controller-host role of {url}: not checked ({e})", stderr=True)
+            continue
+        released.append(url)
+    return released

@@ -458,6 +458,10 @@ class AWSProvider(Provider):
             owned.extend(self._to_instance(raw, region) for raw in raws)
         return owned
 
+    def release_controller(self, store_url: str) -> None:
+        """Delete the controller-host role of `store_url` (call once no host of that store runs)."""
+        self.resources.release_controller(store_url)
+
     def release_job(self, job_id: str) -> None:
         """Delete what was created for the job alone: its instance profile and role, and the
         cluster placement groups this provider made for its gang (free on AWS, but clutter; a

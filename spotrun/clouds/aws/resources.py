@@ -12,6 +12,11 @@ resources instead of duplicating them.
   inbound rule at all (a rule someone added is revoked); outbound stays open for S3 and pip.
 * instance profile: the configured one, else one role + profile per job, `spotrun-<job>`, whose
   only permissions are the job's prefix of the S3 store (`store_policy`). Deleted by `release_job`.
+  The controller host (`Boot.role == "controller"`) gets one role per store,
+  `spotrun-controller-<hash>`, with what the CLI's own identity needs (`controller_policy`, the
+  policy docs/providers/aws.md tells the user to grant): it launches, watches and ends the jobs'
+  instances and makes their per-job roles. It stays for the store's next host (no cost);
+  `release_controller` deletes it.
 """
 
 from __future__ import annotations
@@ -88,6 +93,110 @@ def _with_secret_read(policy: dict[str, Any], job_id: str) -> dict[str, Any]:
     from spotrun.clouds.aws.secrets import secret_read_statement
 
     return {**policy, "Statement": [*policy["Statement"], secret_read_statement(job_id)]}
+
+
+def controller_policy(store_url: str) -> dict[str, Any]:
+    """The controller host's role: everything the identity that runs `spotrun` needs (the policy
+    in docs/providers/aws.md, which a test compares with this one), with the store scoped to the
+    host's own store (every job's prefix, the host's queue and lease, shared data)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(store_url)
+    bucket, root = parsed.netloc, parsed.path.strip("/")
+    objects = f"arn:aws:s3:::{bucket}/{root}/*" if root else f"arn:aws:s3:::{bucket}/*"
+    listing: dict[str, Any] = {"Sid": "StoreList", "Effect": "Allow", "Action": "s3:ListBucket"}
+    listing["Resource"] = f"arn:aws:s3:::{bucket}"
+    if root:
+        listing["Condition"] = {"StringLike": {"s3:prefix": [root, f"{root}/*"]}}
+    statement = [
+        {"Sid": "Ec2", "Effect": "Allow", "Resource": "*", "Action": [f"ec2:{a}" for a in CONTROLLER_EC2]},
+        {
+            "Sid": "DeepLearningAmi",
+            "Effect": "Allow",
+            "Action": "ssm:GetParameter",
+            "Resource": "arn:aws:ssm:*::parameter/aws/service/deeplearning/*",
+        },
+        {
+            "Sid": "JobRoles",
+            "Effect": "Allow",
+            "Resource": ["arn:aws:iam::*:role/spotrun-*", "arn:aws:iam::*:instance-profile/spotrun-*"],
+            "Action": [f"iam:{a}" for a in CONTROLLER_IAM],
+        },
+        {
+            "Sid": "SpotServiceRole",
+            "Effect": "Allow",
+            "Action": "iam:CreateServiceLinkedRole",
+            "Resource": "arn:aws:iam::*:role/aws-service-role/spot.amazonaws.com/*",
+        },
+        {
+            "Sid": "Store",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"],
+            "Resource": objects,
+        },
+        listing,
+        {
+            "Sid": "Check",
+            "Effect": "Allow",
+            "Resource": "*",
+            "Action": ["sts:GetCallerIdentity", "servicequotas:GetServiceQuota"],
+        },
+        {
+            "Sid": "JobSecrets",
+            "Effect": "Allow",
+            "Resource": "arn:aws:secretsmanager:*:*:secret:spotrun/*",
+            "Action": [f"secretsmanager:{a}" for a in CONTROLLER_SECRETS],
+        },
+    ]
+    return {"Version": "2012-10-17", "Statement": statement}
+
+
+CONTROLLER_EC2 = (
+    "RunInstances",
+    "CreateTags",
+    "TerminateInstances",
+    "DescribeInstances",
+    "DescribeImages",
+    "DescribeVpcs",
+    "DescribeSubnets",
+    "DescribeSecurityGroups",
+    "DescribeRouteTables",
+    "CreateSecurityGroup",
+    "RevokeSecurityGroupIngress",
+    "DescribeSpotPriceHistory",
+    "DescribeRegions",
+    "GetConsoleOutput",
+    "CreatePlacementGroup",
+    "DeletePlacementGroup",
+)
+CONTROLLER_IAM = (
+    "CreateRole",
+    "TagRole",
+    "PutRolePolicy",
+    "DeleteRolePolicy",
+    "DeleteRole",
+    "CreateInstanceProfile",
+    "TagInstanceProfile",
+    "GetInstanceProfile",
+    "AddRoleToInstanceProfile",
+    "RemoveRoleFromInstanceProfile",
+    "DeleteInstanceProfile",
+    "PassRole",
+)
+CONTROLLER_SECRETS = (
+    "CreateSecret",
+    "PutSecretValue",
+    "TagResource",
+    "PutResourcePolicy",
+    "DescribeSecret",
+    "DeleteSecret",
+)
+
+
+def controller_profile_name(store_url: str) -> str:
+    """The controller host's role and instance profile: one per store (a `spotrun-*` name, which
+    the user's own policy lets spotrun create and pass)."""
+    return f"spotrun-controller-{hashlib.sha256(store_url.encode()).hexdigest()[:16]}"
 
 
 EC2_TRUST_POLICY = {
@@ -270,7 +379,14 @@ class LaunchResources:
             return {key: self.instance_profile_name}, False
         if not boot.store_url.startswith("s3://"):
             return None, False
-        name = profile_name(boot.job_id)
+        if boot.role == "controller":
+            name = controller_profile_name(boot.store_url)
+            policy = controller_policy(boot.store_url)
+            what = f"spotrun controller host of {boot.store_url}: launches and ends its jobs' instances"
+        else:
+            name = profile_name(boot.job_id)
+            policy = _with_secret_read(store_policy(boot.store_url, boot.job_prefix), boot.job_id)
+            what = f"spotrun job {boot.job_id}: its own prefix of the store"
         with self._lock:
             if name in self._profiles:
                 return self._profiles[name], False
@@ -288,17 +404,13 @@ class LaunchResources:
                 iam.create_role,
                 RoleName=name,
                 AssumeRolePolicyDocument=json.dumps(EC2_TRUST_POLICY),
-                Description=f"spotrun job {boot.job_id}: its own prefix of the store",
+                Description=what[:1000],
                 Tags=tags,
             )
             self._ignore_exists(iam.create_instance_profile, InstanceProfileName=name, Tags=tags)
             created = True
-        self.api.call(
-            iam.put_role_policy,
-            RoleName=name,
-            PolicyName=ROLE_POLICY_NAME,
-            PolicyDocument=json.dumps(_with_secret_read(store_policy(boot.store_url, boot.job_prefix), boot.job_id)),
-        )
+        document = json.dumps(policy)
+        self.api.call(iam.put_role_policy, RoleName=name, PolicyName=ROLE_POLICY_NAME, PolicyDocument=document)
         if not has_role:
             self._ignore_exists(iam.add_role_to_instance_profile, InstanceProfileName=name, RoleName=name)
         spec = {"Name": name}
@@ -318,8 +430,16 @@ class LaunchResources:
         """Delete the job's role and instance profile (once no instance of the job is left)."""
         if self.instance_profile_name:
             return
+        self._delete_profile(profile_name(job_id))
+
+    def release_controller(self, store_url: str) -> None:
+        """Delete the store's controller-host role and profile (once no host of the store is left)."""
+        if self.instance_profile_name:
+            return
+        self._delete_profile(controller_profile_name(store_url))
+
+    def _delete_profile(self, name: str) -> None:
         iam = self.api.client("iam")
-        name = profile_name(job_id)
         steps = [
             (iam.remove_role_from_instance_profile, {"InstanceProfileName": name, "RoleName": name}),
             (iam.delete_instance_profile, {"InstanceProfileName": name}),

@@ -153,8 +153,11 @@ TAG_SCOPE = "spotrun-scope"
 
 def uses_job_identity(boot: Any) -> bool:
     """Does this launch run its VM as a per-job identity? Only for a store on Blob storage (there
-    is a container to scope); a job with `${VAR}` secrets too (its secret is granted to it)."""
-    return on_blob(boot.store_url)
+    is a container to scope); a job with `${VAR}` secrets too (its secret is granted to it).
+    Never for the controller host (`controller: cloud`): it launches and deletes VMs, which a
+    store-scoped identity cannot; it runs as the configured `azure.identity`, which the user gives
+    the controller's rights (docs/providers/azure.md)."""
+    return on_blob(boot.store_url) and getattr(boot, "role", "") != "controller"
 
 
 def on_blob(store_url: str) -> bool:

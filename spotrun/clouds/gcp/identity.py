@@ -165,8 +165,11 @@ ETAG_TRIES = 5  # read-modify-write of the bucket policy, retried on 412 (anothe
 
 def uses_job_account(boot: Any) -> bool:
     """Does this launch run its VM as a per-job account? Only for a store on GCS (there is a bucket
-    policy to scope); a job with `${VAR}` secrets too (its secret is granted to that account)."""
-    return on_gcs(boot.store_url)
+    policy to scope); a job with `${VAR}` secrets too (its secret is granted to that account).
+    Never for the controller host (`controller: cloud`): it launches and deletes instances, which a
+    store-scoped account cannot; it runs as the configured `gcp.service_account`, which the user
+    gives the controller's rights (docs/providers/gcp.md)."""
+    return on_gcs(boot.store_url) and getattr(boot, "role", "") != "controller"
 
 
 def on_gcs(store_url: str) -> bool:
