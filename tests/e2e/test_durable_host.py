@@ -5,6 +5,7 @@ job of the store, and deletes itself once idle. The launching machine's processe
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import pytest
 from spotrun.clouds.local.provider import LocalProvider
 from spotrun.clouds.store import open_store
 from spotrun.control.durable.host import HOST_JOB, host_info
-from tests.e2e.test_durable_e2e import World, _wait
-from tests.test_faults_kill import MARKET, TOTAL
+from spotrun.control.state import JobStatus
+from tests.e2e.test_durable_e2e import PHASES, Sampler, World, _kill_moment, _reap_controllers, _wait
+from tests.test_faults_kill import MARKET, TOTAL, _fingerprint, reference  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -102,3 +104,54 @@ def test_a_dead_controller_host_is_replaced_and_its_job_adopted(tmp_path: Path) 
     assert waited.returncode == 0, f"{waited.stderr[-2000:]}\n{controller_logs(tmp_path)}"
     assert len(provider.list_owned(HOST_JOB)) >= 1
     assert _wait(lambda: not any(provider.poll(i).alive for i in provider.list_owned(HOST_JOB)), 30)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_controller_host_killed_at_a_seeded_moment_is_replaced_and_the_job_ends_bitwise_right(
+    tmp_path: Path,
+    seed: int,
+    reference: dict[str, str],  # noqa: F811 - the uninterrupted run, from test_faults_kill
+) -> None:
+    """`controller: cloud`: the controller host's instance is deleted (every process on it killed,
+    the job's controller with them) at a seeded moment: while the job launches, runs, gets a
+    preemption notice, is relaunched, or completes. `wait --store` on B notices the job has no
+    live controller and starts one, which adopts the running instance (or relaunches after the
+    preemption). Never two instances or open attempts at once; the outputs and the final
+    checkpoint are bitwise the uninterrupted run's; the workload never runs again once done."""
+    rng = random.Random(1800 + seed)
+    phase = PHASES[seed % len(PHASES)]
+    world = World(tmp_path)
+    (tmp_path / "market.yaml").write_text(MARKET.rstrip() + SMALL)
+    provider = LocalProvider(tmp_path / "market.yaml", root=world.cloud)
+    config = tmp_path / "config.yaml"
+    config.write_text("controller: cloud\n")
+    world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": "2"}
+    job = world.launch_detached()
+    view = world.view(job)
+    sampler = Sampler(world, job)
+    try:
+        reached = _kill_moment(phase, rng, world, view)
+        hosts = provider.list_owned(HOST_JOB)
+        assert len(hosts) == 1, hosts
+        provider.terminate(hosts[0])  # the host and the controllers on it die: no cleanup, no release
+        try:
+            waited = world.cli("b", "wait", job, "--store", world.store_url, "--json", timeout=150)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"{phase}: wait did not end: {e.stderr!r}\n{controller_logs(tmp_path)}") from None
+    finally:
+        sampler.stop()
+        _reap_controllers(world, job)
+    assert waited.returncode == 0, (phase, waited.stderr[-2000:], controller_logs(tmp_path))
+    assert reached or phase == "completion", f"{phase}: the kill point never came"
+    assert (tmp_path / "b" / f"controller-{job}.log").exists()  # B started the replacement
+    view.refresh()
+    assert view.job().status == JobStatus.SUCCEEDED
+    assert _fingerprint(view, job) == reference, phase  # type: ignore[arg-type]
+    assert sampler.max_instances <= 1 and sampler.max_open <= 1, (phase, sampler.max_instances, sampler.max_open)
+    attempts = view.attempts()
+    assert [a.n for a in attempts if a.end_reason == "completed"] == [attempts[-1].n]
+    if phase in ("launch", "run", "completion"):  # no preemption: nothing was launched a second time
+        assert [a.n for a in attempts if a.started_at is not None] == [1], [(a.n, a.end_reason) for a in attempts]
+    logs = "".join(view.store.get_bytes(k).decode() for k in view.store.list(f"jobs/{job}/attempts/") if "/log/" in k)
+    assert logs.count(f"completed {TOTAL}\n") == 1, logs[-3000:]
+    assert provider.list_owned(job) == []
