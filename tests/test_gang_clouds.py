@@ -109,6 +109,21 @@ def test_gcp_gang_nodes_share_one_compact_placement_policy(gce: FakeGCE) -> None
     again = gang.launch(gcp_offer(), spot=True, boot=gcp_boot("train-gang", 2), client_token="tok-gcp2")
     assert len(gang.members(again)) == 2  # the policy made for attempt 1 serves the relaunch (409 taken)
     gang.terminate(again)
+    gang.release_job("train-gang")  # the job's end: its placement policy goes too
+    assert ("us-central1", "spotrun-train-gang") not in gce.policies
+    assert gce.requests_to("DELETE", r"/resourcePolicies/spotrun-train-gang$")
+    gang.release_job("train-gang")  # idempotent: nothing left to delete, no request
+    assert len(gce.requests_to("DELETE", r"/resourcePolicies/")) == 1
+
+
+def test_gcp_placement_policy_still_used_is_kept_and_the_end_does_not_fail(gce: FakeGCE) -> None:
+    """A policy an instance still names cannot be deleted (Compute Engine answers 400
+    resourceInUseByAnotherResource): the job's end logs it and goes on."""
+    provider = make_gcp(gce)
+    placed = provider.gang_placement(gcp_offer(), "busy", 1)
+    provider.launch(gcp_offer(), spot=True, boot=gcp_boot("busy"), client_token="tb", placement=placed)
+    provider.release_job("busy")
+    assert ("us-central1", "spotrun-busy") in gce.policies
 
 
 def test_gcp_fake_refuses_an_unknown_policy_and_a_full_one(gce: FakeGCE) -> None:
@@ -147,6 +162,19 @@ def test_azure_gang_nodes_share_one_proximity_placement_group(arm: FakeARM) -> N
     ids = {vm["properties"]["proximityPlacementGroup"]["id"].lower() for vm in vms}
     assert len(vms) == 2 and len(ids) == 1 and ids.pop().endswith("/proximityplacementgroups/spotrun-train-gang")
     gang.terminate(inst)
+    gang.release_job("train-gang")  # the job's end: its placement group goes too
+    assert not [k for k in arm.resources if k.endswith("/proximityplacementgroups/spotrun-train-gang")]
+    assert len(arm.requests_to("DELETE", r"/proximityPlacementGroups/")) == 1
+    gang.release_job("train-gang")  # idempotent: nothing left to delete, no request
+    assert len(arm.requests_to("DELETE", r"/proximityPlacementGroups/")) == 1
+
+
+def test_azure_placement_group_still_used_is_kept_and_the_end_does_not_fail(arm: FakeARM) -> None:
+    provider = make_azure(arm)
+    placed = provider.gang_placement(az_offer(), "busy", 1)
+    provider.launch(az_offer(), spot=True, boot=az_boot("busy"), client_token="tb", placement=placed)
+    provider.release_job("busy")  # ARM refuses (a VM is in it): logged, the end goes on
+    assert [k for k in arm.resources if k.endswith("/proximityplacementgroups/spotrun-busy")]
 
 
 def test_azure_fake_refuses_a_vm_in_an_unknown_placement_group(arm: FakeARM) -> None:

@@ -13,6 +13,7 @@ authorization error that spotrun may swallow (e.g. the AWS leak sweep's `ec2:Des
 from __future__ import annotations
 
 import ast
+import dataclasses
 import fnmatch
 import json
 import re
@@ -137,7 +138,12 @@ def documented_permissions(page: str) -> set[str]:
     return found
 
 
-GCE_PERMISSIONS = [  # (method, path regex) -> what Compute Engine checks
+GCE_PERMISSIONS = [  # (method, path regex) -> what Compute Engine checks (the first match)
+    # a multi-node gang's compact placement policy (clouds/gcp/provider.py gang_placement)
+    ("POST", r"/resourcePolicies$", ["compute.resourcePolicies.create"]),
+    ("DELETE", r"/resourcePolicies/[^/]+$", ["compute.resourcePolicies.delete"]),
+    ("POST", r"/regions/[^/]+/operations/[^/]+/wait$", ["compute.regionOperations.get"]),
+    ("GET", r"/regions/[^/]+/operations/[^/]+$", ["compute.regionOperations.get"]),
     ("POST", r"/instances$", ["compute.instances.create", "compute.disks.create", "compute.subnetworks.use",
                               "compute.instances.setMetadata", "compute.instances.setLabels",
                               "compute.instances.setServiceAccount", "iam.serviceAccounts.actAs",
@@ -183,6 +189,10 @@ def gcp_calls(gce: FakeGCE) -> set[str]:
     provider.list_owned("iam-job")
     provider.terminate(inst)
     provider.poll(inst)  # gone: was it preempted? (zone operations list)
+    gang_boot = Boot(job_id="iam-job", attempt=2, store_url="gs://b/p", job_prefix="jobs/iam-job")
+    placed = provider.gang_placement(offer, "iam-job", 1)  # a multi-node job's placement policy
+    node = provider.launch(offer, spot=True, boot=gang_boot, client_token="iam-gang", placement=placed)
+    provider.terminate(node)
     from spotrun.clouds.gcp.identity import leftover_accounts
 
     leftover_accounts(provider)  # what `spotrun gc` sweeps
@@ -271,6 +281,10 @@ def test_azure_permissions_in_docs_cover_every_call_at_the_right_scope(arm: Fake
     provider.poll(inst)
     provider.list_owned("iam-job")
     provider.terminate(inst)
+    placed = provider.gang_placement(offer, "iam-job", 1)  # a multi-node job's proximity placement group
+    second = dataclasses.replace(boot, attempt=2)
+    node = provider.launch(offer, spot=True, boot=second, client_token="g", placement=placed)
+    provider.terminate(node)
     from spotrun.clouds.azure.identity import leftover_identities
 
     leftover_identities(provider)  # what `spotrun gc` sweeps

@@ -627,6 +627,19 @@ class FakeARM(RestFake):
                 return _error(400, "NicInUse", f"Network Interface {resource['id']} is used by a virtual machine")
             if resource["_kind"] == "pip" and azure_network.attached_nic(self, rid):
                 return _error(400, "PublicIPAddressCannotBeDeleted", f"Public IP address {resource['id']} is in use")
+            if resource["_kind"] == "ppg":  # a plain (not long-running) delete: 200, refused while VMs use it
+                users = [
+                    r["name"]
+                    for r in self.resources.values()
+                    if r.get("_kind") == "vm"
+                    and str((r["properties"].get("proximityPlacementGroup") or {}).get("id", "")).lower() == rid
+                ]
+                if users:
+                    return _error(
+                        409, "OperationNotAllowed", f"Proximity placement group {resource['id']} is in use by {users}"
+                    )
+                self.resources.pop(rid, None)
+                return Response(200)
             if resource["_kind"] == "vm":
                 resource["properties"]["provisioningState"] = "Deleting"
                 headers = self._start_op(

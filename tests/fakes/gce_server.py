@@ -256,6 +256,7 @@ class FakeGCE(RestFake):
         R = P + r"/regions/(?P<region>[^/]+)"  # noqa: N806
         r("POST", R + r"/resourcePolicies", self._policy_insert)
         r("GET", R + r"/resourcePolicies/(?P<name>[^/]+)", self._policy_get)
+        r("DELETE", R + r"/resourcePolicies/(?P<name>[^/]+)", self._policy_delete)
         r("GET", R + r"/operations/(?P<op>[^/]+)", self._region_op)
         r("POST", R + r"/operations/(?P<op>[^/]+)/wait", self._region_op)
         r("GET", r"/_metadata/(?P<name>[^/]+)/computeMetadata/v1/instance/(?P<key>[a-z-]+)", self._metadata)
@@ -383,6 +384,35 @@ class FakeGCE(RestFake):
         if policy is None:
             return _error(404, "notFound", f"The resource 'resourcePolicies/{req.params['name']}' was not found")
         return Response(200, policy)
+
+    def _policy_delete(self, req: Request) -> Response:
+        """As Compute Engine: 404 for an unknown policy, 400 `resourceInUseByAnotherResource` while
+        an instance still names it (a deleted instance frees it once its delete is done)."""
+        denied = self._guard(req)
+        if denied:
+            return denied
+        region, name = req.params["region"], req.params["name"]
+        with self.lock:
+            policy = self.policies.get((region, name))
+            if policy is None:
+                return _error(404, "notFound", f"The resource 'resourcePolicies/{name}' was not found")
+            users = [
+                i["name"]
+                for i in self.instances.values()
+                if any(str(p).endswith(f"/resourcePolicies/{name}") for p in i.get("resourcePolicies", []))
+            ]
+            if users:
+                return _error(
+                    400,
+                    "resourceInUseByAnotherResource",
+                    f"The resource_policy resource '{policy['selfLink']}' is already being used by '{users[0]}'",
+                )
+            del self.policies[(region, name)]
+            op = self._new_op(region, "delete", {"name": name}, status="DONE")
+            op.pop("zone", None)
+            op.update(region=self._link("regions", region), targetLink=policy["selfLink"])
+            self.region_operations[(region, op["name"])] = op
+            return Response(200, self._public(op))
 
     def _region_op(self, req: Request) -> Response:
         denied = self._guard(req)

@@ -29,6 +29,7 @@ import base64
 import dataclasses
 import functools
 import json
+import logging
 import os
 import re
 import threading
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = DEFAULT  # Ubuntu HPC: NVIDIA driver, CUDA, Python (the image table: clouds/azure/images.py)
 DEFAULT_IMDS = "http://169.254.169.254"
@@ -262,6 +264,7 @@ class AzureProvider(Provider):
         self._networks: dict[str, tuple[str, str]] = {}  # location -> (subnet id, nsg id)
         self._skus: dict[str, dict[str, dict[str, Any]]] = {}  # location -> size -> sku
         self._job_identities: dict[str, str] = {}  # job id -> its managed identity (made this run)
+        self._placements: set[str] = set()  # proximity placement groups made for gangs this run
         self._terminated: set[str] = set()  # VM names this provider deleted (vs. evicted)
 
     # -------------------------------------------------------------- clients
@@ -334,7 +337,7 @@ class AzureProvider(Provider):
     def gang_placement(self, offer: Offer, job_id: str, nodes: int) -> dict[str, str]:
         """A proximity placement group for a multi-node job's nodes (one per job and location; PUT is
         idempotent), named in each node's VM body."""
-        name = f"spotrun-{job_id}"[:80]
+        name = self._placement_name(job_id)
         body: dict[str, Any] = {
             "location": offer.region,
             "tags": {TAG_JOB: job_id},
@@ -346,6 +349,8 @@ class AzureProvider(Provider):
         group = self._call(
             lambda: self.compute.proximity_placement_groups.create_or_update(self.resource_group, name, body)
         )
+        with self._lock:
+            self._placements.add(name)
         return {"proximity_placement_group": str(_wire(group)["id"])}
 
     def launch(
@@ -464,7 +469,24 @@ class AzureProvider(Provider):
 
         with self._lock:
             self._job_identities.pop(job_id, None)
+            placement = self._placement_name(job_id)
+            made = placement in self._placements
+            self._placements.discard(placement)
         identity.release_job_identity(self, job_id)
+        if made:
+            self._delete_placement(placement)
+
+    @staticmethod
+    def _placement_name(job_id: str) -> str:
+        return f"spotrun-{job_id}"[:80]
+
+    def _delete_placement(self, name: str) -> None:
+        """A gang's proximity placement group, deleted once its VMs are (free, but clutter; one a
+        restarted controller did not make itself is left, as on AWS). Never fails the job's end."""
+        try:
+            self._call(lambda: self.compute.proximity_placement_groups.delete(self.resource_group, name))
+        except ProviderError as e:
+            log.warning("cannot delete proximity placement group %s: %s", name, e)
 
     @staticmethod
     def _tags(boot: Boot, token: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ is always read.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 import uuid
@@ -54,6 +55,8 @@ from spotrun.clouds.base import (
 from spotrun.clouds.egress import add_missing
 from spotrun.clouds.gcp.images import DEFAULT, image_for
 from spotrun.clouds.gcp.network import egress_missing, ensure_deny_ingress, shape_nic
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from spotrun.catalog.model import Offer
@@ -216,6 +219,7 @@ class GCPProvider(Provider):
         self._lock = threading.Lock()
         self._accelerators: dict[tuple[str, str], bool] = {}
         self._job_accounts: dict[str, str] = {}  # job id -> its service account (made this run)
+        self._placements: set[tuple[str, str]] = set()  # (region, policy name) made for gangs this run
         self._failed_inserts: dict[str, int] = {}  # client token -> inserts that failed (fresh request ids)
 
     # -------------------------------------------------------------- clients
@@ -292,7 +296,7 @@ class GCPProvider(Provider):
         from google.cloud import compute_v1
 
         region = offer.region
-        name = f"spotrun-{label_value(job_id)}"[:63].rstrip("-")
+        name = self._placement_name(job_id)
         policy = compute_v1.ResourcePolicy(
             name=name,
             group_placement_policy=compute_v1.ResourcePolicyGroupPlacementPolicy(
@@ -309,7 +313,13 @@ class GCPProvider(Provider):
         except ProviderError as e:
             if not isinstance(e.__cause__, gexc.Conflict):  # already there: made for an earlier attempt
                 raise
+        with self._lock:
+            self._placements.add((region, name))
         return {"resource_policy": f"projects/{self.project}/regions/{region}/resourcePolicies/{name}"}
+
+    @staticmethod
+    def _placement_name(job_id: str) -> str:
+        return f"spotrun-{label_value(job_id)}"[:63].rstrip("-")
 
     def launch(
         self, offer: Offer, *, spot: bool, boot: Boot, client_token: str, placement: dict[str, str] | None = None
@@ -462,7 +472,26 @@ class GCPProvider(Provider):
 
         with self._lock:
             self._job_accounts.pop(job_id, None)
+            name = self._placement_name(job_id)
+            placements = sorted(p for p in self._placements if p[1] == name)
+            self._placements.difference_update(placements)
         identity.release_job_account(self, job_id)
+        for region, policy in placements:
+            self._delete_placement(region, policy)
+
+    def _delete_placement(self, region: str, name: str) -> None:
+        """A gang's compact placement policy, deleted once its nodes are (free, but clutter; one a
+        restarted controller did not make itself is left, as on AWS). Never fails the job's end."""
+        from google.api_core import exceptions as gexc
+
+        policies = self._client("resource_policies")
+        try:
+            op = self._call(lambda: policies.delete(project=self.project, region=region, resource_policy=name))
+            ops = self._client("region_operations")
+            self._call(lambda: ops.wait(project=self.project, region=region, operation=op.name, timeout=150))
+        except ProviderError as e:
+            if not isinstance(e.__cause__, gexc.NotFound):
+                log.warning("cannot delete placement policy %s in %s: %s", name, region, e)
 
     def _require_accelerator(self, zone: str, accelerator: str) -> None:
         """An accelerator the zone does not have is a bad offer, not a capacity problem."""
