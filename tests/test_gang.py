@@ -155,6 +155,13 @@ def test_rendezvous_address_and_notice_go_through_the_store(tmp_path: Path) -> N
     line = n1.env(endpoint)["SPOTRUN_TORCHRUN"]
     assert "--nnodes 2" in line and "--node-rank 1" in line and "--rdzv-backend c10d" in line
     assert f"--rdzv-endpoint {endpoint}" in line and "is_host=0" in line
+    assert line.split()[1:3] == ["-m", "torch.distributed.run"]  # on the VM: its own interpreter
+    inside = n1.env(endpoint, in_container=True)  # in the job's image: the image's own torchrun
+    assert inside["SPOTRUN_TORCHRUN"].split()[0] == "torchrun" and "--node-rank 1" in inside["SPOTRUN_TORCHRUN"]
+    assert inside["MASTER_ADDR"] == endpoint.rpartition(":")[0]
+    # a gang's container shares the VM's network (the rendezvous port and the collective's own)
+    assert Gang.container_args([]) == ["--network", "host"]
+    assert Gang.container_args(["--network=mynet"]) == [] and Gang.container_args(["--net", "x"]) == []
     assert n0.read_notice(interval=0) is None
     n1.post_notice(30.0, "preempted")
     left, reason = n0.read_notice(interval=0)  # type: ignore[misc]

@@ -103,27 +103,37 @@ class Gang:
             raise GangError(f"{key} is malformed")
         raise GangError(f"node 0 did not publish its rendezvous address within {ENDPOINT_WAIT:.0f}s")
 
-    def torchrun(self, endpoint: str) -> str:
-        """The torchrun command line (module form: works where only `python` is on PATH)."""
+    def torchrun(self, endpoint: str, *, in_container: bool = False) -> str:
+        """The torchrun command line: module form on the VM (works where only `python` is on PATH);
+        in a container the image's own `torchrun` (the VM's interpreter path means nothing there)."""
+        launcher = ["torchrun"] if in_container else [self.python, "-m", "torch.distributed.run"]
         args = [
-            self.python, "-m", "torch.distributed.run",
+            *launcher,
             "--nnodes", str(self.nodes), "--nproc-per-node", str(self.nproc),
             "--node-rank", str(self.rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
             "--rdzv-id", f"{self.job_id}-{self.attempt}", "--rdzv-conf", f"is_host={int(self.rank == 0)}",
         ]  # fmt: skip
         return " ".join(shlex.quote(a) for a in args)
 
-    def env(self, endpoint: str) -> dict[str, str]:
+    def env(self, endpoint: str, *, in_container: bool = False) -> dict[str, str]:
         host, _, port = endpoint.rpartition(":")
         return {
             NODE_RANK: str(self.rank),
             NUM_NODES: str(self.nodes),
             NPROC: str(self.nproc),
             "SPOTRUN_RDZV_ENDPOINT": endpoint,
-            "SPOTRUN_TORCHRUN": self.torchrun(endpoint),
+            "SPOTRUN_TORCHRUN": self.torchrun(endpoint, in_container=in_container),
             "MASTER_ADDR": host,
             "MASTER_PORT": port,
         }
+
+    @staticmethod
+    def container_args(extra_args: list[str]) -> list[str]:
+        """A gang's container shares the VM's network (`--network host`): node 0's rendezvous port
+        and the collective's connections are on the VM's own address, which the other nodes were
+        given. Unless the job chose a network itself (`container_args`)."""
+        chosen = any(a in ("--network", "--net") or a.startswith(("--network=", "--net=")) for a in extra_args)
+        return [] if chosen else ["--network", "host"]
 
     @staticmethod
     def command(run: str) -> str:

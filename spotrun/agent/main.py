@@ -258,15 +258,15 @@ class Agent:
     def _start(self) -> Workload:
         job = self.job
         assert job is not None
+        run, gang_env = job.run, {}
+        if self.gang is not None:  # node 0's rendezvous address, through the store
+            endpoint = self.gang.endpoint(self._check_notice, self.clock.sleep)
+            self.log.note(f"gang node {self.gang.rank}/{self.gang.nodes}: rendezvous at {endpoint}")
+            gang_env = self.gang.env(endpoint, in_container=bool(job.image))
+            run = self.gang.command(run)
         if not job.image:
-            env, run = self._env(False), job.run
-            if self.gang is not None:  # node 0's rendezvous address, through the store
-                endpoint = self.gang.endpoint(self._check_notice, self.clock.sleep)
-                self.log.note(f"gang node {self.gang.rank}/{self.gang.nodes}: rendezvous at {endpoint}")
-                env.update(self.gang.env(endpoint))
-                run = self.gang.command(run)
             self.phase = "setup" if job.setup else "running"
-            return ProcessWorkload(self.paths, job.setup, run, env)
+            return ProcessWorkload(self.paths, job.setup, run, {**self._env(False), **gang_env})
         cli = container_cli(job.container_cli, {**os.environ, **self.boot.env})
         gpus = self._expected_gpus() or None
         try:
@@ -281,13 +281,15 @@ class Agent:
             raise AgentFailure("image", f"image {job.image}: {type(e).__name__}: {e}") from e
         self._check_notice()
         extra = list(job.container_args)
+        if self.gang is not None:
+            extra = self.gang.container_args(extra) + extra
         for item in job.data:
             if item.target.startswith("/"):
                 extra += ["-v", f"{self._data_host_path(job, item.target)}:{item.target}"]
         self.phase = "setup" if job.setup else "running"
         self.log.note(f"starting container {job.image} with {' '.join(cli)}")
         return ContainerWorkload(
-            self.paths, job.setup, job.run, self._env(True),
+            self.paths, job.setup, run, {**self._env(True), **gang_env},
             image=job.image, cli=cli, name=container_name(self.boot.job_id, self.boot.attempt),
             checkpoint_dir=job.checkpoint_dir, extra_args=extra, gpus=gpus,
         )  # fmt: skip
