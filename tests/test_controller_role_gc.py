@@ -39,9 +39,9 @@ def _roles() -> list[str]:
 @pytest.mark.parametrize("host", ["gone", "alive", "queued"])
 def test_gc_deletes_the_controller_role_of_a_store_whose_host_is_gone(
     host: str,
-    aws: MotoServer,
+    aws: MotoServer,  # noqa: F811
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("SPOTRUN_HOME", str(tmp_path / "home"))
     session = fast_session(REGION)
