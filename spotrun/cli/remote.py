@@ -113,6 +113,7 @@ class Adopter:
 def wait(store_url: str, job_id: str, timeout: float | None, json_out: bool) -> None:
     patience = CONTROLLER_GONE_GRACE if timeout is None else min(timeout, CONTROLLER_GONE_GRACE)
     view = _view(store_url, job_id, json_out, patience=patience)
+    job_id = view.job_id  # the id a unique prefix (or name) stood for
     adopter = Adopter(store_url, job_id, json_out)
     start = time.monotonic()
     while True:
@@ -135,6 +136,7 @@ def logs(store_url: str, job_id: str, *, follow: bool, attempt: int | None, json
     from spotrun.cli.logs import LogReader
 
     view = _view(store_url, job_id, json_out, patience=CONTROLLER_GONE_GRACE if follow else 0.0)
+    job_id = view.job_id
     reader = LogReader(view, job_id, only_attempt=attempt, store=view.store)  # type: ignore[arg-type]
     if json_out:
         from spotrun.cli.jobs import _json_chunks
@@ -158,6 +160,7 @@ def logs(store_url: str, job_id: str, *, follow: bool, attempt: int | None, json
 def cancel_one(store_url: str, job_id: str, wait_s: float, json_out: bool) -> dict[str, Any]:
     """Write the cancel request; the job's controller acts on it (one is started here if none)."""
     view = _view(store_url, job_id, json_out)
+    job_id = view.job_id
     if view.job().status.terminal:
         return {"job_id": job_id, "status": view.job().status.value, "note": "already ended"}
     view.request_cancel()

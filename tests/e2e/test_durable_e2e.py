@@ -171,6 +171,8 @@ def test_detached_job_through_a_preemption_seen_from_another_machine(tmp_path: P
     row = json.loads(status.stdout)
     assert (row["status"], row["preemptions"], row["attempts"], row["exit_code"]) == ("SUCCEEDED", 1, 2, 0)
     assert row["lease"]["holder"] is None  # released at the end
+    short = world.cli("b", "status", job[:-2], "--store", world.store_url, "--json")  # a unique prefix
+    assert short.returncode == 0 and json.loads(short.stdout)["status"] == "SUCCEEDED", short.stderr
     logs = world.cli("b", "logs", job, "--store", world.store_url)
     assert logs.returncode == 0, logs.stderr
     assert logs.stdout.count("==> attempt ") == 2 and f"completed {TOTAL}\n" in logs.stdout

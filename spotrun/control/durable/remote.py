@@ -19,10 +19,30 @@ class NoRecord(KeyError):
     pass
 
 
+def resolve_job_id(store: Store, ref: str) -> str:
+    """The job `ref` names in the store: its id, or a unique id prefix (ids begin with the job's
+    name, so a name works while it is unique). NoRecord when none matches, or with the candidates
+    when several do."""
+    from spotrun.control.durable.record import record_key
+
+    if not ref or "/" in ref:
+        raise NoRecord(f"no job {ref!r} recorded in {store.url}")
+    if store.exists(record_key(ref)):
+        return ref
+    suffix = "/" + record_key("x").split("/", 2)[2]  # "/control/record.json"
+    ids = sorted({k.split("/")[1] for k in store.list(f"jobs/{ref}") if k.endswith(suffix)})
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise NoRecord(f"no job {ref!r} recorded in {store.url}")
+    listed = ", ".join(ids[:10]) + (" …" if len(ids) > 10 else "")
+    raise NoRecord(f"{ref!r} matches {len(ids)} jobs in {store.url} ({listed}); give the job id")
+
+
 class StoreView:
     def __init__(self, store_url: str | Store, job_id: str, *, max_age: float = 0.2) -> None:
         self.store = open_store(store_url) if isinstance(store_url, str) else store_url
-        self.job_id = job_id
+        self.job_id = resolve_job_id(self.store, job_id)
         self.max_age = max_age
         self._read_at = -1.0
         self._parsed: tuple[Job, list[Attempt], list[Event]] | None = None
