@@ -178,7 +178,11 @@ def cancel_one(store_url: str, job_id: str, wait_s: float, json_out: bool) -> di
 # ---------------------------------------------------------------------------- controller: cloud
 
 
-def controller_mode() -> str:
+def controller_mode(spec: Any = None) -> str:
+    """Where detached jobs are driven: the spec's `controller`, else the config file's, else local."""
+    chosen = getattr(spec, "controller", None)
+    if chosen:
+        return str(chosen)
     from spotrun.cli.defaults import ConfigError, load_config
 
     try:
@@ -190,7 +194,9 @@ def controller_mode() -> str:
 def hand_to_controller_host(state: Any, job_id: str, json_out: bool) -> dict[str, Any] | None:
     """`controller: cloud`: record and queue the job in its store, and make sure a controller host
     serves that store (launching one if none). None under `controller: local`."""
-    if controller_mode() != "cloud":
+    from spotrun.control.specs import planning_spec
+
+    if controller_mode(planning_spec(state.job(job_id).spec)) != "cloud":
         return None
     from spotrun.clouds import get_provider
     from spotrun.clouds.base import ProviderError
@@ -235,7 +241,7 @@ def driven_elsewhere(job: Any) -> bool:
 def controller_host_estimate(spec: Any, offers: list[Any]) -> dict[str, Any] | None:
     """Under `controller: cloud`, what the controller host adds to a job: its offer, its price,
     and the job's share (the job's hours, when the spec gives them, plus the idle tail)."""
-    if controller_mode() != "cloud":
+    if controller_mode(spec) != "cloud":
         return None
     from spotrun.control.durable.host import host_cloud, host_offers, idle_limit, pick_offer
     from spotrun.control.specs import allowed_providers

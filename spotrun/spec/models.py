@@ -518,6 +518,9 @@ class JobSpec(_Model):
     deadline: Seconds | None = None
     workload: WorkloadHint | None = None
     store: str | None = None
+    # where `launch --detach` hands the job: this machine, or the store's controller host (issue 16);
+    # None: the config file's `controller` (default local)
+    controller: Literal["local", "cloud"] | None = None
     local: LocalOptions | None = None
     aws: AWSOptions | None = None
     gcp: GCPOptions | None = None
