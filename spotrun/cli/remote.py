@@ -216,7 +216,7 @@ def hand_to_controller_host(state: Any, job_id: str, json_out: bool) -> dict[str
         publish(state, store, job_id)
         enqueue(store, job_id)
         info = ensure_host(store, provider, offers=host_offers(cloud, job_offers, provider))
-    except (NotImplementedError, ValueError, ProviderError) as e:
+    except (ValueError, ProviderError) as e:
         store.delete(f"controller/jobs/{job_id}")
         why = f"controller: cloud: {e}"
         state.set_job_status(job_id, JobStatus.FAILED, time.time(), reason=why, exit_code=EXIT_BAD_INPUT)
