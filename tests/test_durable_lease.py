@@ -246,3 +246,38 @@ def test_a_busy_owner_keeps_its_lease_through_its_keeper_and_a_stuck_one_loses_i
     assert other.acquire()
     assert not owner.renew(force=True)
     keeper.stop()
+
+
+def test_a_replaced_controller_cannot_overwrite_its_successors_record(tmp_path: Path) -> None:
+    """Controller B is frozen past its lease; C takes the job over and writes the record. When B
+    wakes and changes the job, its record write finds the record changed (If-Match on the etag B
+    last wrote): B writes nothing and stops (ControllerBusy); C's record stands."""
+    from spotrun.control.durable.record import record_key
+    from spotrun.control.durable.state import DurableState
+    from spotrun.control.outcome import ControllerBusy
+
+    clock = Clock()
+    url = (tmp_path / "store").as_uri()
+    store = open_store(url)
+    states = {}
+    for machine in ("b", "c"):
+        state = DurableState(tmp_path / f"{machine}.db", holder=Holder(machine, machine, 1), ttl=9, clock=clock)
+        state.create_job("j", "fence", {}, url, clock.now, None)
+        states[machine] = state
+    b, c = states["b"], states["c"]
+    assert b.claim_controller("j", 11, clock.now, stale_after=30)
+    b.add_event("j", clock.now, "note", "b drives")
+    clock.now += 10  # B is frozen: its lease expires
+    assert c.claim_controller("j", 12, clock.now, stale_after=30)
+    c.add_event("j", clock.now, "note", "c drives")
+    after_c = store.get_bytes(record_key("j"))
+    with pytest.raises(ControllerBusy, match="another controller has written its record"):
+        b.add_event("j", clock.now, "note", "b wakes up and acts")
+    assert store.get_bytes(record_key("j")) == after_c  # nothing of B's reached the store
+    b.release_controller("j", 11)  # no error, no write, and C keeps its lease
+    assert store.get_bytes(record_key("j")) == after_c
+    assert read_lease(store, "j")["holder"] == "c"  # type: ignore[index]
+    c.add_event("j", clock.now, "note", "c goes on")  # C's own writes still pass its fence
+    assert b"c goes on" in store.get_bytes(record_key("j"))
+    for state in states.values():
+        state.close()

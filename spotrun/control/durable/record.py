@@ -34,8 +34,12 @@ def snapshot(state: State, job_id: str) -> dict[str, Any]:
     }
 
 
+def encode(state: State, job_id: str) -> bytes:
+    return json.dumps(snapshot(state, job_id), default=str).encode()
+
+
 def publish(state: State, store: Store, job_id: str) -> None:
-    store.put_bytes(record_key(job_id), json.dumps(snapshot(state, job_id), default=str).encode())
+    store.put_bytes(record_key(job_id), encode(state, job_id))
 
 
 def read_record(store: Store, job_id: str) -> dict[str, Any] | None:

@@ -8,6 +8,10 @@ Everything is in the hooks State already has, so no part of the controller chang
   controller stop) and picks up a cancel request written to the store by another machine;
 - `after_commit` writes the job's record after every transaction that changed it, while this
   controller holds the lease: the store is written before the controller acts, as SQLite is.
+  Each write is fenced: it must find the record as this controller last left it (If-Match on the
+  etag it read at its claim, then on each one it wrote). A controller that was frozen past its
+  lease and replaced finds the record changed, writes nothing and stops (ControllerBusy) instead of
+  overwriting its successor's record with a stale one.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from spotrun.clouds.store import Store, StoreError, open_store
+from spotrun.clouds.store import NotFound, PreconditionFailed, Store, StoreError, open_store
 from spotrun.control.durable import control_key
 from spotrun.control.durable.lease import Holder, Lease, LeaseKeeper
-from spotrun.control.durable.record import publish
+from spotrun.control.durable.record import encode, record_key
 from spotrun.control.state import State
 
 CANCEL_CHECK_EVERY = 5.0  # seconds between looks for a remote cancel request (one GET each)
@@ -41,6 +45,7 @@ class DurableState(State):
         super().__init__(path)
         self._keep_alive = keep_alive
         self._keepers: dict[str, LeaseKeeper] = {}
+        self._record_etags: dict[str, str | None] = {}  # the record as this controller last saw it
         self.holder = holder or Holder.me()
         self._ttl = ttl
         self._clock = clock
@@ -73,6 +78,13 @@ class DurableState(State):
             super().release_controller(job_id, pid)
             return False
         self._leases[job_id] = lease
+        try:
+            self._record_etags[job_id] = self._record_etag(lease.store, job_id)
+        except StoreError:
+            self._leases.pop(job_id, None)
+            lease.release()
+            super().release_controller(job_id, pid)
+            raise
         if self._keep_alive:
             self._keepers[job_id] = LeaseKeeper(lease).start()
         self.publish(job_id)
@@ -98,10 +110,14 @@ class DurableState(State):
         self._stop_keeper(job_id)
         lease = self._leases.pop(job_id, None)
         if lease is not None and lease.held:
+            from spotrun.control.outcome import ControllerBusy
+
             try:
                 self._publish_retrying(lease.store, job_id)
             except StoreError:
                 pass  # the record stays behind: whoever reads it next adopts the job and republishes
+            except ControllerBusy:
+                pass  # another controller has the job (and its lease): nothing of ours to write
             finally:
                 lease.release()
         super().release_controller(job_id, pid)
@@ -127,16 +143,58 @@ class DurableState(State):
         if lease is not None and lease.held:
             self._publish_retrying(lease.store, job_id)
 
+    @staticmethod
+    def _record_etag(store: Store, job_id: str) -> str | None:
+        try:
+            return store.get_versioned(record_key(job_id))[1]
+        except NotFound:
+            return None
+
     def _publish_retrying(self, store: Store, job_id: str) -> None:
         """A store hiccup is retried for a few seconds; past that the error stops the controller
-        (its record must not fall behind what it does: another machine would act on a stale one)."""
-        for delay in (0.2, 0.5, 1.0, 2.0):
+        (its record must not fall behind what it does: another machine would act on a stale one).
+        A record someone else wrote since this controller's last write stops it (ControllerBusy)."""
+        from spotrun.control.outcome import ControllerBusy
+
+        data = encode(self, job_id)
+        for delay in (0.2, 0.5, 1.0, 2.0, None):
             try:
-                publish(self, store, job_id)
+                self._write_fenced(store, job_id, data)
                 return
+            except PreconditionFailed:
+                self._lose(job_id)
+                raise ControllerBusy(
+                    f"job {job_id}: another controller has written its record since this one last did; this one stops"
+                ) from None
             except StoreError:
+                if delay is None:
+                    raise
                 time.sleep(delay)
-        publish(self, store, job_id)
+
+    def _write_fenced(self, store: Store, job_id: str, data: bytes) -> None:
+        key = record_key(job_id)
+        etag = self._record_etags.get(job_id)
+        try:
+            if etag:
+                new = store.put_versioned(key, data, if_match=etag)
+            else:
+                new = store.put_versioned(key, data, if_absent=True)
+        except PreconditionFailed:
+            # a write of ours that landed although its answer was lost (then retried) is ours: go on
+            try:
+                current, current_etag = store.get_versioned(key)
+            except NotFound:
+                raise PreconditionFailed(f"{key} was deleted") from None
+            if current != data:
+                raise
+            new = current_etag
+        self._record_etags[job_id] = new
+
+    def _lose(self, job_id: str) -> None:
+        """Another controller drives the job: let go of everything without writing anything."""
+        self._stop_keeper(job_id)
+        self._leases.pop(job_id, None)
+        self._record_etags.pop(job_id, None)
 
     def _pick_up_cancel(self, job_id: str, now: float) -> None:
         wall = self._clock()
