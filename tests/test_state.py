@@ -88,6 +88,17 @@ def test_find_job_by_prefix_and_name(tmp_path):
         state.find_job("nope")
 
 
+def _until_exec_done(pid: int) -> None:
+    """Popen returns once exec has begun, but /proc/<pid>/cmdline stays empty until the kernel has
+    laid out the new program's arguments; pid_alive reads an empty one as "ours, mid-exec"."""
+    import time
+    from pathlib import Path
+
+    end = time.monotonic() + 10
+    while not Path(f"/proc/{pid}/cmdline").read_bytes() and time.monotonic() < end:
+        time.sleep(0.001)
+
+
 def test_controller_claim_excludes_a_second_live_controller(tmp_path):
     import os
     import subprocess
@@ -102,6 +113,7 @@ def test_controller_claim_excludes_a_second_live_controller(tmp_path):
     assert state.job("j1").controller_pid is None
 
     other = subprocess.Popen(["sleep", "30"])  # a live process that is not spotrun: a reused pid
+    _until_exec_done(other.pid)
     try:
         assert state.claim_controller("j1", other.pid, 200.0, stale_after=10)
         assert not state.claim_controller("j1", 1, 205.0, stale_after=10)  # fresh: kept
