@@ -143,5 +143,8 @@ def release_idle_controller_roles(state: State) -> list[str]:
         except (StoreError, ProviderError, OSError) as e:
             say_plain(f"the controller-host role of {url}: not checked ({e})", stderr=True)
             continue
+        except Exception as e:  # noqa: BLE001 - an optional clean-up (a free role) never fails gc
+            say_plain(f"the controller-host role of {url}: not checked ({type(e).__name__}: {e})", stderr=True)
+            continue
         released.append(url)
     return released
