@@ -18,8 +18,8 @@ from spotrun.spec import JobSpec, SpecError, SpecIssue, closest_match, load_spec
 
 HEAD = "name: demo\nrun: python train.py\n"  # a valid minimum; cases below add lines 3+
 TOP_KEYS = (
-    "aws, azure, budget, checkpoint, data, deadline, env, gcp, image, labels, local, name, recovery, resources, run, "
-    "setup, store, workdir, workload"
+    "aws, azure, budget, checkpoint, controller, data, deadline, env, gcp, image, labels, local, name, recovery, "
+    "resources, run, setup, store, workdir, workload"
 )
 RESOURCE_KEYS = "cpus, disk, gpu, max_price, memory, nodes, providers, regions, spot, zones"
 GPUS = ", ".join(sorted(GPU_NAMES))

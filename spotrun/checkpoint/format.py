@@ -313,13 +313,25 @@ def commit(temp: Path, root: Path, step: int) -> Path:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint so that no crash midway leaves it looking complete: manifest first."""
+    """Delete a checkpoint so that no crash midway leaves a step-named folder that is not whole:
+    renamed to a temp name first (atomic), then deleted; a crash in between leaves a stale temp
+    folder, which the next `prune` removes. Where the rename fails (another file system's rules),
+    the manifest goes first, so what is left at least never looks complete."""
+    trash = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        (path / MANIFEST_NAME).unlink()
-        fsync_dir(path)
+        os.rename(path, trash)
     except FileNotFoundError:
-        pass
-    remove_tree(path)
+        return
+    except OSError:
+        try:
+            (path / MANIFEST_NAME).unlink()
+            fsync_dir(path)
+        except FileNotFoundError:
+            pass
+        remove_tree(path)
+        return
+    fsync_dir(path.parent)
+    remove_tree(trash)
 
 
 def remove_tree(path: Path) -> None:
