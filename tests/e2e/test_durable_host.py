@@ -14,9 +14,16 @@ import pytest
 from spotrun.clouds.local.provider import LocalProvider
 from spotrun.clouds.store import open_store
 from spotrun.control.durable.host import HOST_JOB, host_info
-from spotrun.control.state import JobStatus
-from tests.e2e.test_durable_e2e import PHASES, Sampler, World, _kill_moment, _reap_controllers, _wait
-from tests.test_faults_kill import MARKET, TOTAL, _fingerprint, reference  # noqa: F401  (fixture)
+from tests.e2e.test_durable_e2e import (
+    PHASES,
+    Sampler,
+    World,
+    _kill_moment,
+    _reap_controllers,
+    _wait,
+    check_adopted_run,
+)
+from tests.test_faults_kill import MARKET, TOTAL, reference  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +31,17 @@ SMALL = """
   - {zone: z-c, region: r-1, instance_type: sim.small, vcpus: 2, memory_gb: 4,
      spot_price: 0.006, ondemand_price: 0.02, interruption_rate: 0.0}
 """
+
+
+def cloud_world(tmp: Path, *, idle: str) -> tuple[World, LocalProvider]:
+    """Machines around one store under `controller: cloud` (A launches), whose local market has a
+    small CPU offer for the controller host, which deletes itself after `idle` seconds idle."""
+    world = World(tmp)
+    (tmp / "market.yaml").write_text(MARKET.rstrip() + SMALL)
+    config = tmp / "config.yaml"
+    config.write_text("controller: cloud\n")
+    world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": idle}
+    return world, LocalProvider(tmp / "market.yaml", root=world.cloud)
 
 
 def controller_logs(tmp: Path) -> str:
@@ -38,12 +56,7 @@ def controller_logs(tmp: Path) -> str:
 
 
 def test_controller_host_serves_detached_jobs_and_deletes_itself_when_idle(tmp_path: Path) -> None:
-    world = World(tmp_path)
-    (tmp_path / "market.yaml").write_text(MARKET.rstrip() + SMALL)
-    provider = LocalProvider(tmp_path / "market.yaml", root=world.cloud)
-    config = tmp_path / "config.yaml"
-    config.write_text("controller: cloud\n")
-    world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": "3"}
+    world, provider = cloud_world(tmp_path, idle="3")
 
     planned = world.cli("a", "plan", str(world.spec), "--json")
     assert planned.returncode == 0, planned.stderr
@@ -80,12 +93,7 @@ def test_controller_host_serves_detached_jobs_and_deletes_itself_when_idle(tmp_p
 def test_a_dead_controller_host_is_replaced_and_its_job_adopted(tmp_path: Path) -> None:
     """The host's instance is deleted mid-job (every process on it killed): `wait --store` on B
     notices and adopts the job's running instance; the next detached launch starts a new host."""
-    world = World(tmp_path)
-    (tmp_path / "market.yaml").write_text(MARKET.rstrip() + SMALL)
-    provider = LocalProvider(tmp_path / "market.yaml", root=world.cloud)
-    config = tmp_path / "config.yaml"
-    config.write_text("controller: cloud\n")
-    world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": "2"}
+    world, provider = cloud_world(tmp_path, idle="2")
     job = world.launch_detached()
     view = world.view(job)
     assert _wait(lambda: world.progress(view) >= 5)
@@ -120,12 +128,7 @@ def test_controller_host_killed_at_a_seeded_moment_is_replaced_and_the_job_ends_
     checkpoint are bitwise the uninterrupted run's; the workload never runs again once done."""
     rng = random.Random(1800 + seed)
     phase = PHASES[seed % len(PHASES)]
-    world = World(tmp_path)
-    (tmp_path / "market.yaml").write_text(MARKET.rstrip() + SMALL)
-    provider = LocalProvider(tmp_path / "market.yaml", root=world.cloud)
-    config = tmp_path / "config.yaml"
-    config.write_text("controller: cloud\n")
-    world.extra_env["a"] = {"SPOTRUN_CONFIG": str(config), "SPOTRUN_CONTROLLER_IDLE": "2"}
+    world, provider = cloud_world(tmp_path, idle="2")
     job = world.launch_detached()
     view = world.view(job)
     sampler = Sampler(world, job)
@@ -143,15 +146,4 @@ def test_controller_host_killed_at_a_seeded_moment_is_replaced_and_the_job_ends_
         _reap_controllers(world, job)
     assert waited.returncode == 0, (phase, waited.stderr[-2000:], controller_logs(tmp_path))
     assert reached or phase == "completion", f"{phase}: the kill point never came"
-    assert (tmp_path / "b" / f"controller-{job}.log").exists()  # B started the replacement
-    view.refresh()
-    assert view.job().status == JobStatus.SUCCEEDED
-    assert _fingerprint(view, job) == reference, phase  # type: ignore[arg-type]
-    assert sampler.max_instances <= 1 and sampler.max_open <= 1, (phase, sampler.max_instances, sampler.max_open)
-    attempts = view.attempts()
-    assert [a.n for a in attempts if a.end_reason == "completed"] == [attempts[-1].n]
-    if phase in ("launch", "run", "completion"):  # no preemption: nothing was launched a second time
-        assert [a.n for a in attempts if a.started_at is not None] == [1], [(a.n, a.end_reason) for a in attempts]
-    logs = "".join(view.store.get_bytes(k).decode() for k in view.store.list(f"jobs/{job}/attempts/") if "/log/" in k)
-    assert logs.count(f"completed {TOTAL}\n") == 1, logs[-3000:]
-    assert provider.list_owned(job) == []
+    check_adopted_run(world, view, phase, sampler, reference)
