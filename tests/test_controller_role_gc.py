@@ -1,7 +1,8 @@
 """`spotrun gc` deletes the AWS controller-host role of a store whose host is gone (issue 16): the
 role (`spotrun-controller-<hash>`, one per store, clouds/aws/resources.py) outlives its host so
 the next host reuses it, and costs nothing, but nothing else would ever delete it. A store whose
-host still holds its lease, or has jobs queued for one, keeps its role."""
+host still holds its lease, or has jobs queued for one, or whose host ran elsewhere than on AWS,
+keeps its role (and gc makes no AWS call for it)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ from tests.test_aws_provider import offer
 REGION = "us-east-1"
 
 
-def _host_lease(store_url: str, *, alive: bool) -> None:
+def _host_lease(store_url: str, *, alive: bool, provider: str = "aws") -> None:
     expires = time.time() + (600 if alive else 0)
-    body = {"holder": "h1" if alive else None, "host": "vm-1", "pid": 7, "expires_at": expires}
+    # as ensure_host writes it: the host's offer with the lease
+    body = {"provider": provider, "holder": "h1" if alive else None, "host": "vm-1", "pid": 7, "expires_at": expires}
     open_store(store_url).put_bytes(HOST_KEY, json.dumps(body).encode())
 
 
@@ -36,7 +38,7 @@ def _roles() -> list[str]:
     return sorted(p["InstanceProfileName"] for p in iam.list_instance_profiles()["InstanceProfiles"])
 
 
-@pytest.mark.parametrize("host", ["gone", "alive", "queued"])
+@pytest.mark.parametrize("host", ["gone", "alive", "queued", "local"])
 def test_gc_deletes_the_controller_role_of_a_store_whose_host_is_gone(
     host: str,
     aws: MotoServer,  # noqa: F811
@@ -51,7 +53,7 @@ def test_gc_deletes_the_controller_role_of_a_store_whose_host_is_gone(
     boot = Boot(job_id="spotrun-controller", attempt=1, store_url=store_url, job_prefix="jobs/x", role="controller")
     provider.launch(offer(), spot=False, boot=boot, client_token="host-1")
     assert _roles() == [controller_profile_name(store_url)]
-    _host_lease(store_url, alive=host == "alive")
+    _host_lease(store_url, alive=host == "alive", provider="local" if host == "local" else "aws")
     if host == "queued":
         enqueue(open_store(store_url), "waiting-1")
     state = State.open_default()

@@ -117,12 +117,11 @@ def release_clouds(state: State, j: Job) -> list[str]:
 
 def release_idle_controller_roles(state: State) -> list[str]:
     """The AWS controller-host role of each S3 store this machine's jobs used (`controller: cloud`,
-    clouds/aws/resources.py `controller_profile_name`), deleted when that store had a host, none is
-    alive now (its lease expired or released) and no job is queued for one: the next host makes
-    it again. A store or cloud that cannot be reached is skipped (the role costs nothing)."""
+    clouds/aws/resources.py `controller_profile_name`), deleted when that store had a host on AWS,
+    none is alive now (its lease expired or released) and no job is queued for one: the next host
+    makes it again. A store or cloud that cannot be reached is skipped (the role costs nothing)."""
     from spotrun.clouds import get_provider
-    from spotrun.clouds.base import ProviderError
-    from spotrun.clouds.store import StoreError, open_store
+    from spotrun.clouds.store import open_store
     from spotrun.control.durable.host import QUEUE, host_info
     from spotrun.control.durable.lease import lease_live
     from spotrun.control.specs import planning_spec, provider_options
@@ -136,13 +135,10 @@ def release_idle_controller_roles(state: State) -> list[str]:
         try:
             store = open_store(url)
             info = host_info(store)
-            if info is None or lease_live(info, time.time()) or store.list(QUEUE):
+            if info is None or info.get("provider") != "aws" or lease_live(info, time.time()) or store.list(QUEUE):
                 continue
             spec = planning_spec(j.spec)
             get_provider("aws", **provider_options("aws", spec)).release_controller(url)  # type: ignore[attr-defined]
-        except (StoreError, ProviderError, OSError) as e:
-            say_plain(f"the controller-host role of {url}: not checked ({e})", stderr=True)
-            continue
         except Exception as e:  # noqa: BLE001 - an optional clean-up (a free role) never fails gc
             say_plain(f"the controller-host role of {url}: not checked ({type(e).__name__}: {e})", stderr=True)
             continue

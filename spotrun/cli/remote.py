@@ -196,19 +196,19 @@ def hand_to_controller_host(state: Any, job_id: str, json_out: bool) -> dict[str
     serves that store (launching one if none). None under `controller: local`."""
     from spotrun.control.specs import planning_spec
 
-    if controller_mode(planning_spec(state.job(job_id).spec)) != "cloud":
+    job = state.job(job_id)
+    spec = planning_spec(job.spec)
+    if controller_mode(spec) != "cloud":
         return None
     from spotrun.clouds import get_provider
     from spotrun.clouds.base import ProviderError
     from spotrun.clouds.store import open_store
     from spotrun.control.durable.host import enqueue, ensure_host, host_cloud, host_cost, host_offers, job_cloud_offers
     from spotrun.control.durable.record import publish
-    from spotrun.control.specs import allowed_providers, planning_spec, provider_options
+    from spotrun.control.specs import allowed_providers, provider_options
     from spotrun.control.state import JobStatus
 
-    job = state.job(job_id)
     store = open_store(job.store_url)
-    spec = planning_spec(job.spec)
     try:
         cloud = host_cloud(allowed_providers(spec))
         provider = get_provider(cloud, **provider_options(cloud, spec))

@@ -369,11 +369,7 @@ class FakeGCE(RestFake):
             policy = {**body, "kind": "compute#resourcePolicy", "region": self._link("regions", region)}
             policy.update(selfLink=self._link("regions", region, "resourcePolicies", name), status="READY")
             self.policies[(region, name)] = policy
-            op = self._new_op(region, "insert", {"name": name}, status="DONE")
-            op.pop("zone", None)
-            op.update(region=self._link("regions", region), targetLink=policy["selfLink"])
-            self.region_operations[(region, op["name"])] = op
-            return Response(200, self._public(op))
+            return Response(200, self._public(self._region_op_done(region, "insert", name, policy["selfLink"])))
 
     def _policy_get(self, req: Request) -> Response:
         denied = self._guard(req)
@@ -408,11 +404,15 @@ class FakeGCE(RestFake):
                     f"The resource_policy resource '{policy['selfLink']}' is already being used by '{users[0]}'",
                 )
             del self.policies[(region, name)]
-            op = self._new_op(region, "delete", {"name": name}, status="DONE")
-            op.pop("zone", None)
-            op.update(region=self._link("regions", region), targetLink=policy["selfLink"])
-            self.region_operations[(region, op["name"])] = op
-            return Response(200, self._public(op))
+            return Response(200, self._public(self._region_op_done(region, "delete", name, policy["selfLink"])))
+
+    def _region_op_done(self, region: str, kind: str, name: str, target: str) -> dict[str, Any]:
+        """A region operation that is already DONE (a placement policy's insert or delete)."""
+        op = self._new_op(region, kind, {"name": name}, status="DONE")
+        op.pop("zone", None)
+        op.update(region=self._link("regions", region), targetLink=target)
+        self.region_operations[(region, op["name"])] = op
+        return op
 
     def _region_op(self, req: Request) -> Response:
         denied = self._guard(req)

@@ -308,8 +308,7 @@ class GCPProvider(Provider):
             op = self._call(
                 lambda: policies.insert(project=self.project, region=region, resource_policy_resource=policy)
             )
-            ops = self._client("region_operations")
-            self._call(lambda: ops.wait(project=self.project, region=region, operation=op.name, timeout=150))
+            self._wait_region(region, op.name)
         except ProviderError as e:
             if not isinstance(e.__cause__, gexc.Conflict):  # already there: made for an earlier attempt
                 raise
@@ -487,8 +486,7 @@ class GCPProvider(Provider):
         policies = self._client("resource_policies")
         try:
             op = self._call(lambda: policies.delete(project=self.project, region=region, resource_policy=name))
-            ops = self._client("region_operations")
-            self._call(lambda: ops.wait(project=self.project, region=region, operation=op.name, timeout=150))
+            self._wait_region(region, op.name)
         except ProviderError as e:
             if not isinstance(e.__cause__, gexc.NotFound):
                 log.warning("cannot delete placement policy %s in %s: %s", name, region, e)
@@ -505,6 +503,11 @@ class GCPProvider(Provider):
                 self._accelerators[key] = False
         if not self._accelerators[key]:
             raise BadRequest(f"accelerator {accelerator} is not offered in {zone}", code="acceleratorType")
+
+    def _wait_region(self, region: str, operation: str) -> None:
+        """Wait for a region operation (a placement policy's insert or delete)."""
+        ops = self._client("region_operations")
+        self._call(lambda: ops.wait(project=self.project, region=region, operation=operation, timeout=150))
 
     def _wait(self, zone: str, operation: str) -> Any:
         """Poll a zone operation until DONE with our own client (same endpoint, same credentials)."""

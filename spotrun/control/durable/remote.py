@@ -29,8 +29,7 @@ def resolve_job_id(store: Store, ref: str) -> str:
         raise NoRecord(f"no job {ref!r} recorded in {store.url}")
     if store.exists(record_key(ref)):
         return ref
-    suffix = "/" + record_key("x").split("/", 2)[2]  # "/control/record.json"
-    ids = sorted({k.split("/")[1] for k in store.list(f"jobs/{ref}") if k.endswith(suffix)})
+    ids = sorted({k.split("/")[1] for k in store.list(f"jobs/{ref}") if k == record_key(k.split("/")[1])})
     if len(ids) == 1:
         return ids[0]
     if not ids:

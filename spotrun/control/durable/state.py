@@ -24,6 +24,7 @@ from spotrun.clouds.store import NotFound, PreconditionFailed, Store, StoreError
 from spotrun.control.durable import control_key
 from spotrun.control.durable.lease import Holder, Lease, LeaseKeeper
 from spotrun.control.durable.record import encode, record_key
+from spotrun.control.outcome import ControllerBusy
 from spotrun.control.state import State
 
 CANCEL_CHECK_EVERY = 5.0  # seconds between looks for a remote cancel request (one GET each)
@@ -100,8 +101,7 @@ class DurableState(State):
         if keeper is not None:
             keeper.beat()
         if not lease.renew():
-            self._leases.pop(job_id, None)
-            self._stop_keeper(job_id)
+            self._lose(job_id)
             return False
         self._pick_up_cancel(job_id, now)
         return True
@@ -110,8 +110,6 @@ class DurableState(State):
         self._stop_keeper(job_id)
         lease = self._leases.pop(job_id, None)
         if lease is not None and lease.held:
-            from spotrun.control.outcome import ControllerBusy
-
             try:
                 self._publish_retrying(lease.store, job_id)
             except StoreError:
@@ -120,6 +118,7 @@ class DurableState(State):
                 pass  # another controller has the job (and its lease): nothing of ours to write
             finally:
                 lease.release()
+        self._record_etags.pop(job_id, None)
         super().release_controller(job_id, pid)
 
     def after_commit(self, job_id: str) -> None:
@@ -154,8 +153,6 @@ class DurableState(State):
         """A store hiccup is retried for a few seconds; past that the error stops the controller
         (its record must not fall behind what it does: another machine would act on a stale one).
         A record someone else wrote since this controller's last write stops it (ControllerBusy)."""
-        from spotrun.control.outcome import ControllerBusy
-
         data = encode(self, job_id)
         for delay in (0.2, 0.5, 1.0, 2.0, None):
             try:
