@@ -156,8 +156,9 @@ def test_a_torn_checkpoint_is_never_loaded_and_restore_falls_back(tmp_path: Path
 
 
 def test_restore_starts_fresh_when_nothing_is_complete(tmp_path: Path) -> None:
-    for path in saved(tmp_path, [1, 2]):
-        _flip_a_byte(path)
+    first, second = saved(tmp_path, [1, 2])
+    _drop_manifest(first)  # a save that died before its commit
+    _truncate(second)
     (tmp_path / "000000000003").mkdir()  # an empty step folder
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     model, opt, sched = small_setup()
@@ -166,6 +167,18 @@ def test_restore_starts_fresh_when_nothing_is_complete(tmp_path: Path) -> None:
     assert state_hash(model) == before
     assert latest_checkpoint(tmp_path / "missing") is None and complete_checkpoints(tmp_path / "missing") == []
     assert not verify_checkpoint(tmp_path / "notes.txt") and not verify_checkpoint(tmp_path / "nope")
+
+
+def test_a_corrupt_checkpoint_read_into_the_model_with_nothing_older_to_load_stops_restore(tmp_path: Path) -> None:
+    """Restore reads straight into the live tensors; a flipped bit shows only once they are partly
+    overwritten. With an older checkpoint that loads, it falls back (test above); with none, starting
+    fresh from half-overwritten weights would be a silent mismatch, so restore refuses and says why."""
+    for path in saved(tmp_path, [1, 2]):
+        _flip_a_byte(path)
+    model, opt, sched = small_setup()
+    with pytest.raises(CheckpointError, match=r"000000000002 is corrupt .*partly read into the live model"):
+        Checkpointer(model=model, optimizer=opt, root=tmp_path, handle_signals=False).restore()
+    assert Checkpointer(root=tmp_path, state={"n": 0}, handle_signals=False).restore() == 0  # nothing live: fresh
 
 
 def test_keep_n_deletes_the_oldest_and_superseded_torn_folders(tmp_path: Path) -> None:
@@ -664,9 +677,9 @@ def test_background_writers_run_at_a_lower_priority(tmp_path: Path, monkeypatch)
     seen: list[tuple[str, int]] = []
     real = checkpoint_io._write_shard
 
-    def spy(path, snap, start, end):
+    def spy(path, snap, start, end, *rest):
         seen.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
-        return real(path, snap, start, end)
+        return real(path, snap, start, end, *rest)
 
     monkeypatch.setattr(checkpoint_io, "_write_shard", spy)
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
@@ -734,9 +747,11 @@ def test_an_epoch_left_part_way_and_a_checkpoint_both_resume_exactly(workers: in
     assert got == expected
 
 
-def test_restore_reads_big_tensors_into_per_object_buffers_and_still_checks_every_byte(tmp_path: Path) -> None:
-    """Tensors of 1 MiB and more come back as views of their object's read buffer, small ones (RNG states)
-    own their storage; a flipped byte deep in a big shard is still caught while reading."""
+def test_restore_reads_into_the_live_tensors_and_still_checks_every_byte(tmp_path: Path) -> None:
+    """Saved tensors with a live twin (same place in the tree, dtype and shape) are read straight into
+    it: no new memory, nothing for load_state_dict to copy. The rest (here: a state value that is
+    not a state_dict object) get their own storage. A flipped byte deep in a big shard is still
+    caught while reading, and restore falls back."""
     torch.manual_seed(3)
     model = torch.nn.Linear(700, 701)
     opt = torch.optim.AdamW(model.parameters())
@@ -748,24 +763,30 @@ def test_restore_reads_big_tensors_into_per_object_buffers_and_still_checks_ever
     ck.save(2)
     model2 = torch.nn.Linear(700, 701)
     opt2 = torch.optim.AdamW(model2.parameters())
+    model2(torch.randn(4, 700)).sum().backward()
+    opt2.step()  # the optimizer has its moments already (a restore in the same process)
+    weight, moment = model2.weight.data_ptr(), opt2.state_dict()["state"][0]["exp_avg"].data_ptr()
     back = Checkpointer(model=model2, optimizer=opt2, root=tmp_path, state={"tensors": None}, handle_signals=False)
     assert back.restore() == 2
     assert state_hash(model2) == state_hash(model)
     got = back.state["tensors"]
     assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in state.items())
-    assert got["big"].untyped_storage().nbytes() > got["big"].numel() * 4  # a view of the group's buffer
     assert got["odd"].untyped_storage().nbytes() == 1001 * 8  # its own storage
-    moment = opt2.state_dict()["state"][0]["exp_avg"]
-    assert torch.equal(moment, opt.state_dict()["state"][0]["exp_avg"])
-    assert moment.untyped_storage().nbytes() < 3 * 700 * 701 * 4  # the optimizer's buffer, not the model's
+    restored = opt2.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(restored, opt.state_dict()["state"][0]["exp_avg"])
+    assert model2.weight.data_ptr() == weight and restored.data_ptr() == moment  # read in place
+    fresh = torch.optim.AdamW(torch.nn.Linear(700, 701).parameters())  # no moments yet: they get memory
+    assert Checkpointer(optimizer=fresh, root=tmp_path, state={"tensors": None}, handle_signals=False).restore() == 2
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     shard = tmp_path / step_dirname(2) / "tensors-0000.bin"
     with open(shard, "r+b") as f:
         f.seek(2 << 20)
         byte = f.read(1)
         f.seek(2 << 20)
         f.write(bytes([byte[0] ^ 1]))
-    again = Checkpointer(root=tmp_path, state={"tensors": None}, handle_signals=False)
+    again = Checkpointer(model=model2, root=tmp_path, state={"tensors": None}, handle_signals=False)
     assert again.restore() == 1 and again.restored_from == tmp_path / step_dirname(1)
+    assert state_hash(model2) == state_hash(model)  # step 1's weights equal step 2's here: whole again
 
 
 def test_format_1_checkpoints_with_sha256_still_load_and_are_still_checked(tmp_path: Path) -> None:
@@ -793,7 +814,8 @@ def test_format_1_checkpoints_with_sha256_still_load_and_are_still_checked(tmp_p
         f.seek(12345)
         f.write(bytes([byte[0] ^ 0x80]))
     assert not verify_checkpoint(path)
-    assert Checkpointer(model=torch.nn.Linear(600, 500), root=tmp_path, handle_signals=False).restore() == 0
+    with pytest.raises(CheckpointError, match="corrupt"):  # caught, though read into the model on the way
+        Checkpointer(model=torch.nn.Linear(600, 500), root=tmp_path, handle_signals=False).restore()
 
 
 def test_chunk_crc_digest_does_not_depend_on_how_the_bytes_are_fed(tmp_path: Path) -> None:

@@ -47,7 +47,10 @@ from save to save; `close()` frees it.
 On disk (see checkpoint_format): `<root>/<%012d step>/` with `MANIFEST.json` written last; root is
 `SPOTRUN_CHECKPOINT_DIR`, else `./checkpoints`. `restore()` loads the newest checkpoint whose
 bytes match its manifest's digests (checked as they are read: one pass) and falls back to older
-ones; the last `keep` are kept. This module imports no torch until a Checkpointer is used, so the
+ones; the last `keep` are kept. It reads tensors straight into the model's and optimizer's own
+(CPU) tensors where dtype and shape match, so it allocates and copies nothing for them; if a
+checkpoint read that way turns out corrupt and no older one loads, it raises CheckpointError
+rather than start fresh from half-overwritten weights. This module imports no torch until a Checkpointer is used, so the
 Agent can use `verify_checkpoint`, `complete_checkpoints`, `latest_checkpoint` and
 `MANIFEST_NAME` freely.
 """
@@ -253,20 +256,31 @@ def _check_state(state: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(state)
 
 
-def _read_newest(root: Path) -> tuple[Path, dict[str, Any]] | None:
+def _read_newest(root: Path, into: Any = None) -> tuple[Path, dict[str, Any]] | None:
     """Read the newest checkpoint whose bytes match its manifest (checked while reading: one
-    pass); fall back to older ones past torn or corrupt ones."""
+    pass); fall back to older ones past torn or corrupt ones. `into`: the live tree to read
+    tensors straight into (`read_state`); if a corrupt checkpoint was partly read into it and no
+    older one loads, CheckpointError (the live state is no longer what the script built)."""
     from spotrun.checkpoint.format import step_dirs_newest_first
     from spotrun.checkpoint.io import TornCheckpointError, read_state
 
+    touched: Path | None = None
     for path in step_dirs_newest_first(root):
         if not verify_checkpoint(path, deep=False):
             log.warning("skipping torn checkpoint %s (manifest or sizes wrong)", path)
             continue
         try:
-            return path, read_state(path, read_manifest(path))
+            return path, read_state(path, read_manifest(path), into=into)
         except (TornCheckpointError, OSError, EOFError) as e:
             log.warning("skipping corrupt checkpoint %s: %s", path, e)
+            if getattr(e, "touched", False):
+                touched = touched or path
+    if touched is not None:
+        raise CheckpointError(
+            f"{touched} is corrupt (its bytes differ from its manifest), was partly read into the live "
+            "model/optimizer before that showed, and no older checkpoint loads: not starting fresh from "
+            "half-overwritten state. Move the corrupt checkpoint away to start from scratch."
+        )
     return None
 
 
@@ -347,7 +361,9 @@ class Checkpointer:
         (0 when there is none). Torn checkpoints are skipped."""
         from spotrun.checkpoint.data import restore_rng
 
-        found = _read_newest(self.root)
+        live = {name: obj.state_dict() for name, obj in self.objects.items()}
+        live["state"] = {name: value.state_dict() for name, value in self.state.items() if _stateful(value)}
+        found = _read_newest(self.root, into=live)
         if found is None:
             log.info("no checkpoint under %s: starting fresh", self.root)
             return 0

@@ -10,16 +10,19 @@ pickled with small references in place of the tensors (`state.pkl`).
 * A periodic save copies every tensor into one reusable, page-aligned CPU buffer (pinned when
   tensors live on CUDA) and returns; a background thread writes from it (`Stager`).
 * Writing (`write_snapshot`): shards are written by a few threads at once with O_DIRECT (no page
-  cache copy, no writeback storm) in 8 MiB chunks, each chunk hashed (CRC-32, for the manifest)
-  just before it is written; live tensors go through a small page-aligned bounce buffer. Where
-  O_DIRECT is refused (tmpfs, some network file systems) the writes are buffered and their
-  writeback started early. A periodic save is written by BACKGROUND_THREADS threads a few nice
-  steps below training (not nice 19: on a busy machine that starved them, 0.03x the disk's speed).
-* Reading (`read_state`) is one pass: each shard is read once (O_DIRECT when possible) straight
-  into one page-aligned buffer the tensors are views of, and hashed as it is read; a digest that
-  differs from the manifest's raises `TornCheckpointError` before anything is returned.
-  Unpickling uses an allow-list of plain types: a checkpoint cannot make the loader run arbitrary
-  code.
+  cache copy, no writeback storm) in 8 MiB chunks; each chunk's CRC-32 (for the manifest) is
+  computed on a hasher pool while the chunk is written, so the disk never waits for the hash;
+  live tensors go through a small page-aligned bounce buffer. Where O_DIRECT is refused (tmpfs,
+  some network file systems) the writes are buffered and their writeback started early. A
+  periodic save is written by BACKGROUND_THREADS threads a few nice steps below training (not nice
+  19: on a busy machine that starved them, 0.03x the disk's speed).
+* Reading (`read_state`) is one pass: reader threads read each shard once (O_DIRECT when
+  possible) into a few reusable bounce buffers and go straight on; one hasher per core computes
+  each chunk's CRC and copies the chunk into place -- into the live model's and
+  optimizer's own tensors where they match (`into`), so a restore allocates nothing and
+  `load_state_dict` copies nothing. A digest that differs raises `TornCheckpointError` before
+  anything is returned. Unpickling uses an allow-list of plain types: a checkpoint cannot make the
+  loader run arbitrary code.
 """
 
 from __future__ import annotations
@@ -33,25 +36,26 @@ import mmap
 import os
 import pickle
 import platform
+import queue
 import sys
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spotrun.checkpoint.format import ChunkCRC, entry_digest
+from spotrun.checkpoint.format import CRC_CHUNK, CRC_PREFIX, ChunkCRC, entry_digest
 
 STATE_FILE = "state.pkl"
 SHARD_BYTES = 64 * 1024 * 1024
-_CHUNK = 8 * 1024 * 1024
+_CHUNK = CRC_CHUNK  # reads and writes go a manifest chunk at a time: each chunk's CRC is its own
 _ALIGN = 64
 _PARALLEL_COPY = 64 * 1024 * 1024  # stage bigger states on every core
 _PAGE = 4096  # O_DIRECT alignment of buffers, file offsets and lengths
 _STATE_VERSION = 1
-_OWN_STORAGE_BELOW = 1 << 20  # restored tensors smaller than this are copied out of the blob
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 
 
@@ -68,7 +72,10 @@ class _Ref:
 
 
 class TornCheckpointError(Exception):
-    """A checkpoint's bytes do not match its manifest (found while reading it)."""
+    """A checkpoint's bytes do not match its manifest (found while reading it). `touched`: live
+    tensors it was being read into were partly overwritten (see `read_state(into=...)`)."""
+
+    touched = False
 
 
 @dataclass
@@ -308,6 +315,12 @@ def _copy(dst: Any, src: Any) -> None:
         dst.copy_(src, non_blocking=src.device.type == "cuda" and dst.is_pinned())
 
 
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
 def _fill(dst: Any, segments: list, starts: list[int], pos: int, n: int) -> None:
     """Copy blob bytes [pos, pos+n) from the live segments into dst[:n]; padding becomes zeros."""
     i = max(0, bisect.bisect_right(starts, pos) - 1)
@@ -348,9 +361,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _write_shard(path: Path, snap: Snapshot, start: int, end: int, allow_direct: bool = True) -> tuple[int, str]:
-    """Write blob bytes [start, end) to `path`, fsynced; return (size, digest for the manifest)."""
-    h = ChunkCRC()
+def _write_shard(
+    path: Path, snap: Snapshot, start: int, end: int, hashers: Any = None, allow_direct: bool = True
+) -> tuple[int, str]:
+    """Write blob bytes [start, end) to `path`, fsynced; return (size, digest for the manifest).
+
+    Each CRC_CHUNK is hashed on `hashers` (a thread pool; in line without one) while this thread
+    writes it: both only read the chunk, so the disk does not wait for the hash. From a staged
+    buffer the hashes run ahead freely; through the bounce buffer (live tensors) a chunk's hash
+    must end before the buffer is refilled."""
     fd, direct = _open_for_write(path, allow_direct)
     size = end - start
     staged = snap.buffer is not None
@@ -359,6 +378,7 @@ def _write_shard(path: Path, snap: Snapshot, start: int, end: int, allow_direct:
     else:
         bounce, bounce_view = _bounce()
         starts = [off for off, _ in snap.segments]
+    crcs: list[Future] = []
     refused = False
     try:
         for pos in range(start, end, _CHUNK):
@@ -367,11 +387,13 @@ def _write_shard(path: Path, snap: Snapshot, start: int, end: int, allow_direct:
             if staged:
                 chunk = src[pos : pos + padded]
             else:
+                if crcs:
+                    crcs[-1].result()  # the bounce buffer's previous chunk is hashed: refill it
                 _fill(bounce, snap.segments, starts, pos, n)
                 if padded > n:
                     bounce[n:padded].zero_()
                 chunk = bounce_view[:padded]
-            h.update(chunk[:n])
+            crcs.append(hashers.submit(zlib.crc32, chunk[:n]) if hashers is not None else _done(zlib.crc32(chunk[:n])))
             try:
                 _pwrite_all(fd, chunk, pos - start)
             except OSError as e:  # a file system that took O_DIRECT at open but not at write
@@ -386,11 +408,13 @@ def _write_shard(path: Path, snap: Snapshot, start: int, end: int, allow_direct:
                 os.ftruncate(fd, size)
             os.fsync(fd)
     finally:
+        for f in crcs:  # never leave a hash reading a buffer the caller may reuse
+            f.exception()
         os.close(fd)
     if refused:
         os.unlink(path)
-        return _write_shard(path, snap, start, end, allow_direct=False)
-    return size, h.hexdigest()
+        return _write_shard(path, snap, start, end, hashers, allow_direct=False)
+    return size, CRC_PREFIX + "".join(f"{f.result():08x}" for f in crcs)
 
 
 def _write_small(path: Path, data: bytes) -> tuple[int, str]:
@@ -418,15 +442,19 @@ def write_snapshot(
     snap: Snapshot, folder: Path, *, threads: int | None = None, background: bool = False
 ) -> dict[str, tuple[int, str]]:
     """Write a snapshot's files into `folder` (fsynced); return {relpath: (size, digest)}.
-    background: BACKGROUND_THREADS writer threads at a lower CPU and I/O priority."""
+    Writer threads write; one hasher thread per core hashes the chunks as they are written.
+    background: BACKGROUND_THREADS writer threads, writers and hashers at a lower CPU and I/O
+    priority."""
     threads = threads or (BACKGROUND_THREADS if background else writer_threads())
     initializer = lower_thread_priority if background else None
-    with ThreadPoolExecutor(threads, initializer=initializer) as pool:
-        futures = {STATE_FILE: pool.submit(_write_small, folder / STATE_FILE, snap.meta)}
-        for i, start in enumerate(range(0, snap.nbytes, SHARD_BYTES)):
-            end = min(start + SHARD_BYTES, snap.nbytes)
-            futures[shard_name(i)] = pool.submit(_write_shard, folder / shard_name(i), snap, start, end)
-        return {rel: f.result() for rel, f in futures.items()}
+    hashers = BACKGROUND_THREADS if background else os.cpu_count() or 1
+    with ThreadPoolExecutor(hashers, initializer=initializer) as hash_pool:  # noqa: SIM117 (3.9: no parenthesised with)
+        with ThreadPoolExecutor(threads, initializer=initializer) as pool:
+            futures = {STATE_FILE: pool.submit(_write_small, folder / STATE_FILE, snap.meta)}
+            for i, start in enumerate(range(0, snap.nbytes, SHARD_BYTES)):
+                end = min(start + SHARD_BYTES, snap.nbytes)
+                futures[shard_name(i)] = pool.submit(_write_shard, folder / shard_name(i), snap, start, end, hash_pool)
+            return {rel: f.result() for rel, f in futures.items()}
 
 
 # --- reading back -----------------------------------------------------------------------------
@@ -449,42 +477,14 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint refers to {module}.{name}, which is not allowed")
 
 
-def _open_for_read(path: Path) -> tuple[int, bool]:
-    if _O_DIRECT:
+def _open_for_read(path: Path, direct: bool = True) -> tuple[int, bool]:
+    if _O_DIRECT and direct:
         try:
             return os.open(path, os.O_RDONLY | _O_DIRECT), True
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
     return os.open(path, os.O_RDONLY), False
-
-
-def _read_shard(path: Path, pieces: list, digest: str | None = "crc32") -> str:
-    """Read a shard once, straight into the buffers its bytes belong to, hashing each chunk just
-    read (while the other threads' reads keep the disk busy); return the shard's digest (format
-    2's chunk CRCs; sha256 for a format 1 checkpoint; nothing hashed and "" when digest is None).
-
-    pieces: [(read_lo, read_hi, hash_lo, hash_hi, dst)] in shard offsets, ascending: file bytes
-    [read_lo, read_hi) go to dst[0:] (page-aligned, page-rounded: O_DIRECT reads whole pages) and
-    [hash_lo, hash_hi) of them are hashed; the hash ranges partition the shard."""
-    h: Any = hashlib.sha256() if digest == "sha256" else ChunkCRC() if digest else None
-    fd, _ = _open_for_read(path)
-    try:
-        for read_lo, read_hi, hash_lo, hash_hi, dst in pieces:
-            pos = read_lo
-            while pos < read_hi:
-                want = min(_CHUNK, -(-(read_hi - pos) // _PAGE) * _PAGE)
-                n = os.preadv(fd, [dst[pos - read_lo : pos - read_lo + want]], pos)
-                if n <= 0:
-                    raise TornCheckpointError(f"{path} is shorter than its manifest says")
-                n = min(n, read_hi - pos)
-                lo, hi = max(pos, hash_lo), min(pos + n, hash_hi)
-                if lo < hi and h is not None:
-                    h.update(dst[lo - read_lo : hi - read_lo])
-                pos += n
-    finally:
-        os.close(fd)
-    return h.hexdigest() if h is not None else ""
 
 
 def _kind(entry: dict) -> str:
@@ -499,40 +499,196 @@ def _digest(data: bytes, entry: dict) -> str:
     return h.hexdigest()
 
 
-def _tensor_refs(obj: Any) -> list[int]:
-    if isinstance(obj, _Ref):
-        return [obj.value] if obj.kind == "tensor" else []
-    if isinstance(obj, dict):
-        return [i for k, v in obj.items() for i in _tensor_refs(k) + _tensor_refs(v)]
-    if type(obj) in (list, tuple, set, frozenset):
-        return [i for v in obj for i in _tensor_refs(v)]
-    return []
+class _Places:
+    """Where each blob byte goes: [(blob offset, nbytes, destination address)], ascending."""
+
+    def __init__(self, places: list[tuple[int, int, int]]) -> None:
+        self.places = sorted(p for p in places if p[1])
+        self.starts = [off for off, _, _ in self.places]
+
+    def scatter(self, src: int, lo: int, hi: int) -> None:
+        """Copy blob bytes [lo, hi), held at address `src`, to their tensors (padding is dropped)."""
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        while i < len(self.places) and self.places[i][0] < hi:
+            off, nbytes, dst = self.places[i]
+            a, b = max(off, lo), min(off + nbytes, hi)
+            if a < b:
+                ctypes.memmove(dst + a - off, src + a - lo, b - a)  # releases the GIL
+            i += 1
 
 
-def _group_starts(skeleton: Any, metas: list) -> list[int]:
-    """Blob offsets where each top-level entry's tensors begin (the model's, the optimizer's...):
-    each group is read into its own buffer, so that what one object keeps (an optimizer on the
-    CPU keeps the restored tensors) does not keep the others' bytes alive."""
-    starts, upto = [0], 0
-    for value in skeleton.values() if isinstance(skeleton, dict) else ():
-        new = [i for i in _tensor_refs(value) if i >= upto]
-        if new:
-            offset = metas[min(new)][0]
-            if offset > starts[-1]:
-                starts.append(offset)
-            upto = max(new) + 1
-    return starts
+class _Bounces:
+    """A few reusable page-aligned CHUNK buffers (anonymous mmaps: O_DIRECT-ready, faulted once)
+    that chunks pass through: a reader takes one, reads into it, and the hasher that hashes and
+    scatters it gives it back. Bounded: readers wait when the hashers fall behind."""
+
+    def __init__(self, count: int) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._maps = [mmap.mmap(-1, _CHUNK) for _ in range(count)]
+        for mm in self._maps:
+            self._free.put(mm)
+
+    def take(self) -> mmap.mmap:
+        return self._free.get()
+
+    def give(self, mm: mmap.mmap) -> None:
+        self._free.put(mm)
+
+    def close(self) -> None:
+        for mm in self._maps:
+            try:
+                mm.close()
+            except BufferError:  # a view still alive (an exception's traceback): the GC frees it
+                pass
 
 
-def read_state(folder: Path, manifest: dict | None = None, *, threads: int | None = None) -> Any:
+def _address(mm: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+
+def _hash_and_scatter(mm: mmap.mmap, n: int, lo: int, places: _Places, bounces: _Bounces, crc: bool) -> int:
+    """A chunk just read: its CRC-32 (0 when not checked), and its bytes copied to their tensors."""
+    try:
+        view = memoryview(mm)[:n]
+        value = zlib.crc32(view) if crc else 0  # releases the GIL: one hasher per core in parallel
+        view.release()
+        places.scatter(_address(mm), lo, lo + n)
+        return value
+    finally:
+        bounces.give(mm)
+
+
+def _read_shard(
+    path: Path, start: int, size: int, places: _Places, bounces: _Bounces, hashers: Any, digest: str | None
+) -> Any:
+    """Read shard `path` (blob bytes [start, start+size)) chunk by chunk into bounce buffers; each
+    chunk is hashed and copied to its tensors on `hashers` while this thread reads the next, so the
+    disk always has the readers' requests in flight (hashing in line, read-hash-read, left it idle
+    and restore ran at 0.4x the disk's read speed). Returns the shard's digest: the futures of its
+    chunk CRCs for format 2 (`_digest_of` joins them), sha256 hex for format 1 (hashed here, in
+    order), or "" when digest is None (nothing checked)."""
+    sha = hashlib.sha256() if digest == "sha256" else None
+    chunks: list[Future] = []
+    fd, direct = _open_for_read(path)
+    try:
+        pos = 0
+        while pos < size:
+            want = min(_CHUNK, size - pos)
+            mm = bounces.take()
+            try:
+                n = _pread_chunk(fd, mm, pos, -(-want // _PAGE) * _PAGE if direct else want)
+            except OSError as e:  # a file system that took O_DIRECT at open but not at read
+                bounces.give(mm)
+                if not direct or e.errno != errno.EINVAL:
+                    raise
+                os.close(fd)
+                fd, direct = _open_for_read(path, direct=False)
+                continue
+            except BaseException:
+                bounces.give(mm)
+                raise
+            if n < want:
+                bounces.give(mm)
+                raise TornCheckpointError(f"{path} is shorter than its manifest says")
+            if sha is not None:
+                view = memoryview(mm)[:want]
+                sha.update(view)
+                view.release()
+            chunks.append(hashers.submit(_hash_and_scatter, mm, want, start + pos, places, bounces, digest == "crc32"))
+            pos += want
+    finally:
+        os.close(fd)
+    if sha is not None:
+        for f in chunks:
+            f.result()
+        return sha.hexdigest()
+    return chunks if digest else ("", chunks)
+
+
+def _pread_chunk(fd: int, mm: mmap.mmap, pos: int, want: int) -> int:
+    """Read up to `want` bytes at `pos` into mm; fewer only at the end of the file."""
+    got = 0
+    while got < want:
+        view = memoryview(mm)[got:want]
+        try:
+            n = os.preadv(fd, [view], pos + got)
+        finally:
+            view.release()
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
+def _digest_of(result: Any) -> str:
+    """A `_read_shard` result as a digest string, once every chunk of it has been scattered."""
+    if isinstance(result, str):
+        return result
+    if isinstance(result, tuple):  # unchecked: wait for the copies, no digest
+        for f in result[1]:
+            f.result()
+        return ""
+    return CRC_PREFIX + "".join(f"{f.result():08x}" for f in result)
+
+
+def match_targets(skeleton: Any, metas: list, live: Any) -> dict[int, Any]:
+    """Which saved tensors can be read straight into a live tensor: {tensor index: live tensor}
+    where the live tree holds, at the same place, a dense contiguous CPU tensor of the same dtype
+    and shape that shares no memory with another target. Reading into them skips allocating (and
+    faulting in) the whole state and copying it into the model afterwards."""
+    import torch
+
+    found: dict[int, Any] = {}
+
+    def walk(saved: Any, now: Any) -> None:
+        if isinstance(saved, _Ref):
+            if saved.kind == "tensor" and isinstance(now, torch.Tensor):
+                _, nbytes, dtype, shape = metas[saved.value]
+                if (
+                    now.device.type == "cpu"
+                    and now.layout == torch.strided
+                    and now.is_contiguous()
+                    and not now.is_conj()
+                    and not now.is_neg()
+                    and str(now.dtype).replace("torch.", "", 1) == dtype
+                    and tuple(now.shape) == tuple(shape)
+                    and nbytes
+                ):
+                    found.setdefault(saved.value, now)
+            return
+        if isinstance(saved, dict) and isinstance(now, Mapping):
+            for k, v in saved.items():
+                if not isinstance(k, _Ref) and k in now:
+                    walk(v, now[k])
+        elif type(saved) in (list, tuple) and isinstance(now, (list, tuple)) and len(saved) == len(now):
+            for a, b in zip(saved, now):  # noqa: B905
+                walk(a, b)
+
+    walk(skeleton, live)
+    spans = sorted((t.data_ptr(), t.data_ptr() + metas[i][1], i) for i, t in found.items())
+    shared, reach, owner = set(), -1, -1  # targets whose memory overlaps another's: read those apart
+    for start, end, i in spans:
+        if start < reach:
+            shared |= {i, owner}
+        if end > reach:
+            reach, owner = end, i
+    return {i: t for i, t in found.items() if i not in shared}
+
+
+def read_state(folder: Path, manifest: dict | None = None, *, threads: int | None = None, into: Any = None) -> Any:
     """Load a checkpoint written by `write_snapshot` (tensors on the CPU). With its manifest, every
     byte is checked against the manifest's digest as it is read (one pass): a mismatch raises
     TornCheckpointError and nothing is returned. Without one, nothing is checked.
 
-    The shards are read (O_DIRECT where the file system allows) straight into one page-aligned
-    buffer and the tensors of 1 MiB or more returned are views of it: no bounce buffer, no second
-    copy. They share that buffer's memory (never each other's bytes), which lives as long as any of
-    them does; `load_state_dict` copies them into a model (an optimizer on the CPU keeps them)."""
+    `into`: the live tree the state will be loaded into (the model's and optimizer's state_dicts):
+    saved tensors that have a live twin (`match_targets`) are read straight into it, and the
+    returned tree holds the live tensor there (so `load_state_dict` copies nothing). Live tensors
+    are overwritten as the bytes arrive: if the check then fails, the TornCheckpointError has
+    `touched` set (they hold a mix of old and new bytes). Every other tensor gets its own memory.
+
+    Each shard is read once (O_DIRECT where the file system allows) by a few reader threads into
+    reusable bounce buffers; one hasher thread per core hashes each chunk and copies it into place
+    while the readers go on."""
     import torch
 
     files = (manifest or {}).get("files")
@@ -545,8 +701,8 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
     if not isinstance(meta, dict) or meta.get("version") != _STATE_VERSION:
         raise ValueError(f"{folder / STATE_FILE}: not a spotrun checkpoint state (version {meta.get('version')})")
     total, shard_bytes = meta["nbytes"], meta["shard_bytes"]
-    if shard_bytes % _PAGE:
-        raise ValueError(f"{folder / STATE_FILE}: shard size {shard_bytes} is not a multiple of {_PAGE}")
+    if shard_bytes % _CHUNK:
+        raise ValueError(f"{folder / STATE_FILE}: shard size {shard_bytes} is not a multiple of {_CHUNK}")
     shards = [
         (shard_name(i), start, min(start + shard_bytes, total)) for i, start in enumerate(range(0, total, shard_bytes))
     ]
@@ -557,42 +713,42 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
     for offset, nbytes, dtype, shape in meta["tensors"]:
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or offset % _ALIGN or offset + nbytes > total:
             raise ValueError(f"{folder / STATE_FILE}: bad tensor entry {(offset, nbytes, dtype, shape)}")
-    bounds = _group_starts(meta["state"], meta["tensors"]) + [total]
-    groups = []  # (lo, hi, base, buffer holding blob bytes [base, page-rounded hi))
-    for lo, hi in zip(bounds, bounds[1:]):  # noqa: B905
-        base = lo // _PAGE * _PAGE
-        groups.append((lo, hi, base, _aligned_empty(max(-(-hi // _PAGE) * _PAGE - base, _PAGE), False)))
-    views = [memoryview(buf.numpy()).cast("B") for *_, buf in groups]
-    jobs = {}
-    for name, start, end in shards:
-        pieces = []
-        for (lo, hi, base, _), view in zip(groups, views):  # noqa: B905
-            read_lo, read_hi = max(start, base), min(end, -(-hi // _PAGE) * _PAGE)
-            if read_lo < read_hi and lo < end and hi > start:
-                dst = view[read_lo - base :]
-                pieces.append((read_lo - start, read_hi - start, max(lo, start) - start, min(hi, end) - start, dst))
-        jobs[name] = pieces
-    with ThreadPoolExecutor(threads or writer_threads()) as pool:
-        digests = {
-            name: pool.submit(_read_shard, folder / name, jobs[name], _kind(files[name]) if files else None)
-            for name, _, _ in shards
-        }
-        for name, future in digests.items():
-            digest = future.result()
-            if files is not None and digest != entry_digest(files[name]):
-                raise TornCheckpointError(f"{folder / name}: its bytes differ from the manifest's digest")
-    tensors = []
-    for offset, nbytes, dtype, shape in meta["tensors"]:
-        dt = getattr(torch, dtype)
-        g = max(0, bisect.bisect_right(bounds, offset) - 1) if nbytes else 0
-        lo, hi, base, buf = groups[min(g, len(groups) - 1)]
-        if nbytes >= _OWN_STORAGE_BELOW:
-            t = buf[offset - base : offset - base + nbytes].view(dt).view(shape)
-        elif nbytes:  # small ones get their own storage: some torch APIs (set_rng_state) ignore offsets
-            t = buf[offset - base : offset - base + nbytes].view(dt).view(shape).clone()
-        else:
-            t = torch.empty(shape, dtype=dt)
-        tensors.append(t)
+    live = match_targets(meta["state"], meta["tensors"], into) if into is not None else {}
+    tensors = [
+        live[i] if i in live else torch.empty(shape, dtype=getattr(torch, dtype))
+        for i, (_, _, dtype, shape) in enumerate(meta["tensors"])
+    ]
+    places = _Places([(off, n, t.data_ptr()) for (off, n, _, _), t in zip(meta["tensors"], tensors)])  # noqa: B905
+    readers = threads or writer_threads()
+    hashers = os.cpu_count() or 1
+    bounces = _Bounces(readers + 2 * hashers)
+    try:
+        # Exiting the readers' block first lets the hashers finish what was read.
+        with ThreadPoolExecutor(hashers) as hash_pool, ThreadPoolExecutor(readers) as read_pool:
+            results = {
+                name: read_pool.submit(
+                    _read_shard,
+                    folder / name,
+                    start,
+                    end - start,
+                    places,
+                    bounces,
+                    hash_pool,
+                    _kind(files[name]) if files else None,
+                )
+                for name, start, end in shards
+            }
+            try:
+                for name, future in results.items():
+                    if _digest_of(future.result()) != (entry_digest(files[name]) if files else ""):
+                        raise TornCheckpointError(f"{folder / name}: its bytes differ from the manifest's digest")
+            except BaseException as e:
+                read_pool.shutdown(wait=True, cancel_futures=True)
+                if isinstance(e, TornCheckpointError):
+                    e.touched = bool(live)
+                raise
+    finally:
+        bounces.close()
     return _rebuild(meta["state"], tensors)
 
 
