@@ -841,3 +841,25 @@ def test_chunk_crc_digest_does_not_depend_on_how_the_bytes_are_fed(tmp_path: Pat
     m["files"]["f"]["crc32"] = m["files"]["f"]["crc32"][:-8]  # a chunk's digest missing: malformed
     (folder / MANIFEST_NAME).write_text(json.dumps(m))
     assert read_manifest(folder) is None and not verify_checkpoint(folder)
+
+
+def test_read_state_reads_into_live_tensors_only_where_they_match_and_share_no_memory(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved_state = {"a": torch.randn(2000), "b": torch.randn(1500), "c": torch.randn(10, 10), "d": torch.randn(7)}
+    Checkpointer(root=tmp_path, state={"t": saved_state}, handle_signals=False).save(1)
+    path = tmp_path / step_dirname(1)
+    manifest = ckpt.read_manifest(path)
+
+    flat = torch.zeros(3500)
+    apart = {"a": flat[:2000], "b": flat[2000:], "c": torch.zeros(100), "d": torch.zeros(7).double()}
+    got = checkpoint_io.read_state(path, manifest, into={"state": {"t": apart}})["state"]["t"]
+    assert all(torch.equal(got[k], v) for k, v in saved_state.items())
+    assert got["a"].data_ptr() == flat.data_ptr() and torch.equal(flat[2000:], saved_state["b"])  # read in place
+    assert got["c"].data_ptr() != apart["c"].data_ptr() and not apart["c"].any()  # other shape: its own memory
+    assert got["d"].dtype == torch.float32 and not apart["d"].any()  # other dtype: its own memory
+
+    flat = torch.zeros(3500)
+    overlapping = {"a": flat[:2000], "b": flat[1000:2500]}
+    got = checkpoint_io.read_state(path, manifest, into={"state": {"t": overlapping}})["state"]["t"]
+    assert all(torch.equal(got[k], v) for k, v in saved_state.items())
+    assert not flat.any()  # neither was written in place: their bytes would have clashed

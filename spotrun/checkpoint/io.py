@@ -14,8 +14,8 @@ pickled with small references in place of the tensors (`state.pkl`).
   computed on a hasher pool while the chunk is written, so the disk never waits for the hash;
   live tensors go through a small page-aligned bounce buffer. Where O_DIRECT is refused (tmpfs,
   some network file systems) the writes are buffered and their writeback started early. A
-  periodic save is written by BACKGROUND_THREADS threads a few nice steps below training (not nice
-  19: on a busy machine that starved them, 0.03x the disk's speed).
+  periodic save is hashed by BACKGROUND_THREADS threads, and they and its writers run a few nice
+  steps below training (not nice 19: on a busy machine that starved them, 0.03x the disk's speed).
 * Reading (`read_state`) is one pass: reader threads read each shard once (O_DIRECT when
   possible) into a few reusable bounce buffers and go straight on; one hasher per core computes
   each chunk's CRC and copies the chunk into place -- into the live model's and
@@ -272,7 +272,7 @@ _IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30}.get(platform.machine())
 
 
 BACKGROUND_NICE = 5  # CPU niceness of background writer threads (0: leave it; 19 starved them on a busy machine)
-BACKGROUND_THREADS = 2  # threads writing a periodic save while training runs
+BACKGROUND_THREADS = 2  # threads hashing a periodic save while training runs (its writers only wait on the disk)
 
 
 def lower_thread_priority() -> None:
@@ -443,9 +443,9 @@ def write_snapshot(
 ) -> dict[str, tuple[int, str]]:
     """Write a snapshot's files into `folder` (fsynced); return {relpath: (size, digest)}.
     Writer threads write; one hasher thread per core hashes the chunks as they are written.
-    background: BACKGROUND_THREADS writer threads, writers and hashers at a lower CPU and I/O
+    background: BACKGROUND_THREADS hasher threads, writers and hashers at a lower CPU and I/O
     priority."""
-    threads = threads or (BACKGROUND_THREADS if background else writer_threads())
+    threads = threads or writer_threads()
     initializer = lower_thread_priority if background else None
     hashers = BACKGROUND_THREADS if background else os.cpu_count() or 1
     with ThreadPoolExecutor(hashers, initializer=initializer) as hash_pool:  # noqa: SIM117 (3.9: no parenthesised with)
@@ -744,8 +744,8 @@ def read_state(folder: Path, manifest: dict | None = None, *, threads: int | Non
                         raise TornCheckpointError(f"{folder / name}: its bytes differ from the manifest's digest")
             except BaseException as e:
                 read_pool.shutdown(wait=True, cancel_futures=True)
-                if isinstance(e, TornCheckpointError):
-                    e.touched = bool(live)
+                if isinstance(e, (TornCheckpointError, OSError)):  # what a caller falls back past
+                    e.touched = bool(live)  # type: ignore[union-attr]
                 raise
     finally:
         bounces.close()
