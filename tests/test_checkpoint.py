@@ -499,23 +499,30 @@ def test_interval_saves_run_in_the_background_one_at_a_time(tmp_path: Path, monk
     assert latest_checkpoint(tmp_path / "t").name == step_dirname(1)
 
 
-def test_a_background_save_stalls_training_far_less_than_a_synchronous_one(tmp_path: Path) -> None:
-    model = torch.nn.Linear(16384, 1024)  # 64 MiB of weights
+def test_a_background_save_stalls_only_for_the_copy_and_saves_the_state_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """A periodic save returns once the state is copied to memory, before anything is written (how
+    long that copy takes is measured by `make bench`, not here: timed tests flake on shared
+    machines); training that moves on meanwhile does not leak into the checkpoint."""
+    gate = threading.Event()
+    real_write = checkpoint_io.write_snapshot
+
+    def held_disk(*args, **kwargs):
+        gate.wait(30)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io, "write_snapshot", held_disk)
+    model = torch.nn.Linear(512, 300)
+    saved = state_hash(model)
     ck = Checkpointer(model=model, root=tmp_path, keep=1, handle_signals=False)
-    ck.save(1, sync=False)  # warm the staging buffer
+    ck.save(1, sync=False)  # returns although the disk is held
+    assert complete_checkpoints(tmp_path) == [] and ck._busy()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the next training steps
+    gate.set()
     ck.wait()
-    stalls, syncs = [], []
-    for s in range(2, 8, 2):
-        t = time.perf_counter()
-        ck.save(s, sync=False)
-        stalls.append(time.perf_counter() - t)
-        ck.wait()
-        t = time.perf_counter()
-        ck.save(s + 1, sync=True)
-        syncs.append(time.perf_counter() - t)
-    stall, sync = sorted(stalls)[1], sorted(syncs)[1]
-    assert stall < 0.5 * sync, f"stall {stall:.3f}s vs synchronous save {sync:.3f}s"
-    assert verify_checkpoint(latest_checkpoint(tmp_path))
+    back = torch.nn.Linear(512, 300)
+    assert Checkpointer(model=back, root=tmp_path, handle_signals=False).restore() == 1
+    assert state_hash(back) == saved != state_hash(model)
 
 
 def test_a_failed_background_save_is_raised_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:

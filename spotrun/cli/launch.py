@@ -247,7 +247,7 @@ def _confirm_plan(controller: Any, job_spec: JobSpec, *, ask: bool, json_out: bo
             else f"expected ${best.expected_cost:.2f} over {best.expected_hours:.2f} h"
         )
         say_plain(
-            f"plan: {o.provider}/{o.location} {o.instance_type} ({o.gpu_count}× {o.gpu}) "
+            f"plan: {o.provider}/{o.location} {o.instance_type} ({f'{o.gpu_count}× {o.gpu}' if o.gpu else 'no GPU'}) "
             f"{'spot' if best.spot else 'on-demand'} ${best.hourly_price:.4f}/h, {cost} "
             f"({len(candidates)} candidates)"
         )

@@ -328,3 +328,18 @@ def test_launch_to_a_store_that_cannot_be_written_is_a_clear_exit_2(tmp_path: Pa
     assert "Traceback" not in done.stderr
     error = json.loads(done.stdout)["error"]
     assert error["code"] == 2 and "/proc/spotrun-no-store" in error["message"]
+
+
+def test_a_cpu_only_offer_reads_no_gpu_in_plan_and_launch(tmp_path: Path) -> None:
+    env = Env(tmp_path, {})
+    spec = env.job("--total 3 --step-time 0.01")
+    market = spec.parent / "market.yaml"
+    market.write_text(market.read_text().replace("gpu: A100, gpu_count: 1, gpu_memory_gb: 40, ", ""))
+    spec.write_text(spec.read_text().replace('gpu: "A100:1", ', ""))
+    plan = invoke("plan", str(spec))
+    assert plan.exit_code == 0, plan.output
+    assert "None" not in plan.output, plan.output
+    launched = invoke("launch", str(spec), "--yes")
+    assert launched.exit_code == 0, launched.output
+    line = next(x for x in launched.output.splitlines() if x.startswith("plan: "))
+    assert "(no GPU)" in line and "None" not in line, line  # was "(0× None)"
