@@ -50,8 +50,8 @@ bytes match its manifest's digests (checked as they are read: one pass) and fall
 ones; the last `keep` are kept. It reads tensors straight into the model's and optimizer's own
 (CPU) tensors where dtype and shape match, so it allocates and copies nothing for them; if a
 checkpoint read that way turns out corrupt and no older one loads, it raises CheckpointError
-rather than start fresh from half-overwritten weights. This module imports no torch until a Checkpointer is used, so the
-Agent can use `verify_checkpoint`, `complete_checkpoints`, `latest_checkpoint` and
+rather than start fresh from half-overwritten weights. This module imports no torch until a
+Checkpointer is used, so the Agent can use `verify_checkpoint`, `complete_checkpoints`, `latest_checkpoint` and
 `MANIFEST_NAME` freely.
 """
 
@@ -264,7 +264,7 @@ def _read_newest(root: Path, into: Any = None) -> tuple[Path, dict[str, Any]] | 
     from spotrun.checkpoint.format import step_dirs_newest_first
     from spotrun.checkpoint.io import TornCheckpointError, read_state
 
-    touched: Path | None = None
+    touched: tuple[Path, BaseException] | None = None
     for path in step_dirs_newest_first(root):
         if not verify_checkpoint(path, deep=False):
             log.warning("skipping torn checkpoint %s (manifest or sizes wrong)", path)
@@ -274,12 +274,13 @@ def _read_newest(root: Path, into: Any = None) -> tuple[Path, dict[str, Any]] | 
         except (TornCheckpointError, OSError, EOFError) as e:
             log.warning("skipping corrupt checkpoint %s: %s", path, e)
             if getattr(e, "touched", False):
-                touched = touched or path
+                touched = touched or (path, e)
     if touched is not None:
+        path, error = touched
         raise CheckpointError(
-            f"{touched} is corrupt (its bytes differ from its manifest), was partly read into the live "
-            "model/optimizer before that showed, and no older checkpoint loads: not starting fresh from "
-            "half-overwritten state. Move the corrupt checkpoint away to start from scratch."
+            f"{path} is corrupt ({error}); it was partly read into the live model/optimizer before that "
+            "showed, and no older checkpoint loads: not starting fresh from half-overwritten state. Move "
+            "the corrupt checkpoint away to start from scratch."
         )
     return None
 
@@ -358,7 +359,8 @@ class Checkpointer:
 
     def restore(self) -> int:
         """Load the newest complete checkpoint under root into every object; return its step
-        (0 when there is none). Torn checkpoints are skipped."""
+        (0 when there is none). Torn checkpoints are skipped; CheckpointError when one was found
+        corrupt only after it was partly read into the live tensors and no older one loads."""
         from spotrun.checkpoint.data import restore_rng
 
         live = {name: obj.state_dict() for name, obj in self.objects.items()}
