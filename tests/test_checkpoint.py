@@ -471,15 +471,21 @@ def test_progress_file_is_rewritten_atomically_and_rarely(tmp_path: Path, monkey
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("progress")] == ["progress.json"]
 
 
-def test_interval_saves_run_in_the_background_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+def _hold_the_disk(monkeypatch, timeout: float) -> threading.Event:
+    """Hold every checkpoint write until the returned event is set (or `timeout` passes)."""
     gate = threading.Event()
     real_write = checkpoint_io.write_snapshot
 
-    def slow_disk(*args, **kwargs):
-        gate.wait(10)
+    def held_disk(*args, **kwargs):
+        gate.wait(timeout)
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_io, "write_snapshot", slow_disk)
+    monkeypatch.setattr(checkpoint_io, "write_snapshot", held_disk)
+    return gate
+
+
+def test_interval_saves_run_in_the_background_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    gate = _hold_the_disk(monkeypatch, timeout=10)
     ck = Checkpointer(model=torch.nn.Linear(64, 64), root=tmp_path, every_steps=2, keep=None, handle_signals=False)
     ck.step(1)
     t = time.perf_counter()
@@ -503,14 +509,7 @@ def test_a_background_save_stalls_only_for_the_copy_and_saves_the_state_as_it_wa
     """A periodic save returns once the state is copied to memory, before anything is written (how
     long that copy takes is measured by `make bench`, not here: timed tests flake on shared
     machines); training that moves on meanwhile does not leak into the checkpoint."""
-    gate = threading.Event()
-    real_write = checkpoint_io.write_snapshot
-
-    def held_disk(*args, **kwargs):
-        gate.wait(30)
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(checkpoint_io, "write_snapshot", held_disk)
+    gate = _hold_the_disk(monkeypatch, timeout=30)
     model = torch.nn.Linear(512, 300)
     saved = state_hash(model)
     ck = Checkpointer(model=model, root=tmp_path, keep=1, handle_signals=False)

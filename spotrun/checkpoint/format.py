@@ -120,6 +120,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def crc_digest(chunk_crcs: Iterable[int]) -> str:
+    """Format 2's digest string from the CRC-32 of each CRC_CHUNK of a file, in order."""
+    return CRC_PREFIX + "".join(f"{crc:08x}" for crc in chunk_crcs)
+
+
 class ChunkCRC:
     """Format 2's digest of a byte stream fed in pieces of any size: the CRC-32 of each CRC_CHUNK
     bytes. zlib releases the GIL on big buffers, so threads hash in parallel."""
@@ -127,7 +132,7 @@ class ChunkCRC:
     __slots__ = ("_crcs", "_crc", "_fill")
 
     def __init__(self) -> None:
-        self._crcs: list[str] = []
+        self._crcs: list[int] = []
         self._crc, self._fill = 0, 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
@@ -138,13 +143,12 @@ class ChunkCRC:
             self._fill += take
             view = view[take:]
             if self._fill == CRC_CHUNK:
-                self._crcs.append(f"{self._crc:08x}")
+                self._crcs.append(self._crc)
                 self._crc, self._fill = 0, 0
 
     def hexdigest(self) -> str:
         """CRC_PREFIX + 8 hex digits per chunk (none for an empty stream)."""
-        tail = [f"{self._crc:08x}"] if self._fill else []
-        return CRC_PREFIX + "".join(self._crcs + tail)
+        return crc_digest(self._crcs + [self._crc] if self._fill else self._crcs)
 
 
 def crc_file(path: Path) -> str:

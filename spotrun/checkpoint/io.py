@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spotrun.checkpoint.format import CRC_CHUNK, CRC_PREFIX, ChunkCRC, entry_digest
+from spotrun.checkpoint.format import CRC_CHUNK, ChunkCRC, crc_digest, entry_digest
 
 STATE_FILE = "state.pkl"
 SHARD_BYTES = 64 * 1024 * 1024
@@ -414,7 +414,7 @@ def _write_shard(
     if refused:
         os.unlink(path)
         return _write_shard(path, snap, start, end, hashers, allow_direct=False)
-    return size, CRC_PREFIX + "".join(f"{f.result():08x}" for f in crcs)
+    return size, crc_digest(f.result() for f in crcs)
 
 
 def _write_small(path: Path, data: bytes) -> tuple[int, str]:
@@ -628,7 +628,7 @@ def _digest_of(result: Any) -> str:
         for f in result[1]:
             f.result()
         return ""
-    return CRC_PREFIX + "".join(f"{f.result():08x}" for f in result)
+    return crc_digest(f.result() for f in result)
 
 
 def match_targets(skeleton: Any, metas: list, live: Any) -> dict[int, Any]:
