@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["bench_cli.py", "bench_planner.py", "bench_checkpoint.py", "bench_policies.py"]
+SECTIONS = ["bench_cli.py", "bench_planner.py", "bench_checkpoint.py", "bench_policies.py", "policy_headroom.py"]
 
 
 def cpu_model() -> str:

@@ -350,6 +350,29 @@ def test_bench_script_renders_the_grid(capsys: pytest.CaptureFixture[str]) -> No
 
 
 @needs_data
+def test_headroom_script_bounds_the_default_from_below(capsys: pytest.CaptureFixture[str]) -> None:
+    """The per-job oracle is never dearer than the best member per cell, which is never dearer
+    than the default (when the default met every deadline); the table renders."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import policy_headroom
+
+    args = ["--data", str(DATA), "--set", "tuning", "--only", "Bamboo p3", "--starts", "1", "--jobs", "1"]
+    assert policy_headroom.main(args) == 0
+    out = capsys.readouterr().out
+    assert "#### Tuning set" in out and "per-job oracle" in out and "Reporting set" not in out
+    idx = next(i for i, ts in enumerate(policy_headroom.bp.SETS) if ts.name.startswith("Bamboo p3"))
+    rows = policy_headroom.one_set((idx, str(DATA), 2, 0.5))
+    labels = [label for label, _ in policy_headroom.family()]
+    cells = policy_headroom.summarize(rows, labels)
+    assert cells and all(len(r[3]) == len(labels) for r in rows)
+    for c in cells:
+        assert c.oracle[0] <= c.best[0] + 1e-12
+        if c.default[2] == 0:
+            assert c.best[0] <= c.default[0] + 1e-12 and c.oracle[1] <= c.default[1] + 1e-12
+    assert any(c.oracle[0] < c.default[0] - 1e-6 for c in cells), "the family should differ somewhere"
+
+
+@needs_data
 def test_bench_sets_are_split_by_date() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import bench_policies
