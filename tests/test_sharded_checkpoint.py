@@ -75,3 +75,38 @@ def test_a_torn_shard_is_never_loaded(world: None, tmp_path: Path) -> None:
     fresh, fresh_opt = _model_and_opt(1)
     ck2 = ShardedCheckpointer(model=fresh, optimizer=fresh_opt, root=root, handle_signals=False)
     assert ck2.restore() == 1  # the older, intact one
+
+
+def test_restore_rehashes_only_the_checkpoint_it_loads(
+    world: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three kept checkpoints: the older two are checked by size only, the newest is re-hashed
+    once; a torn newest is found by that hash and the next one is re-hashed in its place."""
+    import spotrun.checkpoint.sharded as sharded
+
+    root = tmp_path / "ck"
+    model, opt = _model_and_opt(0)
+    ck = ShardedCheckpointer(model=model, optimizer=opt, root=root, keep=3, handle_signals=False)
+    for step in (1, 2, 3):
+        _train(model, opt, 1)
+        ck.save(step)
+    hashed: list[str] = []
+    real = sharded.verify_checkpoint
+
+    def spy(path: Path | str, *, deep: bool = True) -> bool:
+        if deep:
+            hashed.append(Path(path).name)
+        return real(path, deep=deep)
+
+    monkeypatch.setattr(sharded, "verify_checkpoint", spy)
+    fresh, fresh_opt = _model_and_opt(1)
+    assert ShardedCheckpointer(model=fresh, optimizer=fresh_opt, root=root, handle_signals=False).restore() == 3
+    assert hashed == [step_dirname(3)]
+
+    hashed.clear()
+    shard = next(p for p in (root / step_dirname(3)).iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert ShardedCheckpointer(model=fresh, optimizer=fresh_opt, root=root, handle_signals=False).restore() == 2
+    assert hashed == [step_dirname(3), step_dirname(2)]

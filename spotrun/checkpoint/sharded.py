@@ -65,10 +65,11 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def complete_for(path: Path, world_size: int) -> bool:
+def complete_for(path: Path, world_size: int, *, deep: bool = True) -> bool:
     """A local checkpoint this world can load: it verifies against its manifest and holds DCP's
-    metadata and every rank's own state (a node-only part, or another world size's, is not)."""
-    if not verify_checkpoint(path):
+    metadata and every rank's own state (a node-only part, or another world size's, is not).
+    ``deep=False`` checks the manifest and the file sizes only, not the digests."""
+    if not verify_checkpoint(path, deep=deep):
         return False
     manifest = read_manifest(path)
     if manifest is None:
@@ -158,6 +159,27 @@ class ShardedCheckpointer:
 
     # -- restore --
 
+    def _newest_intact(self) -> int | None:
+        """The newest step whose checkpoint is intact on every node (None: none is).
+
+        Every checkpoint on disk is checked cheaply (manifest and sizes); only the newest one all
+        ranks hold is re-hashed, once per node (by its local rank 0, the node's ranks share the
+        folder), and dropped everywhere if any node finds it torn. Re-hashing every kept
+        checkpoint on every rank read each node's disk ``keep x ranks`` times before a load."""
+        import torch.distributed as dist
+
+        mine = {int(p.name) for p in step_dirs_newest_first(self.root) if complete_for(p, self.world, deep=False)}
+        steps: list[Any] = [None] * self.world
+        dist.all_gather_object(steps, sorted(mine))
+        common = set(steps[0]).intersection(*steps[1:]) if steps else set()
+        while common:
+            step = max(common)
+            torn = self.local_rank == 0 and not complete_for(self.root / step_dirname(step), self.world)
+            if self._all_max(1 if torn else 0) == 0:
+                return step
+            common.discard(step)
+        return None
+
     def restore(self) -> int:
         """Load the newest checkpoint complete on every rank; the step it holds (0: none)."""
         import torch
@@ -167,13 +189,9 @@ class ShardedCheckpointer:
 
         from spotrun.checkpoint.data import restore_rng
 
-        mine = [p for p in step_dirs_newest_first(self.root) if complete_for(p, self.world)]
-        steps: list[Any] = [None] * self.world
-        dist.all_gather_object(steps, sorted(int(p.name) for p in mine))
-        common = set(steps[0]).intersection(*steps[1:]) if steps else set()
-        if not common:
+        step = self._newest_intact()
+        if step is None:
             return 0
-        step = max(common)
         path = self.root / step_dirname(step)
         state = self._state()
         dcp.load(state, checkpoint_id=str(path))
