@@ -37,9 +37,10 @@ import secrets
 import shutil
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from spotrun.pids import pid_alive
 
@@ -209,6 +210,17 @@ def _safe_relpath(rel: object) -> bool:
     return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
+_T = TypeVar("_T")
+
+
+def on_file_threads(fn: Callable[..., _T], *items: Sequence) -> list[_T]:
+    """``fn`` over whole files (zip of ``items``) on up to 4 threads, results in order: hashlib and
+    zlib release the GIL on big buffers, so a checkpoint's files are hashed at once."""
+    workers = max(1, min(4, os.cpu_count() or 1, len(items[0])))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, *items))
+
+
 def verify_checkpoint(path: Path | str, *, deep: bool = True) -> bool:
     """True when the folder is a complete checkpoint. `deep=False` checks the manifest and the file
     sizes only (cheap); the default also re-hashes every file. Never raises."""
@@ -227,11 +239,9 @@ def verify_checkpoint(path: Path | str, *, deep: bool = True) -> bool:
     if not deep:
         return True
     rels = sorted(files, key=lambda r: -files[r]["size"])  # biggest first: best spread over threads
-    workers = max(1, min(4, os.cpu_count() or 1, len(rels)))
     expected = [entry_digest(files[r]) for r in rels]
     try:
-        with ThreadPoolExecutor(workers) as pool:  # hashlib and zlib release the GIL on big buffers
-            digests = list(pool.map(lambda r, e: file_digest(path / r, e), rels, expected))
+        digests = on_file_threads(lambda r, e: file_digest(path / r, e), rels, expected)
     except OSError:
         return False
     return digests == expected

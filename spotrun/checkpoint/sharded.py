@@ -39,7 +39,6 @@ import secrets
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from spotrun.checkpoint.format import (
     commit,
     crc_file,
     fsync_dir,
+    on_file_threads,
     prune,
     read_manifest,
     step_dirname,
@@ -80,17 +80,14 @@ def complete_for(path: Path, world_size: int, *, deep: bool = True) -> bool:
 
 def _sync_and_digest(folder: Path) -> list[tuple[Path, str]]:
     """fsync each file of a save folder and digest it (format 2: a CRC-32 per 8 MiB chunk, the
-    manifest's unit), on a few threads: a node's shards are hashed at once, not one after another
-    (zlib releases the GIL on big buffers)."""
+    manifest's unit), on a few threads: a node's shards are hashed at once, not one after another."""
 
     def one(f: Path) -> tuple[Path, str]:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
         return f, crc_file(f)
 
-    names = sorted(f for f in folder.iterdir() if f.is_file())
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1, len(names)))) as pool:
-        return list(pool.map(one, names))
+    return on_file_threads(one, sorted(f for f in folder.iterdir() if f.is_file()))
 
 
 class ShardedCheckpointer:
