@@ -25,9 +25,9 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from spotrun.policies import POLICIES  # noqa: E402
 from spotrun.simulate.model import JobModel, Market  # noqa: E402
-from spotrun.simulate.sweep import CaseResult, run_grid  # noqa: E402
+from spotrun.simulate.offline import OfflineResult, offline_bound  # noqa: E402
+from spotrun.simulate.sweep import CaseResult, deadline_for, run_grid, start_ticks  # noqa: E402
 from spotrun.simulate.traces import ZoneTrace, load_trace  # noqa: E402
 
 DEFAULT_DATA = Path(os.environ.get("SPOTRUN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -284,14 +285,36 @@ def median_gap_h(data: Path, era: str) -> float:
     return statistics.median(gaps)
 
 
-def bench_set(args: tuple[int, str, int, float]) -> tuple[int, float, list[CaseResult], float]:
-    idx, data_s, starts, overhead_h = args
-    data = Path(data_s)
-    ts = SETS[idx]
-    t0 = time.perf_counter()
+def set_market(ts: TraceSet, data: Path) -> Market:
+    """A trace set's zones, with their prices, as one simulator market."""
     zones = ts.load(data)
     spot, od = _set_prices(ts, data, zones)
-    market = Market.from_traces(zones, spot_price=spot, ondemand_price=od, gap_seconds=ts.gap_seconds)
+    return Market.from_traces(zones, spot_price=spot, ondemand_price=od, gap_seconds=ts.gap_seconds)
+
+
+def bounded_jobs(
+    market: Market, ts: TraceSet, overhead_h: float, starts: int
+) -> Iterator[tuple[float, float, JobModel, Market, OfflineResult]]:
+    """The benchmark's jobs on one set (work x slack x start) whose deadline the offline bound can
+    meet: (work h, slack, the job, its window of the market, the bound). For scripts that replay
+    their own policies on the same grid (tune_policy.py, policy_headroom.py)."""
+    base = JobModel(work_h=1.0, restart_overhead_h=overhead_h, checkpoint_interval_h=CHECKPOINT_INTERVAL_H)
+    for w in ts.works:
+        for sl in SLACKS:
+            job = replace(base, work_h=w, deadline_h=deadline_for(w, sl, overhead_h))
+            span = int(math.ceil(job.deadline_h / market.gap_h))
+            for st in start_ticks(market, span, starts):
+                win = market.window(st, int(math.ceil(3 * job.deadline_h / market.gap_h)) + 1)
+                b = offline_bound(win, job)
+                if b.feasible:
+                    yield w, sl, job, win, b
+
+
+def bench_set(args: tuple[int, str, int, float]) -> tuple[int, float, list[CaseResult], float]:
+    idx, data_s, starts, overhead_h = args
+    ts = SETS[idx]
+    t0 = time.perf_counter()
+    market = set_market(ts, Path(data_s))
     base = JobModel(work_h=1.0, restart_overhead_h=overhead_h, checkpoint_interval_h=CHECKPOINT_INTERVAL_H)
     cases = run_grid(market, base, ts.works, SLACKS, list(POLICIES), starts=starts)
     return idx, overhead_h, cases, time.perf_counter() - t0

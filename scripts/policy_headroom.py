@@ -19,13 +19,12 @@ to measure headroom, never to pick a setting from it.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +37,6 @@ from spotrun.policies import make_policy  # noqa: E402
 from spotrun.policies.base import Policy  # noqa: E402
 from spotrun.policies.spotrun_policy import SpotrunPolicy  # noqa: E402
 from spotrun.simulate.engine import run  # noqa: E402
-from spotrun.simulate.model import JobModel, Market  # noqa: E402
-from spotrun.simulate.offline import offline_bound  # noqa: E402
-from spotrun.simulate.sweep import deadline_for, start_ticks  # noqa: E402
 
 MEAN_TARGET, WORST_TARGET = 1.05, 1.3
 
@@ -78,25 +74,12 @@ Row = tuple[float, float, float, list[tuple[float, bool]]]  # overhead h, work h
 
 def one_set(args: tuple[int, str, int, float]) -> list[Row]:
     idx, data_s, starts, oh = args
-    ts = bp.SETS[idx]
-    data = Path(data_s)
-    zones = ts.load(data)
-    spot, od = bp._set_prices(ts, data, zones)
-    market = Market.from_traces(zones, spot_price=spot, ondemand_price=od, gap_seconds=ts.gap_seconds)
-    base = JobModel(work_h=1.0, restart_overhead_h=oh, checkpoint_interval_h=bp.CHECKPOINT_INTERVAL_H)
     fam = family()
     rows: list[Row] = []
-    for w in ts.works:
-        for sl in bp.SLACKS:
-            job = replace(base, work_h=w, deadline_h=deadline_for(w, sl, oh))
-            span = int(math.ceil(job.deadline_h / market.gap_h))
-            for st in start_ticks(market, span, starts):
-                win = market.window(st, int(math.ceil(3 * job.deadline_h / market.gap_h)) + 1)
-                b = offline_bound(win, job)
-                if not b.feasible:
-                    continue
-                res = [run(make(), win, job) for _, make in fam]
-                rows.append((oh, w, sl, [(r.cost / b.cost, r.deadline_met) for r in res]))
+    ts = bp.SETS[idx]
+    for w, sl, job, win, b in bp.bounded_jobs(bp.set_market(ts, Path(data_s)), ts, oh, starts):
+        res = [run(make(), win, job) for _, make in fam]
+        rows.append((oh, w, sl, [(r.cost / b.cost, r.deadline_met) for r in res]))
     return rows
 
 

@@ -12,11 +12,9 @@ reporting half is never loaded here.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +26,7 @@ import bench_policies as bp  # noqa: E402
 from spotrun.policies import make_policy  # noqa: E402
 from spotrun.policies.spotrun_policy import SpotrunPolicy  # noqa: E402
 from spotrun.simulate.engine import run  # noqa: E402
-from spotrun.simulate.model import JobModel, Market  # noqa: E402
-from spotrun.simulate.offline import offline_bound  # noqa: E402
-from spotrun.simulate.sweep import deadline_for, start_ticks  # noqa: E402
+from spotrun.simulate.model import Market  # noqa: E402
 
 
 def parse(setting: str) -> dict[str, float]:
@@ -57,25 +53,13 @@ def one_set(args: tuple[int, str, int, float, list[str], float]) -> list[tuple]:
     idx, data_s, starts, oh, settings, spread = args
     ts = bp.SETS[idx]
     assert ts.era == "tuning", "never tune on the reporting set"
-    data = Path(data_s)
-    zones = ts.load(data)
-    spot, od = bp._set_prices(ts, data, zones)
-    market = Market.from_traces(zones, spot_price=spot, ondemand_price=od, gap_seconds=ts.gap_seconds)
+    market = bp.set_market(ts, Path(data_s))
     spread_prices(market, spread)
-    base = JobModel(work_h=1.0, restart_overhead_h=oh, checkpoint_interval_h=bp.CHECKPOINT_INTERVAL_H)
     rows = []
-    for w in ts.works:
-        for sl in bp.SLACKS:
-            job = replace(base, work_h=w, deadline_h=deadline_for(w, sl, oh))
-            span = int(math.ceil(job.deadline_h / market.gap_h))
-            for st in start_ticks(market, span, starts):
-                win = market.window(st, int(math.ceil(3 * job.deadline_h / market.gap_h)) + 1)
-                b = offline_bound(win, job)
-                if not b.feasible:
-                    continue
-                g = run(make_policy("greedy"), win, job)
-                res = [run(SpotrunPolicy(**parse(s)), win, job) for s in settings]
-                rows.append((idx, oh, w, sl, g.cost / b.cost, [(r.cost / b.cost, r.deadline_met) for r in res]))
+    for w, sl, job, win, b in bp.bounded_jobs(market, ts, oh, starts):
+        g = run(make_policy("greedy"), win, job)
+        res = [run(SpotrunPolicy(**parse(s)), win, job) for s in settings]
+        rows.append((idx, oh, w, sl, g.cost / b.cost, [(r.cost / b.cost, r.deadline_met) for r in res]))
     return rows
 
 
